@@ -1,0 +1,123 @@
+"""Float64 numpy oracle for MoDA attention, written from the math in DESIGN.md §1.
+
+Deliberately independent of `pallas_kernels`: instead of one dense softmax over masked logit matrices,
+it visits one (batch, query head, token) at a time, gathers the keys that query may see into one list
+(its visible sequence keys, then its own written depth slots) and applies the textbook softmax to that
+list. Slow, but every line maps onto the formula, and masking is by *omission*, so unwritten slots and
+masked keys cannot leak into the result or receive gradient.
+
+The backward pass is the analytic gradient of `sum(out * d_out) + sum(lse * d_lse)`. For one query
+with visible keys i, logits x_i = scale * q . key_i, p = softmax(x), out = sum_i p_i value_i,
+lse = log sum_i e^{x_i}:
+    d value_i = p_i d_out
+    dp_i      = d_out . value_i,   delta = sum_i p_i dp_i = out . d_out
+    dx_i      = p_i (dp_i - delta) + p_i d_lse          (d lse / d x_i = p_i)
+    d q      += scale * sum_i dx_i key_i,    d key_i += scale * dx_i q
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+
+class Grads(NamedTuple):
+  q: np.ndarray
+  k: np.ndarray
+  v: np.ndarray
+  depth_k: np.ndarray | None
+  depth_v: np.ndarray | None
+
+
+class _Query(NamedTuple):
+  """Everything one query row sees: where its keys came from, and the keys themselves."""
+  b: int
+  t: int
+  h: int
+  kv_head: int
+  seq_pos: np.ndarray      # [S'] visible sequence positions
+  slots: np.ndarray        # [L'] visible depth slots of token t
+  keys_ND: np.ndarray      # [S' + L', D] sequence keys, then depth keys
+  values_ND: np.ndarray    # [S' + L', D]
+
+
+def _f64(x):
+  return None if x is None else np.asarray(x).astype(np.float64)
+
+
+def _queries(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, causal,
+             segment_ids_BT) -> Iterator[_Query]:
+  batch, seq_len, num_q_heads, _ = q_BTHD.shape
+  group = num_q_heads // k_BTKD.shape[2]
+  num_slots = 0 if depth_k_BTLKD is None else depth_k_BTLKD.shape[2]
+  written = num_slots if depth_len is None else int(depth_len)
+  if not 0 <= written <= num_slots:
+    raise ValueError(f"oracle: depth_len={depth_len} outside [0, {num_slots}]")
+  positions = np.arange(seq_len)
+  for b in range(batch):
+    for h in range(num_q_heads):
+      kv_head = h // group
+      for t in range(seq_len):
+        visible = np.ones(seq_len, bool)
+        if causal:
+          visible &= positions <= t
+        if segment_ids_BT is not None:
+          visible &= segment_ids_BT[b] == segment_ids_BT[b, t]
+        seq_pos = positions[visible]
+        slots = np.arange(written)
+        keys = [k_BTKD[b, seq_pos, kv_head]]
+        values = [v_BTKD[b, seq_pos, kv_head]]
+        if written:
+          keys.append(depth_k_BTLKD[b, t, slots, kv_head])
+          values.append(depth_v_BTLKD[b, t, slots, kv_head])
+        yield _Query(b, t, h, kv_head, seq_pos, slots, np.concatenate(keys), np.concatenate(values))
+
+
+def _softmax_row(q_D, keys_ND, scale):
+  logits_N = scale * (keys_ND @ q_D)
+  peak = logits_N.max()  # the query always sees itself, so the list is never empty
+  weights_N = np.exp(logits_N - peak)
+  total = weights_N.sum()
+  return weights_N / total, peak + np.log(total)
+
+
+def forward(q, k, v, depth_k=None, depth_v=None, *, depth_len=None, causal=True, scale=None,
+            segment_ids=None):
+  """Returns (out [B,T,Hq,D], lse [B,T,Hq]) in float64. Arguments as in `moda_attention`."""
+  q, k, v, depth_k, depth_v = map(_f64, (q, k, v, depth_k, depth_v))
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  seg = None if segment_ids is None else np.asarray(segment_ids)
+  out = np.zeros_like(q)
+  lse = np.zeros(q.shape[:3])
+  for row in _queries(q, k, v, depth_k, depth_v, depth_len, causal, seg):
+    p_N, lse[row.b, row.t, row.h] = _softmax_row(q[row.b, row.t, row.h], row.keys_ND, scale)
+    out[row.b, row.t, row.h] = p_N @ row.values_ND
+  return out, lse
+
+
+def backward(q, k, v, depth_k=None, depth_v=None, *, d_out, d_lse, depth_len=None, causal=True,
+             scale=None, segment_ids=None) -> Grads:
+  """Gradients of sum(out * d_out) + sum(lse * d_lse) w.r.t. q, k, v, depth_k, depth_v (float64)."""
+  q, k, v, depth_k, depth_v, d_out, d_lse = map(_f64, (q, k, v, depth_k, depth_v, d_out, d_lse))
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  seg = None if segment_ids is None else np.asarray(segment_ids)
+  grads = Grads(*(None if x is None else np.zeros_like(x) for x in (q, k, v, depth_k, depth_v)))
+  for row in _queries(q, k, v, depth_k, depth_v, depth_len, causal, seg):
+    q_D = q[row.b, row.t, row.h]
+    do_D = d_out[row.b, row.t, row.h]
+    p_N, _ = _softmax_row(q_D, row.keys_ND, scale)
+    dp_N = row.values_ND @ do_D
+    delta = p_N @ dp_N
+    dx_N = p_N * (dp_N - delta) + p_N * d_lse[row.b, row.t, row.h]
+    grads.q[row.b, row.t, row.h] += scale * (dx_N @ row.keys_ND)
+    dkey_ND = scale * np.outer(dx_N, q_D)
+    dvalue_ND = np.outer(p_N, do_D)
+    num_seq = len(row.seq_pos)
+    # Positions within one row are distinct, so plain fancy-index += does not drop duplicates.
+    grads.k[row.b, row.seq_pos, row.kv_head] += dkey_ND[:num_seq]
+    grads.v[row.b, row.seq_pos, row.kv_head] += dvalue_ND[:num_seq]
+    if len(row.slots):
+      grads.depth_k[row.b, row.t, row.slots, row.kv_head] += dkey_ND[num_seq:]
+      grads.depth_v[row.b, row.t, row.slots, row.kv_head] += dvalue_ND[num_seq:]
+  return grads

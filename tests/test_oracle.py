@@ -1,0 +1,85 @@
+"""The float64 oracle's own checks: hand-computed values and central finite differences.
+
+Everything else in the operator suite trusts `oracle.py`, so it is checked here against things that
+do not share its code: closed forms on tiny inputs, and numerical derivatives of its own forward.
+"""
+
+import numpy as np
+import pytest
+
+import oracle
+
+
+def test_single_key_is_identity_on_values():
+  # T = 1 and no depth: the only visible key gets weight 1, and lse is just its logit.
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(1, 1, 1, 4)) for _ in range(3))
+  out, lse = oracle.forward(q, k, v, scale=0.7)
+  np.testing.assert_allclose(out, v, rtol=1e-14)
+  np.testing.assert_allclose(lse[0, 0, 0], 0.7 * q[0, 0, 0] @ k[0, 0, 0], rtol=1e-14)
+
+
+def test_two_tokens_one_depth_slot_by_hand():
+  # Token 1 (causal) sees sequence keys 0, 1 and its own depth slot 0; slot 1 is unwritten.
+  q = np.array([0.0, 0.0, 1.0, 2.0]).reshape(1, 2, 1, 2)
+  k = np.array([1.0, 0.0, 0.0, 1.0]).reshape(1, 2, 1, 2)
+  v = np.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 2, 1, 2)
+  depth_k = np.zeros((1, 2, 2, 1, 2))
+  depth_v = np.zeros((1, 2, 2, 1, 2))
+  depth_k[0, 1, 0, 0] = [1.0, 1.0]
+  depth_v[0, 1, 0, 0] = [5.0, 6.0]
+  depth_k[0, 1, 1, 0] = [1e3, 1e3]  # unwritten: must not matter
+  out, lse = oracle.forward(q, k, v, depth_k, depth_v, depth_len=1, scale=1.0)
+  logits = np.array([1.0, 2.0, 3.0])  # q1 . [k0, k1, depth_k[1, 0]]
+  weights = np.exp(logits) / np.exp(logits).sum()
+  expected = weights @ np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+  np.testing.assert_allclose(out[0, 1, 0], expected, rtol=1e-14)
+  np.testing.assert_allclose(lse[0, 1, 0], np.log(np.exp(logits).sum()), rtol=1e-14)
+  # Token 0: logits q0 . [k0, depth_k[0, 0]] are both 0 -> the plain average of v0 and depth_v[0, 0].
+  np.testing.assert_allclose(out[0, 0, 0], [0.5, 1.0], rtol=1e-14)
+
+
+def test_segments_and_non_causal_by_masking_out_keys():
+  # Non-causal with segments [0, 1, 0]: token 0 sees tokens 0 and 2, exactly like a 2-token sequence.
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(1, 3, 2, 3)) for _ in range(3))
+  out, lse = oracle.forward(q, k, v, causal=False, segment_ids=np.array([[0, 1, 0]]))
+  keep = [0, 2]
+  out_sub, lse_sub = oracle.forward(q[:, keep], k[:, keep], v[:, keep], causal=False)
+  np.testing.assert_allclose(out[:, keep], out_sub, rtol=1e-13)
+  np.testing.assert_allclose(lse[:, keep], lse_sub, rtol=1e-13)
+  np.testing.assert_allclose(out[:, 1], v[:, 1], rtol=1e-13)  # alone in its segment
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_match_central_differences(causal):
+  rng = np.random.default_rng(2 + causal)
+  batch, seq_len, q_heads, kv_heads, head_dim, slots, depth_len = 1, 3, 4, 2, 3, 3, 2
+  arrays = {
+      "q": rng.normal(size=(batch, seq_len, q_heads, head_dim)),
+      "k": rng.normal(size=(batch, seq_len, kv_heads, head_dim)),
+      "v": rng.normal(size=(batch, seq_len, kv_heads, head_dim)),
+      "depth_k": rng.normal(size=(batch, seq_len, slots, kv_heads, head_dim)),
+      "depth_v": rng.normal(size=(batch, seq_len, slots, kv_heads, head_dim)),
+  }
+  d_out = rng.normal(size=(batch, seq_len, q_heads, head_dim))
+  d_lse = rng.normal(size=(batch, seq_len, q_heads))
+  options = dict(depth_len=depth_len, causal=causal, scale=0.8, segment_ids=np.array([[3, 3, 5]]))
+
+  def loss(values):
+    out, lse = oracle.forward(**values, **options)
+    return np.sum(out * d_out) + np.sum(lse * d_lse)
+
+  grads = oracle.backward(**arrays, d_out=d_out, d_lse=d_lse, **options)._asdict()
+  eps = 1e-6
+  for name, x in arrays.items():
+    numeric = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+      plus, minus = dict(arrays), dict(arrays)
+      plus[name], minus[name] = x.copy(), x.copy()
+      plus[name][index] += eps
+      minus[name][index] -= eps
+      numeric[index] = (loss(plus) - loss(minus)) / (2 * eps)
+    np.testing.assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)
+  # The unwritten slot is omitted from every key list, so its gradient is exactly zero.
+  assert not grads["depth_k"][:, :, depth_len:].any() and not grads["depth_v"][:, :, depth_len:].any()
