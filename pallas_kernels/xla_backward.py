@@ -1,0 +1,104 @@
+"""Backward pass of the `xla` MoDA backend: FlashAttention-2 style recomputation from (out, lse).
+
+With p = exp(logits - lse) recomputed tile by tile, dp = d_out . v and
+    delta = rowsum(out * d_out) - d_lse,     d_logits = p * (dp - delta)
+(the lse cotangent enters as + p * d_lse because d lse / d logits = p). Then
+    dv += p^T d_out,   dk += scale * d_logits^T q,   dq += scale * d_logits k
+for the sequence tiles and the same with each token's own depth slots.
+
+Loop order: a `lax.scan` over query blocks carries float32 dk / dv accumulators for the whole sequence
+([B, T, K, D]: O(T * D), smaller than a dq carry whenever G > 1); a query block's dq and its depth
+gradients are complete when its sweep ends (a depth slot belongs to one token), so they are emitted as
+scan outputs. Slots >= depth_len have p = 0 exactly, hence gradients that are exactly zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.xla_blocks import (
+    Geometry, depth_block, depth_logits, dot, from_key_blocks, from_query_blocks, key_block_mask,
+    masked, pad_tokens, segment_blocks, sweep_key_blocks, to_key_blocks, to_query_blocks)
+
+
+def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len,
+             segment_ids_BT, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH):
+  """Returns (dq, dk, dv, d_depth_k, d_depth_v) in the inputs' dtypes (depth grads None without depth)."""
+  dtype = q_BTHD.dtype
+  q_NBKRD = to_query_blocks(q_BTHD, geo)
+  d_out_NBKRD = to_query_blocks(d_out_BTHD.astype(dtype), geo)
+  delta_BTH = jnp.sum(out_BTHD.astype(jnp.float32) * d_out_BTHD.astype(jnp.float32), axis=-1)
+  delta_NBKR = to_query_blocks(delta_BTH - d_lse_BTH.astype(jnp.float32), geo)
+  # Padded query rows get lse = +inf: their recomputed probabilities are exactly 0, so they contribute
+  # nothing (and no NaN) whatever they would have seen.
+  lse_NBKR = to_query_blocks(lse_BTH, geo, pad_value=jnp.inf)
+  k_NBKSD, v_NBKSD = to_key_blocks(k_BTKD, geo), to_key_blocks(v_BTKD, geo)
+  seg_rows_NBR, seg_keys_NBS = segment_blocks(segment_ids_BT, geo)
+  if geo.num_slots:
+    depth_k_BTLKD, depth_v_BTLKD = pad_tokens(depth_k_BTLKD, geo), pad_tokens(depth_v_BTLKD, geo)
+
+  def query_block(dkv_acc, xs):
+    i, q_BKRD, d_out_BKRD, lse_BKR, delta_BKR = xs
+    seg_rows_BR = None if seg_rows_NBR is None else seg_rows_NBR[i]
+
+    def grads_of_logits(logits_BKRN, d_probs_BKRN):
+      probs = jnp.exp(logits_BKRN - lse_BKR[..., None])
+      return probs, probs * (d_probs_BKRN - delta_BKR[..., None])
+
+    def step(j, diagonal, carry):
+      dq_BKRD, (dk_NBKSD, dv_NBKSD) = carry
+      k_BKSD, v_BKSD = k_NBKSD[j], v_NBKSD[j]
+      seg_keys_BS = None if seg_keys_NBS is None else seg_keys_NBS[j]
+      logits = geo.scale * dot("bkrd,bksd->bkrs", q_BKRD, k_BKSD)
+      logits = masked(logits, key_block_mask(i, j, diagonal, seg_rows_BR, seg_keys_BS, geo))
+      probs, d_logits = grads_of_logits(logits, dot("bkrd,bksd->bkrs", d_out_BKRD, v_BKSD))
+      probs, d_logits = probs.astype(dtype), d_logits.astype(dtype)
+      dq_BKRD += geo.scale * dot("bkrs,bksd->bkrd", d_logits, k_BKSD)
+      dk_NBKSD = _add_block(dk_NBKSD, j, geo.scale * dot("bkrs,bkrd->bksd", d_logits, q_BKRD))
+      dv_NBKSD = _add_block(dv_NBKSD, j, dot("bkrs,bkrd->bksd", probs, d_out_BKRD))
+      return dq_BKRD, (dk_NBKSD, dv_NBKSD)
+
+    dq_BKRD = jnp.zeros(q_BKRD.shape, jnp.float32)
+    depth_grads = ()
+    if geo.num_slots:
+      depth_k_BtLKD = depth_block(depth_k_BTLKD, i, geo)
+      depth_v_BtLKD = depth_block(depth_v_BTLKD, i, geo)
+      split = lambda x: x.reshape(geo.batch, geo.num_kv_heads, geo.block, geo.group, -1)
+      d_out_BKtGD = split(d_out_BKRD)
+      d_probs = dot("bktgd,btlkd->bktgl", d_out_BKtGD, depth_v_BtLKD).reshape(lse_BKR.shape + (-1,))
+      probs, d_logits = grads_of_logits(depth_logits(q_BKRD, depth_k_BtLKD, depth_len, geo), d_probs)
+      probs_BKtGL, d_logits_BKtGL = split(probs).astype(dtype), split(d_logits).astype(dtype)
+      dq_BKRD += geo.scale * dot("bktgl,btlkd->bktgd", d_logits_BKtGL,
+                                 depth_k_BtLKD).reshape(dq_BKRD.shape)
+      d_depth_k = geo.scale * dot("bktgl,bktgd->btlkd", d_logits_BKtGL, split(q_BKRD))
+      d_depth_v = dot("bktgl,bktgd->btlkd", probs_BKtGL, d_out_BKtGD)
+      depth_grads = (d_depth_k.astype(dtype), d_depth_v.astype(dtype))
+
+    dq_BKRD, dkv_acc = sweep_key_blocks(i, step, (dq_BKRD, dkv_acc), geo)
+    return dkv_acc, (dq_BKRD.astype(dtype), *depth_grads)
+
+  shape_NBKSD = (geo.num_blocks, geo.batch, geo.num_kv_heads, geo.block, geo.head_dim)
+  dkv_init = (jnp.zeros(shape_NBKSD, jnp.float32), jnp.zeros(shape_NBKSD, jnp.float32))
+  xs = (jnp.arange(geo.num_blocks), q_NBKRD, d_out_NBKRD, lse_NBKR, delta_NBKR)
+  (dk_NBKSD, dv_NBKSD), per_block = jax.lax.scan(query_block, dkv_init, xs)
+
+  dq_BTHD = from_query_blocks(per_block[0], geo)
+  dk_BTKD = from_key_blocks(dk_NBKSD, geo).astype(k_BTKD.dtype)
+  dv_BTKD = from_key_blocks(dv_NBKSD, geo).astype(v_BTKD.dtype)
+  if not geo.num_slots:
+    return dq_BTHD, dk_BTKD, dv_BTKD, None, None
+  return (dq_BTHD, dk_BTKD, dv_BTKD, _from_depth_blocks(per_block[1], geo),
+          _from_depth_blocks(per_block[2], geo))
+
+
+def _add_block(acc_NBKSD, j, update_BKSD):
+  """acc[j] += update, written as a dynamic slice + update so XLA keeps the carry in place."""
+  block = jax.lax.dynamic_index_in_dim(acc_NBKSD, j, keepdims=False)
+  return jax.lax.dynamic_update_index_in_dim(acc_NBKSD, block + update_BKSD, j, 0)
+
+
+def _from_depth_blocks(x_NBtLKD, geo: Geometry):
+  """[num_blocks, B, block, L, K, D] -> [B, T, L, K, D], padded tokens dropped."""
+  x = jnp.moveaxis(x_NBtLKD, 0, 1).reshape(geo.batch, geo.padded_len, *x_NBtLKD.shape[3:])
+  return x[:, :geo.seq_len]

@@ -1,0 +1,166 @@
+"""Block layouts, tile masks and matmul precision shared by the `xla` forward and backward passes.
+
+Tokens are cut into `num_blocks` blocks of `block` tokens (T padded up to a multiple; padded keys are
+masked, padded query rows are sliced off). The G query heads that read one kv head are folded into the
+rows of a query block, so a query block is [B, K, R, D] with R = block * G and row r = (token r // G,
+group member r % G). Key/value blocks are [B, K, block, D]: GQA never copies K or V, and every matmul is
+a plain batched [R, D] x [D, block].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Tiles bigger than this stop paying for themselves on CPU and waste more work above the causal
+# diagonal.
+MAX_BLOCK = 256
+
+
+class Geometry(NamedTuple):
+  """Static facts about one call; hashable so it can be a `custom_vjp` non-differentiable argument."""
+  batch: int
+  seq_len: int
+  num_kv_heads: int
+  group: int
+  head_dim: int
+  num_slots: int  # L; 0 when there is no depth pair
+  block: int
+  num_blocks: int
+  causal: bool
+  scale: float
+  has_segments: bool
+
+  @property
+  def rows(self) -> int:
+    return self.block * self.group
+
+  @property
+  def padded_len(self) -> int:
+    return self.block * self.num_blocks
+
+
+def choose_block(seq_len: int, max_block: int = MAX_BLOCK) -> tuple[int, int]:
+  """(block, num_blocks) covering seq_len with tiles of at most max_block and little padding.
+
+  Only the last block may hold padding (padded_len - seq_len < block): the non-causal sweep masks
+  padded keys in the last tile only.
+  """
+  if seq_len <= max_block:
+    return seq_len, 1
+  block = math.ceil(seq_len / math.ceil(seq_len / max_block))
+  if max_block >= 8:
+    block = min(-(-block // 8) * 8, max_block)  # sublane-friendly multiple of 8
+  return block, math.ceil(seq_len / block)
+
+
+def dot(spec: str, a, b):
+  """einsum with float32 accumulation; exact (HIGHEST) for float32 inputs, native for bf16/f16.
+
+  Half-precision operands stay half precision like in flash kernels: the MXU / tensor cores take them
+  natively and accumulate in float32.
+  """
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
+def pad_tokens(x, geo: Geometry, axis: int = 1, value=0):
+  """Pads the token axis from T up to the block multiple (a no-op when T is already one)."""
+  pad = geo.padded_len - geo.seq_len
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def to_query_blocks(x_BTH_, geo: Geometry, pad_value=0):
+  """[B, T, Hq, *F] -> [num_blocks, B, K, R, *F] (row r = token r // G, group member r % G)."""
+  features = x_BTH_.shape[3:]
+  x = pad_tokens(x_BTH_, geo, value=pad_value).reshape(geo.batch, geo.num_blocks, geo.block, geo.num_kv_heads,
+                                       geo.group, *features)
+  x = jnp.moveaxis(x, (1, 3), (0, 2))  # [N, B, K, block, G, *F]
+  return x.reshape(geo.num_blocks, geo.batch, geo.num_kv_heads, geo.rows, *features)
+
+
+def from_query_blocks(x_NBKR_, geo: Geometry):
+  """Inverse of `to_query_blocks`, padded tokens dropped."""
+  features = x_NBKR_.shape[4:]
+  x = x_NBKR_.reshape(geo.num_blocks, geo.batch, geo.num_kv_heads, geo.block, geo.group, *features)
+  x = jnp.moveaxis(x, (0, 2), (1, 3))  # [B, N, block, K, G, *F]
+  x = x.reshape(geo.batch, geo.padded_len, geo.num_kv_heads * geo.group, *features)
+  return x[:, :geo.seq_len]
+
+
+def to_key_blocks(x_BTKD, geo: Geometry):
+  """[B, T, K, D] -> [num_blocks, B, K, block, D]."""
+  x = pad_tokens(x_BTKD, geo).reshape(geo.batch, geo.num_blocks, geo.block, geo.num_kv_heads, -1)
+  return jnp.transpose(x, (1, 0, 3, 2, 4))
+
+
+def from_key_blocks(x_NBKSD, geo: Geometry):
+  """Inverse of `to_key_blocks`, padded tokens dropped."""
+  x = jnp.transpose(x_NBKSD, (1, 0, 3, 2, 4)).reshape(geo.batch, geo.padded_len, geo.num_kv_heads, -1)
+  return x[:, :geo.seq_len]
+
+
+def segment_blocks(segment_ids_BT, geo: Geometry):
+  """(per query row [N, B, R], per key [N, B, block]) segment ids, or (None, None)."""
+  if segment_ids_BT is None:
+    return None, None
+  seg_NBS = jnp.swapaxes(pad_tokens(segment_ids_BT, geo).reshape(geo.batch, geo.num_blocks, geo.block),
+                         0, 1)
+  return jnp.repeat(seg_NBS, geo.group, axis=2), seg_NBS
+
+
+def depth_block(depth_BTLKD, i, geo: Geometry):
+  """The depth slots of query block i's tokens: [B, block, L, K, D] (a slice, never a transposed copy)."""
+  return jax.lax.dynamic_slice_in_dim(depth_BTLKD, i * geo.block, geo.block, axis=1)
+
+
+def depth_logits(q_BKRD, depth_k_BtLKD, depth_len, geo: Geometry):
+  """Scaled logits [B, K, R, L] of each row against its own token's slots; slots >= depth_len -> -inf."""
+  q_BKtGD = q_BKRD.reshape(geo.batch, geo.num_kv_heads, geo.block, geo.group, geo.head_dim)
+  logits = geo.scale * dot("bktgd,btlkd->bktgl", q_BKtGD, depth_k_BtLKD)
+  logits = logits.reshape(geo.batch, geo.num_kv_heads, geo.rows, geo.num_slots)
+  written_L = jnp.arange(geo.num_slots) < depth_len
+  return jnp.where(written_L[None, None, None, :], logits, -jnp.inf)
+
+
+def key_block_mask(i, j, diagonal: bool, seg_rows_BR, seg_keys_BS, geo: Geometry):
+  """Which logits of tile (query block i, key block j) are visible: [B or 1, 1, R, block] or None.
+
+  `diagonal` marks the one tile per query block that can hold causal or padding-masked entries: the
+  diagonal block (causal) or the last key block (non-causal). Every other tile is fully visible
+  except for segments.
+  """
+  mask = None
+  if diagonal and geo.causal:
+    # Same block offsets for rows and keys, so the local token indices compare directly. This also
+    # hides padded keys from every real query.
+    row_token = jnp.arange(geo.rows) // geo.group
+    mask = (jnp.arange(geo.block)[None, :] <= row_token[:, None])[None, None]
+  elif diagonal and geo.padded_len != geo.seq_len:
+    mask = (j * geo.block + jnp.arange(geo.block) < geo.seq_len)[None, None, None, :]
+  if seg_rows_BR is not None:
+    same = (seg_rows_BR[:, :, None] == seg_keys_BS[:, None, :])[:, None]
+    mask = same if mask is None else mask & same
+  return mask
+
+
+def sweep_key_blocks(i, step: Callable, carry, geo: Geometry):
+  """Runs carry = step(j, diagonal, carry) over the key blocks query block i sees.
+
+  The unmasked tiles run in a `fori_loop` whose trip count depends on i (causal: i tiles, so the
+  blocks above the diagonal cost nothing); the one tile that may need a mask runs last.
+  """
+  last = i if geo.causal else geo.num_blocks - 1
+  carry = jax.lax.fori_loop(0, last, lambda j, c: step(j, False, c), carry)
+  return step(last, True, carry)
+
+
+def masked(logits, mask):
+  return logits if mask is None else jnp.where(mask, logits, -jnp.inf)
