@@ -1,0 +1,96 @@
+"""`Block`: one attention sublayer and one SwiGLU sublayer, both reading/writing the depth stream."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+
+from moda_jax import depth
+from moda_jax.attention import ATTENTION_OUT_NAME, MoDAAttention
+from moda_jax.config import ModelConfig
+from moda_jax.layers import DepthKVProjection, RMSNorm, SwiGLU
+
+_ACT = ("act_batch", "act_len", "act_embed")
+
+
+def remat_policy(name: str) -> Callable | None:
+  """The `jax.checkpoint` policy for `ModelConfig.remat` (a name validated by the config)."""
+  policies = jax.checkpoint_policies
+  return {
+      "full": policies.nothing_saveable,
+      "dots_saveable": policies.dots_saveable,
+      "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable,
+      "save_attention_out": policies.save_only_these_names(ATTENTION_OUT_NAME),
+  }[name]
+
+
+class Block(nn.Module):
+  """x -> attention sublayer -> FFN sublayer, with the configured norm placement.
+
+  Attributes:
+    config: the model config.
+    writes_depth: whether this block writes depth slots (every block but the last; the last
+      block's slots would be read by no one, so they are neither computed nor parameterized).
+  """
+
+  config: ModelConfig
+  writes_depth: bool = True
+
+  def __call__(self, carry, positions_BT, segment_ids_BT):
+    """The `nn.scan` step: carry = (x_BTM, DepthKV) -> (carry, None).
+
+    Reads the slots written so far (depth_len = carry's count) and writes this block's slots.
+    """
+    x_BTM, stream = carry
+    x_BTM, slots = self.sublayers(x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length,
+                                  positions_BT, segment_ids_BT)
+    if slots is not None:
+      stream = depth.write(stream, *slots)
+    return (x_BTM, stream), None
+
+  @nn.compact
+  def sublayers(self, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, segment_ids_BT):
+    """A pure function of (params, x, depth buffers, depth_len): the unit the custom_vjp re-runs.
+
+    Returns (x_out_BTM, slots) with slots = (k_BTSKD, v_BTSKD) of this block's S written slots in
+    slot order (attention's, then FFN's), or None when the block writes none.
+    """
+    cfg = self.config
+    write = self.writes_depth and cfg.uses_depth
+    attention = MoDAAttention(cfg, writes_depth=write, name="attention")
+    mlp = SwiGLU(cfg, name="mlp")
+    attn_norm, mlp_norm = RMSNorm(cfg, name="attention_norm"), RMSNorm(cfg, name="mlp_norm")
+    attend = lambda h: attention(h, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT,
+                                 segment_ids_BT)
+    x_BTM = nn.with_logical_constraint(x_BTM, _ACT)
+
+    # Attention sublayer. `ffn_in` is exactly what the FFN consumes: the FFN-KV projection reads it.
+    if cfg.norm == "pre":
+      attn_out, attn_slot = attend(attn_norm(x_BTM))
+      h_BTM = x_BTM + attn_out
+      ffn_in = mlp_norm(h_BTM)
+    elif cfg.norm == "post":
+      attn_out, attn_slot = attend(x_BTM)
+      h_BTM = attn_norm(x_BTM + attn_out)
+      ffn_in = h_BTM
+    else:  # reordered (OLMo2)
+      attn_out, attn_slot = attend(x_BTM)
+      h_BTM = x_BTM + attn_norm(attn_out)
+      ffn_in = h_BTM
+    h_BTM = nn.with_logical_constraint(h_BTM, _ACT)
+
+    slots = [attn_slot] if write else []
+    if write and cfg.ffn_writes_depth:
+      slots.append(DepthKVProjection(cfg, name="ffn_depth_kv")(ffn_in))
+
+    ffn_out = mlp(ffn_in)
+    if cfg.norm == "pre":
+      out_BTM = h_BTM + ffn_out
+    elif cfg.norm == "post":
+      out_BTM = mlp_norm(h_BTM + ffn_out)
+    else:
+      out_BTM = h_BTM + mlp_norm(ffn_out)
+    out_BTM = nn.with_logical_constraint(out_BTM, _ACT)
+    return out_BTM, (depth.stack_slots(slots) if slots else None)

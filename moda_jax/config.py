@@ -1,0 +1,144 @@
+"""`ModelConfig`: the frozen model description, validated once at construction.
+
+Every string option of the model is interpreted here (as properties), so the modules never compare
+strings themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+DEPTH_KV_VARIANTS = ("none", "attn", "attn_ffn", "attn_ffn_extra")
+NORM_PLACEMENTS = ("pre", "post", "reordered")
+REMAT_OPTIONS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                 "save_attention_out")
+DEPTH_MEMORY_OPTIONS = ("linear", "naive")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """An OLMo2-style decoder with an optional MoDA depth stream (see DESIGN.md §1).
+
+  Attributes:
+    vocab_size, num_layers, d_model, num_heads, num_kv_heads, head_dim, mlp_dim, max_seq_len: sizes.
+      `num_heads` query heads share `num_kv_heads` K/V heads (GQA); `mlp_dim` is the SwiGLU hidden.
+    depth_kv: "none" (plain OLMo2), "attn" (attention K/V reused as depth K/V, no extra params),
+      "attn_ffn" (+ a K/V projection of each FFN input, the paper's default) or "attn_ffn_extra"
+      (+ a separate depth K/V projection of each attention input instead of reusing its K/V).
+    norm: "pre" x + f(n(x)); "post" n(x + f(x)); "reordered" (OLMo2) x + n(f(x)).
+    qk_norm: per-head RMSNorm on q and k (and, at read time, on depth keys).
+    rope_theta: rotary base. tie_embeddings: logits use the input embedding.
+    scan_layers: blocks as `nn.scan` (params with a leading "layers" axis) or a Python loop.
+    remat: "none", "full" or a named policy from `REMAT_OPTIONS`.
+    dtype, param_dtype: compute and parameter dtypes. attention_impl: `moda_attention`'s
+      `implementation=` (None = best for the platform).
+    z_loss_weight: read by the training loss, not by the model. init_std: N(0, init_std) weights.
+    norm_eps: RMSNorm epsilon.
+    depth_memory: "linear" (custom_vjp stack, memory linear in depth) or "naive" (plain scan
+      autodiff, memory quadratic in depth; kept as an oracle and for comparison).
+  """
+
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int = 4096
+  depth_kv: str = "attn_ffn"
+  norm: str = "reordered"
+  qk_norm: bool = True
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = False
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str | None = None
+  z_loss_weight: float = 0.0
+  init_std: float = 0.02
+  norm_eps: float = 1e-6
+  depth_memory: str = "linear"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "max_seq_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{name}={value!r}: expected a positive int.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads}: expected a multiple of "
+                       f"num_kv_heads={self.num_kv_heads} (GQA groups).")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim}: expected an even number (RoPE rotates "
+                       "pairs of dimensions).")
+    for name, allowed in (("depth_kv", DEPTH_KV_VARIANTS), ("norm", NORM_PLACEMENTS),
+                          ("remat", REMAT_OPTIONS), ("dtype", DTYPES), ("param_dtype", DTYPES),
+                          ("depth_memory", DEPTH_MEMORY_OPTIONS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}.")
+    for name in ("qk_norm", "tie_embeddings", "scan_layers"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected a bool.")
+    for name, lowest, strict in (("rope_theta", 0.0, True), ("init_std", 0.0, True),
+                                 ("norm_eps", 0.0, True), ("z_loss_weight", 0.0, False)):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or (value <= lowest if strict else value < lowest)):
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"ModelConfig.{name}={value!r}: expected a number {bound}.")
+    if self.attention_impl is not None:
+      from pallas_kernels import IMPLEMENTATIONS  # local: keeps config importable without jax
+      if self.attention_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: expected None or one "
+                         f"of {IMPLEMENTATIONS}.")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """From a plain dict (e.g. `ConfigDict.to_dict()`); unknown keys raise ValueError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"ModelConfig.from_dict got unknown keys {unknown}; expected a subset of "
+                       f"{sorted(known)}.")
+    return cls(**dict(d))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  # --- The depth stream's layout, derived from `depth_kv` (DESIGN.md §1). ---
+
+  @property
+  def uses_depth(self) -> bool:
+    return self.depth_kv != "none"
+
+  @property
+  def ffn_writes_depth(self) -> bool:
+    """Whether each FFN writes kv_proj(its input) as a depth slot."""
+    return self.depth_kv in ("attn_ffn", "attn_ffn_extra")
+
+  @property
+  def separate_attn_depth_proj(self) -> bool:
+    """Whether attention writes a separate depth K/V projection instead of its own raw K/V."""
+    return self.depth_kv == "attn_ffn_extra"
+
+  @property
+  def slots_per_block(self) -> int:
+    """Depth slots one (non-last) block writes: its attention's, then its FFN's."""
+    return int(self.uses_depth) + int(self.ffn_writes_depth)
+
+  @property
+  def num_depth_slots(self) -> int:
+    """L_max: the slots any sublayer reads, i.e. the last block's attention `depth_len`.
+
+    The last block writes nothing: its FFN's K/V and its attention's K/V would be read by no later
+    sublayer, so they are neither computed (no parameters for them) nor stored.
+    """
+    return (self.num_layers - 1) * self.slots_per_block
+
+  def depth_len_of_block(self, block: int) -> int:
+    """Slots written before block `block`'s attention reads the stream."""
+    return block * self.slots_per_block

@@ -1,0 +1,135 @@
+"""A layer stack whose training memory is linear in depth: `custom_vjp` over all depth writers.
+
+Why plain autodiff is quadratic: each layer reads the depth buffers carried through the scan, so
+the backward pass needs the buffers *as that layer saw them*, and autodiff saves one full
+[B, T, L_max, Hk, D] pair per layer: O(N * L_max) = O(N^2) memory.
+
+Why the final buffers suffice (the idea of this file): slots are written once, in layer order.
+Layer i reads with depth_len = i * S, and every slot below i * S holds in the *final* buffers
+exactly what it held when layer i ran; slots at or above i * S differ (zeros then, later writes
+now) but the kernel ignores them: they are masked out of the softmax. So
+
+    layer_i(p_i, x_i, buffers_as_seen_by_i, i * S) == layer_i(p_i, x_i, final_buffers, i * S)
+
+and the whole stack is the function "x_{i+1}, slots_i = layer_i(p_i, x_i, final, i * S);
+final = concat(slots_0 ... slots_{N-1})". Its reverse pass, layer by layer from the top:
+
+  * the cotangent of `final` starts as the cotangent flowing in from outside the stack (the last
+    block reads it) and accumulates every layer's read cotangent, carried in the reverse scan;
+  * when layer i is reached, every reader of its slots (layers j > i, and the outside) has already
+    added its contribution, so the carried cotangent at slots [i * S, (i + 1) * S) is complete:
+    it is the cotangent of layer i's written slots;
+  * re-running layer i from its saved input x_i against `final` (masked to i * S) and pulling
+    back (cotangent of x_{i+1}, cotangent of slots_i) gives the cotangents of p_i, x_i and of the
+    slots it read, which are added to the carry. Contributions a layer adds at slots >= i * S
+    (zero for a correct kernel) are harmless anyway: those slots' writers were already processed.
+
+Residuals: the final buffers, each layer's input x_i [N, B, T, M] and the params: O(N). The
+backward holds the carried buffer cotangents plus one layer's activations. Each layer's forward
+runs twice (like full remat), which is why `remat` has no further effect on this stack.
+
+The stack is a pure function of the layer parameters so that it can be written with
+`jax.custom_vjp` directly; the model passes `Block(...).apply` as `layer_fn`. Stacked parameters
+(leading layer axis, `scan_layers=True`) iterate with `lax.scan`; a list (`scan_layers=False`)
+iterates with a Python loop. Both compute the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from moda_jax import depth
+from moda_jax.config import ModelConfig
+
+# layer_fn(params, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, segment_ids_BT)
+#   -> (x_BTM, (k_BTSKD, v_BTSKD))
+LayerFn = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+
+
+def _num_layers(layer_params) -> int:
+  if isinstance(layer_params, (list, tuple)):
+    return len(layer_params)
+  return jax.tree.leaves(layer_params)[0].shape[0]
+
+
+def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_BTM: jax.Array,
+                        positions_BT: jax.Array, segment_ids_BT: jax.Array | None, *,
+                        config: ModelConfig) -> tuple[jax.Array, depth.DepthKV]:
+  """Runs the depth-writing layers; returns (x_BTM, the full DepthKV stream).
+
+  Args:
+    layer_fn: one layer as a pure function (see `LayerFn`); must write S = slots_per_block slots.
+    layer_params: stacked parameters (leading axis N) or a list of N per-layer parameter trees.
+    x_BTM: the stack's input. positions_BT, segment_ids_BT: passed to every layer unchanged.
+    config: gives the buffer shape; N * S must equal `config.num_depth_slots`.
+  """
+  num_layers, slots = _num_layers(layer_params), config.slots_per_block
+  if num_layers * slots != config.num_depth_slots:
+    raise ValueError(f"linear_memory_stack got {num_layers} layers writing {slots} slots each; "
+                     f"expected {num_layers * slots} == config.num_depth_slots="
+                     f"{config.num_depth_slots}.")
+  unrolled = isinstance(layer_params, (list, tuple))
+  batch, seq_len = x_BTM.shape[:2]
+
+  def forward(params, x_BTM, positions_BT, segment_ids_BT, save_inputs: bool):
+    def step(x_BTM, stream, p):
+      x_out, slots_BTSKD = layer_fn(p, x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length,
+                                    positions_BT, segment_ids_BT)
+      return x_out, depth.write(stream, *slots_BTSKD)
+
+    stream = depth.empty(config, batch, seq_len)
+    if unrolled:
+      inputs = []
+      for p in params:
+        inputs.append(x_BTM)
+        x_BTM, stream = step(x_BTM, stream, p)
+      inputs_NBTM = jnp.stack(inputs) if save_inputs else None
+    else:
+      def body(carry, p):
+        x_in, stream = carry
+        return step(x_in, stream, p), (x_in if save_inputs else None)
+      (x_BTM, stream), inputs_NBTM = jax.lax.scan(body, (x_BTM, stream), params)
+    return x_BTM, stream.k_BTLKD, stream.v_BTLKD, inputs_NBTM
+
+  @jax.custom_vjp
+  def stack(params, x_BTM, positions_BT, segment_ids_BT):
+    return forward(params, x_BTM, positions_BT, segment_ids_BT, save_inputs=False)[:3]
+
+  def stack_fwd(params, x_BTM, positions_BT, segment_ids_BT):
+    x_out, k_BTLKD, v_BTLKD, inputs_NBTM = forward(params, x_BTM, positions_BT, segment_ids_BT,
+                                                   save_inputs=True)
+    residuals = (params, inputs_NBTM, k_BTLKD, v_BTLKD, positions_BT, segment_ids_BT)
+    return (x_out, k_BTLKD, v_BTLKD), residuals
+
+  def stack_bwd(residuals, cotangents):
+    params, inputs_NBTM, k_BTLKD, v_BTLKD, positions_BT, segment_ids_BT = residuals
+
+    def layer_bwd(carry, p, x_in_BTM, layer):
+      g_x_BTM, g_k_BTLKD, g_v_BTLKD = carry
+      start = layer * slots
+      rerun = lambda p, x, k, v: layer_fn(p, x, k, v, start, positions_BT, segment_ids_BT)
+      _, pullback = jax.vjp(rerun, p, x_in_BTM, k_BTLKD, v_BTLKD)
+      # Complete here: every reader of this layer's slots lies above it and was pulled back already.
+      g_slots = (depth.read_slots(g_k_BTLKD, start, slots), depth.read_slots(g_v_BTLKD, start, slots))
+      g_p, g_x_in, g_k_read, g_v_read = pullback((g_x_BTM, g_slots))
+      return (g_x_in, g_k_BTLKD + g_k_read, g_v_BTLKD + g_v_read), g_p
+
+    carry = cotangents
+    if unrolled:
+      g_params = [None] * num_layers
+      for layer in reversed(range(num_layers)):
+        carry, g_params[layer] = layer_bwd(carry, params[layer], inputs_NBTM[layer], layer)
+      g_params = type(params)(g_params)
+    else:
+      carry, g_params = jax.lax.scan(
+          lambda c, xs: layer_bwd(c, *xs), carry,
+          (params, inputs_NBTM, jnp.arange(num_layers, dtype=jnp.int32)), reverse=True)
+    # Positions and segment ids are integers: no cotangent.
+    return g_params, carry[0], None, None
+
+  stack.defvjp(stack_fwd, stack_bwd)
+  x_BTM, k_BTLKD, v_BTLKD = stack(layer_params, x_BTM, positions_BT, segment_ids_BT)
+  return x_BTM, depth.DepthKV(k_BTLKD, v_BTLKD, jnp.int32(config.num_depth_slots))

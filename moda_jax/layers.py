@@ -1,0 +1,91 @@
+"""Parameterized building blocks without attention: RMSNorm, SwiGLU MLP, embedding, projections.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) from the fixed set
+"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm" so that training can shard it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moda_jax.config import ModelConfig
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def projection(config: ModelConfig, features, axis, names: Sequence[str], name: str) -> nn.DenseGeneral:
+  """A bias-free DenseGeneral with N(0, init_std) weights and logical axis `names`."""
+  init = nn.initializers.normal(stddev=config.init_std)
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=False, dtype=dtype_of(config.dtype),
+      param_dtype=dtype_of(config.param_dtype),
+      kernel_init=nn.with_logical_partitioning(init, tuple(names)), name=name)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale over the last axis, computed in float32."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), dtype_of(self.config.param_dtype))
+    x32 = x.astype(jnp.float32)
+    mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = x32 * jax.lax.rsqrt(mean_square + self.config.norm_eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+  """silu(x W_gate) * (x W_up) W_down."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTM: jax.Array) -> jax.Array:
+    cfg = self.config
+    gate_BTF = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "gate")(x_BTM)
+    up_BTF = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "up")(x_BTM)
+    hidden_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_len", "mlp"))
+    return projection(cfg, cfg.d_model, -1, ("mlp", "embed"), "down")(hidden_BTF)
+
+
+class DepthKVProjection(nn.Module):
+  """The light K/V projection d_model -> 2 * Hk * D whose output becomes one depth slot."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTM: jax.Array) -> tuple[jax.Array, jax.Array]:
+    cfg = self.config
+    features = (cfg.num_kv_heads, cfg.head_dim)
+    names = ("embed", "kv_heads", "head_dim")
+    return (projection(cfg, features, -1, names, "key")(x_BTM),
+            projection(cfg, features, -1, names, "value")(x_BTM))
+
+
+class Embedding(nn.Module):
+  """Token embedding [V, M]; `attend` gives float32 logits against it (tied embeddings)."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), dtype_of(cfg.param_dtype))
+
+  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
+
+  def attend(self, x_BTM: jax.Array) -> jax.Array:
+    table_VM = self.embedding.astype(x_BTM.dtype)
+    return jnp.einsum("btm,vm->btv", x_BTM, table_VM, preferred_element_type=jnp.float32)

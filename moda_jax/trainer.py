@@ -1,0 +1,227 @@
+"""`train_and_evaluate(config, workdir)`: the training loop around the pure pieces.
+
+Order of work per step: fetch the host batch, dispatch the jitted step, then look at the *previous*
+step's metrics, so the host never stalls the device except on log / eval / checkpoint steps. Every
+step's loss, grad norm and parameters are checked finite; a non-finite step stops the run without
+saving, so the newest checkpoint on disk is the last good one. SIGTERM (preemption) saves a
+checkpoint at the next step boundary and returns; rerunning the same command resumes from it.
+"""
+
+import functools
+import json
+import math
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from moda_jax import checkpoint
+from moda_jax import data
+from moda_jax import flops
+from moda_jax import metrics
+from moda_jax import optimizer as optim
+from moda_jax import sharding
+from moda_jax import train_step as ts
+from moda_jax.config import ModelConfig
+from moda_jax.model import Transformer
+
+
+class _StopRequest:
+  """Set by SIGTERM; the loop polls it between steps (signal handlers must not touch JAX)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (all processes must save the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
+
+def _validate(config, model_cfg: ModelConfig, mesh, vocab_needed: int) -> None:
+  for name in ("total_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+               "grad_accum_steps"):
+    if config[name] < 1:
+      raise ValueError(f"{name}={config[name]}; expected a positive int.")
+  if model_cfg.vocab_size < vocab_needed:
+    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                     f"{vocab_needed} ids; set --config.model.vocab_size>={vocab_needed}.")
+  if config.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}.")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.batch_size // config.grad_accum_steps
+  if config.batch_size % config.grad_accum_steps or micro % shards:
+    raise ValueError(f"batch_size={config.batch_size} must split into grad_accum_steps="
+                     f"{config.grad_accum_steps} microbatches whose rows divide over data*fsdp="
+                     f"{shards} devices.")
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _step_with_check(state, batch, **kwargs):
+  """`train_step` plus one flag: loss, grad norm and updated parameters all finite."""
+  new_state, m = ts.train_step(state, batch, **kwargs)
+  m["finite"] = (jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
+                 & _all_finite(new_state.params)).astype(jnp.float32)
+  return new_state, m
+
+
+class _Run:
+  """State of one training run: compiled functions, data, checkpointer, writer."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    shard = data.HostShard(jax.process_index(), jax.process_count())
+    self.pipelines = data.make_pipelines(config, shard)
+    self.model_cfg = ModelConfig.from_dict(config.model.to_dict())
+    self.mesh = sharding.mesh_from_config(config)
+    _validate(config, self.model_cfg, self.mesh, self.pipelines.tokenizer.vocab_size)
+    model = Transformer(self.model_cfg)
+    optimizer = optim.make_optimizer(config)
+    tokens = ts.init_tokens(self.mesh, config.seq_len)
+    rep = sharding.replicated(self.mesh)
+    batch_sh = {k: sharding.batch_sharding(self.mesh) for k in data.BATCH_KEYS}
+    with sharding.activation_context(self.mesh):
+      self.abstract, self.shardings = ts.state_shardings(model, optimizer, self.mesh, config.seed, tokens)
+    self.init_fn = jax.jit(lambda: ts.init_train_state(model, optimizer, config.seed, tokens),
+                           out_shardings=self.shardings)
+    step_cfg = ts.StepConfig(self.model_cfg.z_loss_weight, config.grad_accum_steps)
+    self.step_fn = jax.jit(
+        functools.partial(_step_with_check, model=model, optimizer=optimizer,
+                          schedule=optim.learning_rate_schedule(config), cfg=step_cfg),
+        in_shardings=(self.shardings, batch_sh), out_shardings=(self.shardings, rep),
+        donate_argnums=0)
+    self.eval_fn = jax.jit(functools.partial(ts.eval_step, model=model),
+                           in_shardings=(self.shardings.params, batch_sh), out_shardings=rep)
+    self.val_batches = [sharding.global_batch(b, self.mesh) for b in self.pipelines.val_batches]
+    self.ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                        async_save=config.checkpoint_async)
+
+  def evaluate(self, params) -> float:
+    sums = [self.eval_fn(params, b) for b in self.val_batches]
+    total = jax.device_get(sums)
+    return sum(s["ce_sum"] for s in total) / max(sum(s["tokens"] for s in total), 1.0)
+
+  def throughput(self) -> metrics.Throughput:
+    cfg = self.config
+    peak = cfg.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0].device_kind)
+    return metrics.Throughput(
+        tokens_per_step=cfg.batch_size * cfg.seq_len,
+        flops_per_step=cfg.batch_size * flops.train_flops_per_sequence(self.model_cfg, cfg.seq_len),
+        peak_flops=peak * jax.device_count() if peak else None)
+
+
+def _record_data_stats(run: _Run, writer: metrics.MetricsWriter) -> None:
+  """Logs the unigram entropy of (a sample of) the training documents: the loss to beat."""
+  docs = run.pipelines.train_docs
+  sample = [docs[i] for i in range(min(len(docs), run.config.data.entropy_sample_docs))]
+  entropy = data.unigram_entropy(sample, run.pipelines.tokenizer)
+  stats = {"unigram_entropy_nats": entropy, "train_documents": len(docs),
+           "tokenizer_vocab_size": run.pipelines.tokenizer.vocab_size}
+  if jax.process_index() == 0:
+    with open(os.path.join(run.workdir, "data_stats.json"), "w") as f:
+      json.dump(stats, f, indent=2)
+  writer.message(f"data: {len(docs)} training documents; unigram entropy {entropy:.4f} nats/token")
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  run = _Run(config, workdir)
+  train_iter = iter(run.pipelines.train)
+  latest = run.ckpt.latest_step()
+  if latest is None:
+    state = run.init_fn()
+  else:
+    target = checkpoint.abstract_with_shardings(run.abstract, run.shardings)
+    state = run.ckpt.restore(latest, target, train_iter)
+  step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    checkpoint.write_config_json(workdir, config)
+  writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0, start_step=step,
+                                 total_steps=config.total_steps, progress_bar=config.progress_bar)
+  if latest is not None:
+    writer.message(f"resumed from the checkpoint at step {latest}")
+  _record_data_stats(run, writer)
+  stop = _StopRequest()
+  stop.install()
+  try:
+    return _loop(run, state, step, train_iter, writer, stop)
+  finally:
+    stop.uninstall()
+    run.ckpt.wait()
+    run.ckpt.close()
+    writer.close()
+
+
+def _check_finite(run: _Run, step: int, scalars: dict[str, float]) -> None:
+  if scalars["finite"] < 1:
+    run.ckpt.wait()
+    raise FloatingPointError(
+        f"non-finite training at step {step}: loss={scalars['loss']}, grad_norm="
+        f"{scalars['grad_norm']}. Stopped without saving; the last good checkpoint (step "
+        f"{run.ckpt.latest_step()}) is kept in {run.ckpt.directory}.")
+
+
+def _loop(run: _Run, state, step: int, train_iter, writer, stop: _StopRequest) -> dict[str, float]:
+  cfg = run.config
+  rates = run.throughput()
+  rates.reset(step)
+  deferred = None  # (step, device metrics) not yet checked for finiteness
+  scalars: dict[str, float] = {}
+  while step < cfg.total_steps:
+    batch = sharding.global_batch(next(train_iter), run.mesh)
+    with sharding.activation_context(run.mesh):
+      state, device_metrics = run.step_fn(state, batch)
+    step += 1
+    if deferred is not None:  # the previous step finished while this one was being dispatched
+      _check_finite(run, deferred[0], jax.device_get(deferred[1]))
+      deferred = None
+    last = step == cfg.total_steps
+    poll = last or step % cfg.log_every == 0
+    stopping = stop.agreed() if (poll or jax.process_count() == 1) else False
+    due_log = poll
+    due_eval = bool(run.val_batches) and cfg.eval_every > 0 and (last or step % cfg.eval_every == 0)
+    due_ckpt = last or stopping or step % cfg.checkpoint_every == 0
+    if not (due_log or due_eval or due_ckpt):
+      deferred = (step, device_metrics)
+      writer.advance()
+      continue
+    scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(run, step, scalars)
+    scalars.update(rates.measure(step))
+    scalars["perplexity"] = metrics.perplexity(scalars["loss"])
+    if due_eval:
+      with sharding.activation_context(run.mesh):
+        scalars["val_loss"] = run.evaluate(state.params)
+      scalars["val_perplexity"] = metrics.perplexity(scalars["val_loss"])
+    if due_log or due_eval:
+      writer.write(step, {k: v for k, v in scalars.items() if k != "finite"})
+    if due_ckpt:
+      run.ckpt.save(step, state, train_iter, cfg)
+    rates.reset(step)  # keep evaluation and checkpoint time out of the next step-time figure
+    writer.advance()
+    if stopping:
+      writer.message(f"SIGTERM: saved the checkpoint at step {step}; rerun to resume.")
+      break
+  return scalars
