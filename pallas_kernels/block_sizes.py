@@ -1,0 +1,92 @@
+"""Tile sizes of the Triton MoDA kernels: frozen dataclasses, per-device defaults, validation.
+
+A query tile holds `block_q` *folded rows*: `block_q // Gp` tokens times the `Gp = next_pow2(G)` query heads
+of one kv head (rows with g >= G are padding), so one sequence K/V block and one depth block serve all G
+heads. Every tile covers whole tokens, which is what lets the backward store depth gradients without atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBlocks:
+  """Tiles of one kernel.
+
+  block_q: folded query rows per program (power of two, >= 16).
+  block_k: sequence keys per inner step (power of two, >= 16).
+  depth_cols: depth columns (tokens of the tile x slots) per inner step of the depth phase.
+  num_warps, num_stages: Triton launch parameters.
+  """
+  block_q: int
+  block_k: int
+  depth_cols: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def validate(self, name: str, group_padded: int) -> None:
+    for field in ("block_q", "block_k", "depth_cols"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or not _is_pow2(value) or value < 16:
+        raise ValueError(f"{name}.{field}={value!r}: expected a power of two >= 16 (Triton tiles).")
+    if self.block_q < group_padded:
+      raise ValueError(f"{name}.block_q={self.block_q}: expected >= next_pow2(G)={group_padded} so that a "
+                       "tile holds whole tokens.")
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"{name}.num_warps={self.num_warps!r}: expected 1, 2, 4, 8 or 16.")
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles of the forward, the dq (+ depth dk/dv) and the sequence dk/dv kernels."""
+  fwd: KernelBlocks
+  dq: KernelBlocks
+  dkv: KernelBlocks
+
+  @classmethod
+  def get_default(cls, head_dim: int, group: int, dtype, device_kind: str | None = None) -> "BlockSizes":
+    """Defaults for Hopper-class GPUs (tuned on an H200); other GPUs get the same tiles.
+
+    Register pressure grows with head_dim, so larger heads get shorter tiles and more warps; fp32 tiles
+    are halved because every operand takes twice the registers.
+    """
+    del device_kind  # One table today; the argument keeps the call sites ready for per-device tables.
+    group_padded = next_pow2(group)
+    if head_dim <= 64:
+      fwd = KernelBlocks(block_q=128, block_k=64, depth_cols=64, num_warps=4, num_stages=3)
+      dq = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
+      dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
+    elif head_dim <= 128:
+      fwd = KernelBlocks(block_q=128, block_k=64, depth_cols=64, num_warps=8, num_stages=2)
+      dq = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=4, num_stages=2)
+      dkv = KernelBlocks(block_q=32, block_k=64, depth_cols=32, num_warps=4, num_stages=2)
+    else:
+      fwd = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=8, num_stages=2)
+      dq = KernelBlocks(block_q=32, block_k=32, depth_cols=32, num_warps=8, num_stages=1)
+      dkv = KernelBlocks(block_q=32, block_k=32, depth_cols=32, num_warps=8, num_stages=1)
+    if jax.numpy.dtype(dtype).itemsize == 4:
+      fwd, dq, dkv = (dataclasses.replace(b, block_q=max(16, b.block_q // 2)) for b in (fwd, dq, dkv))
+    # A tile must hold at least one whole token of Gp folded rows.
+    fix = lambda b: dataclasses.replace(b, block_q=max(b.block_q, group_padded))
+    return cls(fwd=fix(fwd), dq=fix(dq), dkv=fix(dkv))
+
+  def validate(self, group: int) -> None:
+    group_padded = next_pow2(group)
+    for name in ("fwd", "dq", "dkv"):
+      blocks = getattr(self, name)
+      if not isinstance(blocks, KernelBlocks):
+        raise ValueError(f"block_sizes.{name}={blocks!r}: expected a KernelBlocks.")
+      blocks.validate(f"block_sizes.{name}", group_padded)

@@ -1,0 +1,219 @@
+"""MoDA backward kernels (Pallas, lowered through Triton), FlashAttention-2 style, no atomics.
+
+Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent enters only there):
+  * `_dq_kernel`, one program per query tile: recomputes p = exp2(logits - lse) over the same sequence blocks
+    as the forward and accumulates dq; in its depth phase it also writes the depth dk/dv of the tile's own
+    tokens. A tile holds whole tokens, so every depth slot gets its gradient from exactly one program and is
+    stored directly. Slots >= depth_len are not computed, only zero-filled.
+  * `_dkv_kernel`, one program per key block: loops over the query tiles that see it (causal: from the block's
+    first token on), summing over the G heads of the kv head inside the tile rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import triton_tiles as tt
+from pallas_kernels.block_sizes import KernelBlocks
+
+
+def _probs(logits, lse2, keep):
+  """exp2(logits - lse) with masked entries exactly 0. lse2 broadcasts against logits."""
+  p = jnp.exp2(logits - lse2)
+  return p if keep is None else jnp.where(keep, p, 0.0)
+
+
+def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: bool, has_segments: bool):
+  refs = list(refs)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+  del refs[:6]
+  if has_depth:
+    depth_len_ref, depth_k_ref, depth_v_ref = refs[:3]
+    del refs[:3]
+  seg_ref = refs.pop(0) if has_segments else None
+  dq_ref = refs.pop(0)
+  if has_depth:
+    ddk_ref, ddv_ref = refs
+
+  tile = pl.num_programs(0) - 1 - pl.program_id(0)
+  first_token = tile * geom.tokens_per_tile
+  rows = tt.tile_rows(first_token, geom)
+  q = tt.load_rows(q_ref, rows, geom)
+  do = tt.load_rows(do_ref, rows, geom)
+  lse2 = (tt.load_row_stat(lse_ref, rows) * tt.LOG2E)[:, None]
+  delta = tt.load_row_stat(delta_ref, rows)[:, None]
+  qk_scale = scale * tt.LOG2E
+  q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1) if has_segments else None
+
+  def seq_step(j, dq, *, masked: bool):
+    start = pl.multiple_of(j * geom.block_k, geom.block_k)
+    k = tt.load_keys(k_ref, start, geom, bounded=masked)
+    v = tt.load_keys(v_ref, start, geom, bounded=masked)
+    cols = start + jnp.arange(geom.block_k)
+    keep = None
+    if masked:
+      keep = jnp.broadcast_to((cols < geom.seq_len)[None, :], (geom.block_q, geom.block_k))
+      if causal:
+        keep = keep & (cols[None, :] <= rows.token[:, None])
+    if has_segments:
+      k_seg = plgpu.load(seg_ref.at[cols], mask=cols < geom.seq_len, other=-2)
+      same = q_seg[:, None] == k_seg[None, :]
+      keep = same if keep is None else keep & same
+    p = _probs(tt.dot(q, k, trans_b=True) * qk_scale, lse2, keep)
+    ds = p * (tt.dot(do, v, trans_b=True) - delta)
+    return dq + tt.dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
+  if causal:
+    num_free = first_token // geom.block_k
+    last_token = jnp.minimum(first_token + geom.tokens_per_tile, geom.seq_len)
+    num_blocks = (last_token + geom.block_k - 1) // geom.block_k
+  else:
+    num_free, num_blocks = geom.seq_len // geom.block_k, pl.cdiv(geom.seq_len, geom.block_k)
+  dq = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), dq)
+  dq = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), dq)
+
+  if has_depth:
+    depth_len = depth_len_ref[0]
+    local_token = jnp.arange(geom.block_q) // geom.group_padded
+
+    def depth_step(step, dq):
+      cols = tt.depth_cols(first_token, step, depth_len, geom)
+      dk = tt.load_depth(depth_k_ref, cols, geom)
+      dv = tt.load_depth(depth_v_ref, cols, geom)
+      p = _probs(tt.dot(q, dk, trans_b=True) * qk_scale, lse2, tt.depth_visible(local_token, cols))
+      ds = p * (tt.dot(do, dv, trans_b=True) - delta)
+      in_range = (cols.token < geom.seq_len) & (cols.slot < geom.num_slots)
+      tt.store_depth(ddk_ref, cols, tt.dot(ds.astype(q.dtype), q, trans_a=True) * scale, geom, in_range=in_range)
+      tt.store_depth(ddv_ref, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom, in_range=in_range)
+      return dq + tt.dot(ds.astype(dk.dtype), dk)
+
+    num_steps = (depth_len + geom.slots_per_step - 1) // geom.slots_per_step
+    dq = jax.lax.fori_loop(0, num_steps, depth_step, dq)
+
+    # Unwritten slots got no probability mass: their gradient is zero, stored without any math.
+    def zero_step(step, _):
+      cols = tt.depth_cols(first_token, step, depth_len, geom)
+      in_range = (cols.token < geom.seq_len) & (cols.slot < geom.num_slots)
+      zeros = jnp.zeros((cols.token.shape[0], geom.head_dim), jnp.float32)
+      tt.store_depth(ddk_ref, cols, zeros, geom, in_range=in_range)
+      tt.store_depth(ddv_ref, cols, zeros, geom, in_range=in_range)
+      return _
+
+    total_steps = pl.cdiv(geom.num_slots, geom.slots_per_step)
+    jax.lax.fori_loop(num_steps, total_steps, zero_step, jnp.int32(0))
+
+  tt.store_rows(dq_ref, rows, dq * scale, geom)
+
+
+def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segments: bool):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+  seg_ref = refs[6] if has_segments else None
+  dk_ref, dv_ref = refs[-2:]
+
+  block = pl.num_programs(0) - 1 - pl.program_id(0)
+  start = block * geom.block_k
+  cols = start + jnp.arange(geom.block_k)
+  k = tt.load_keys(k_ref, start, geom, bounded=True)
+  v = tt.load_keys(v_ref, start, geom, bounded=True)
+  qk_scale = scale * tt.LOG2E
+  k_seg = plgpu.load(seg_ref.at[cols], mask=cols < geom.seq_len, other=-2) if has_segments else None
+
+  # Keys as rows: logits_T [block_k, block_q]. Padding query rows carry do = 0 and delta = 0, so they add 0.
+  def q_step(i, carry, *, masked: bool):
+    dk, dv = carry
+    rows = tt.tile_rows(i * geom.tokens_per_tile, geom)
+    q = tt.load_rows(q_ref, rows, geom)
+    do = tt.load_rows(do_ref, rows, geom)
+    lse2 = (tt.load_row_stat(lse_ref, rows) * tt.LOG2E)[None, :]
+    delta = tt.load_row_stat(delta_ref, rows)[None, :]
+    keep = None
+    if masked:
+      keep = cols[:, None] <= rows.token[None, :]
+    if has_segments:
+      q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1)
+      same = k_seg[:, None] == q_seg[None, :]
+      keep = same if keep is None else keep & same
+    p_T = _probs(tt.dot(k, q, trans_b=True) * qk_scale, lse2, keep)
+    ds_T = p_T * (tt.dot(v, do, trans_b=True) - delta)
+    dv = dv + tt.dot(p_T.astype(do.dtype), do)
+    dk = dk + tt.dot(ds_T.astype(q.dtype), q)
+    return dk, dv
+
+  zeros = jnp.zeros((geom.block_k, geom.head_dim), jnp.float32)
+  carry = (zeros, zeros)
+  if causal:
+    # Tiles holding tokens of this key block need the causal mask; later tiles see every key of the block.
+    first_tile = start // geom.tokens_per_tile
+    last_token = jnp.minimum(start + geom.block_k, geom.seq_len)
+    free_tile = (last_token + geom.tokens_per_tile - 1) // geom.tokens_per_tile
+    carry = jax.lax.fori_loop(first_tile, free_tile, functools.partial(q_step, masked=True), carry)
+    carry = jax.lax.fori_loop(free_tile, geom.num_q_tiles, functools.partial(q_step, masked=False), carry)
+  else:
+    carry = jax.lax.fori_loop(0, geom.num_q_tiles, functools.partial(q_step, masked=False), carry)
+  dk, dv = carry
+  in_range = (cols < geom.seq_len)[:, None]
+  d = jnp.arange(geom.head_dim)[None, :]
+  plgpu.store(dk_ref.at[cols[:, None], d], (dk * scale).astype(dk_ref.dtype), mask=in_range)
+  plgpu.store(dv_ref.at[cols[:, None], d], dv.astype(dv_ref.dtype), mask=in_range)
+
+
+def backward(q_BTKGD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
+             do_BTKGD, lse_BTKG, delta_BTKG, *, causal: bool, scale: float, dq_blocks: KernelBlocks,
+             dkv_blocks: KernelBlocks, interpret):
+  """Returns (dq, dk, dv, d_depth_k, d_depth_v) in the input layouts (depth grads None without depth)."""
+  batch, seq_len, num_kv_heads, group, head_dim = q_BTKGD.shape
+  has_depth = depth_k_BTLKD is not None
+  has_segments = segment_ids_BT is not None
+  num_slots = depth_k_BTLKD.shape[2] if has_depth else 0
+  per_head = lambda *shape: pl.BlockSpec((None, seq_len, None, *shape),
+                                         lambda i, b, k: (b, 0, k) + (0,) * len(shape))
+  common_specs = [per_head(group, head_dim), per_head(head_dim), per_head(head_dim), per_head(group, head_dim),
+                  per_head(group), per_head(group)]
+  common_args = [q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG]
+  seg_specs = [pl.BlockSpec((None, seq_len), lambda i, b, k: (b, 0))] if has_segments else []
+  seg_args = [segment_ids_BT] if has_segments else []
+
+  # dq (+ depth dk/dv).
+  geom = tt.make_geometry(q_BTKGD.shape, num_slots, dq_blocks)
+  in_specs, args = list(common_specs), list(common_args)
+  out_specs = [per_head(group, head_dim)]
+  out_shape = [jax.ShapeDtypeStruct(q_BTKGD.shape, q_BTKGD.dtype)]
+  if has_depth:
+    depth_spec = pl.BlockSpec((None, seq_len, num_slots, None, head_dim), lambda i, b, k: (b, 0, 0, k, 0))
+    in_specs += [pl.BlockSpec((1,), lambda i, b, k: (0,)), depth_spec, depth_spec]
+    args += [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_k_BTLKD, depth_v_BTLKD]
+    out_specs += [depth_spec, depth_spec]
+    out_shape += [jax.ShapeDtypeStruct(depth_k_BTLKD.shape, depth_k_BTLKD.dtype)] * 2
+  outs = pl.pallas_call(
+      functools.partial(_dq_kernel, geom=geom, causal=causal, scale=scale, has_depth=has_depth,
+                        has_segments=has_segments),
+      grid=(geom.num_q_tiles, batch, num_kv_heads),
+      in_specs=in_specs + seg_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages),
+      interpret=interpret,
+      name="moda_backward_dq",
+  )(*args, *seg_args)
+  dq = outs[0]
+  d_depth_k, d_depth_v = (outs[1], outs[2]) if has_depth else (None, None)
+
+  # Sequence dk/dv.
+  geom = tt.make_geometry(q_BTKGD.shape, num_slots, dkv_blocks)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, geom=geom, causal=causal, scale=scale, has_segments=has_segments),
+      grid=(pl.cdiv(seq_len, geom.block_k), batch, num_kv_heads),
+      in_specs=common_specs + seg_specs,
+      out_specs=[per_head(head_dim), per_head(head_dim)],
+      out_shape=[jax.ShapeDtypeStruct(k_BTKD.shape, k_BTKD.dtype)] * 2,
+      compiler_params=plgpu.CompilerParams(num_warps=dkv_blocks.num_warps, num_stages=dkv_blocks.num_stages),
+      interpret=interpret,
+      name="moda_backward_dkv",
+  )(*common_args, *seg_args)
+  return dq, dk, dv, d_depth_k, d_depth_v
