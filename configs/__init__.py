@@ -1,0 +1,1 @@
+"""Training configs (ml_collections); `base.py` holds every default."""

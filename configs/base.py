@@ -1,0 +1,81 @@
+"""Every default of a training run, once. Other configs import this and override a few fields.
+
+Run: python train.py --config=configs/base.py --workdir=DIR [--config.<field>=<value> ...]
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # parameters, data order and the validation split
+  c.total_steps = 10_000
+  c.batch_size = 32               # global rows per optimizer step (all microbatches, all hosts)
+  c.seq_len = 1024
+  c.grad_accum_steps = 1          # microbatches per step; the update equals the big-batch one
+
+  # Optimizer: the OLMo2 recipe (AdamW, linear warmup, cosine to 10% of peak).
+  c.learning_rate = 3e-4
+  c.min_lr_ratio = 0.1
+  c.warmup_steps = 500
+  c.weight_decay = 0.1            # not on embeddings, norms or biases
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.95
+  c.adam_eps = 1e-8
+  c.grad_clip_norm = 1.0          # 0 disables clipping
+
+  # Cadences (in optimizer steps).
+  c.log_every = 10
+  c.eval_every = 500              # 0 disables evaluation
+  c.eval_batches = 4              # fixed held-out batches per evaluation
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.checkpoint_async = True
+  c.progress_bar = True
+  c.peak_flops_per_device = 0.0   # bf16 FLOP/s for MFU; 0 = look up the device kind (CPU: no MFU)
+
+  # Device mesh: data * fsdp * tensor = number of devices; data=-1 takes the rest.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  # Model: the fields of moda_jax.ModelConfig (DESIGN.md §1), OLMo2-style with MoDA's default variant.
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 257        # the byte tokenizer's 256 bytes + end-of-document
+  c.model.num_layers = 12
+  c.model.d_model = 512
+  c.model.num_heads = 8
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 64
+  c.model.mlp_dim = 1536
+  c.model.max_seq_len = 4096
+  c.model.depth_kv = "attn_ffn"   # none | attn | attn_ffn | attn_ffn_extra
+  c.model.norm = "reordered"      # pre | post | reordered (OLMo2)
+  c.model.qk_norm = True
+  c.model.rope_theta = 10_000.0
+  c.model.tie_embeddings = False
+  c.model.scan_layers = True
+  c.model.remat = "none"
+  c.model.dtype = "bfloat16"      # compute; parameters stay float32 (master copy)
+  c.model.param_dtype = "float32"
+  c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None: best for platform
+  c.model.z_loss_weight = 1e-5
+  c.model.init_std = 0.02
+  c.model.norm_eps = 1e-6
+  c.model.depth_memory = "linear"
+
+  # Data: see moda_jax/data_sources.py and moda_jax/tokenizers.py.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "pydoc"         # pydoc | gensim_wiki | files
+  c.data.path = ""                # files: comma-separated paths or globs
+  c.data.format = ""              # text | jsonl | parquet | array_record; "" = from the extension
+  c.data.text_key = "text"        # jsonl / parquet / JSON ArrayRecord field with the text
+  c.data.text_separator = ""      # text files: split documents on this string ("" = one per file)
+  c.data.tokenizer = "byte"       # byte | hf | sentencepiece
+  c.data.tokenizer_path = ""      # tokenizer.json or .model file for hf / sentencepiece
+  c.data.eos_token = ""           # hf: end-of-document token ("" = an extra id past the vocab)
+  c.data.val_fraction = 0.05      # held-out documents
+  c.data.num_workers = 0          # Grain worker processes (0 = in the training process)
+  c.data.entropy_sample_docs = 10_000  # documents used for the logged unigram entropy
+  return c
