@@ -1,0 +1,161 @@
+"""Tile geometry shared by the Pallas TPU forward and backward kernels.
+
+Kernel-side layouts, per batch b and kv head h (G query heads per kv head, T padded to `padded_len`):
+
+    q, out, do    [B, Hk, G, T, D]      one tile = all G heads x block_q tokens
+    k, v          [B, Hk, T, D]         one step = block_k tokens
+    depth k, v    [B, Hk, L, T, D]      slot-major: one step = block_slots slots x block_q tokens
+    lse, delta    [B, Hk, G, T, 128]    per-row statistics broadcast over the 128 lanes, because a TPU
+                                        block's minor dimension must be 128-divisible or span the array
+    q segment ids [B, T, 128]           lane-broadcast, compared against
+    kv segment ids[B, 8, T]             sublane-broadcast key ids
+
+This module decides which (query tile, key block) pairs are visited, which need a mask, and the index
+maps that keep skipped blocks from being fetched (a block whose index does not change between two grid
+steps is not copied again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.tpu_block_sizes import FittedBlocks
+
+LANES = 128
+SUBLANES = 8
+# Finite stand-in for -inf: masked logits stay finite, so exp() of a masked entry is exactly 0 without
+# inf - inf = nan when a whole block of a row is masked.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Everything static a kernel body needs."""
+
+  blocks: FittedBlocks
+  seq_len: int         # unpadded T
+  group: int           # G = Hq // Hk
+  head_dim: int
+  causal: bool
+  scale: float
+  has_segments: bool
+  has_depth: bool
+
+  @property
+  def num_seq_steps(self) -> int:
+    return self.blocks.num_k_blocks
+
+  @property
+  def num_depth_steps(self) -> int:
+    return self.blocks.num_depth_blocks if self.has_depth else 0
+
+  @property
+  def pads_keys(self) -> bool:
+    return self.blocks.padded_len != self.seq_len
+
+
+def last_k_block(cfg: KernelConfig, q_block):
+  """Last key block a query tile sees (the diagonal one when causal)."""
+  if not cfg.causal:
+    return cfg.blocks.num_k_blocks - 1
+  return lax.div((q_block + 1) * cfg.blocks.block_q - 1, cfg.blocks.block_k)
+
+
+def first_q_block(cfg: KernelConfig, k_block):
+  """First query tile that sees a key block (causal: the one holding the block's first token)."""
+  if not cfg.causal:
+    return 0
+  return lax.div(k_block * cfg.blocks.block_k, cfg.blocks.block_q)
+
+
+def last_depth_block(cfg: KernelConfig, depth_len):
+  """Last depth step holding a written slot; 0 when none is (that block is then never computed)."""
+  return lax.div(jnp.maximum(depth_len - 1, 0), cfg.blocks.block_slots)
+
+
+def seq_block_visible(cfg: KernelConfig, q_block, k_block):
+  """Whether any query of the tile sees any key of the block."""
+  if not cfg.causal:
+    return True
+  return k_block * cfg.blocks.block_k <= (q_block + 1) * cfg.blocks.block_q - 1
+
+
+def seq_block_needs_mask(cfg: KernelConfig, q_block, k_block):
+  """Whether the (query tile, key block) pair has any invisible entry to mask (static when possible)."""
+  if cfg.has_segments:
+    return True
+  if cfg.causal:
+    # Some key of the block is later than the tile's first query: the diagonal blocks.
+    return (k_block + 1) * cfg.blocks.block_k - 1 > q_block * cfg.blocks.block_q
+  if cfg.pads_keys:
+    return k_block == cfg.blocks.num_k_blocks - 1
+  return False
+
+
+def visible_logits(cfg: KernelConfig, q_block, k_block, q_seg_ref, kv_seg_ref):
+  """[block_q, block_k] bool: which query rows of the tile see which keys of the block."""
+  shape = (cfg.blocks.block_q, cfg.blocks.block_k)
+  col = lax.broadcasted_iota(jnp.int32, shape, 1) + k_block * cfg.blocks.block_k
+  visible = jnp.ones(shape, jnp.bool_)
+  if cfg.causal:
+    row = lax.broadcasted_iota(jnp.int32, shape, 0) + q_block * cfg.blocks.block_q
+    visible = col <= row
+  elif cfg.pads_keys:
+    # Causal rows never see padded keys (they come after every real query); non-causal rows must not.
+    visible = col < cfg.seq_len
+  if cfg.has_segments:
+    q_seg = lanes(q_seg_ref[...], cfg.blocks.block_k)     # [block_q, block_k]
+    kv_seg = kv_seg_ref[0:1, :]                            # [1, block_k]
+    visible = jnp.logical_and(visible, q_seg == kv_seg)
+  return visible
+
+
+def lanes(x_R128: jax.Array, width: int) -> jax.Array:
+  """Widens (or narrows) a lane-broadcast [rows, 128] array to [rows, width]."""
+  if width == LANES:
+    return x_R128
+  if width < LANES:
+    return x_R128[:, :width]
+  repeats = -(-width // LANES)
+  return jnp.tile(x_R128, (1, repeats))[:, :width]
+
+
+def compiler_params() -> pltpu.CompilerParams:
+  """Batch, head and query/key tile axes are independent; the last grid axis accumulates."""
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+NT_DIMS = (((1,), (1,)), ((), ()))   # a @ b.T
+NN_DIMS = (((1,), (0,)), ((), ()))   # a @ b
+
+
+def matmul(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """MXU matmul with float32 accumulation; float32 inputs get full precision (TPU default is bf16)."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def when(condition):
+  """`pl.when` that also takes a static Python bool (statically false bodies are not traced)."""
+  if condition is True:
+    return lambda body: body()
+  if condition is False:
+    return lambda body: None
+  return pl.when(condition)
+
+
+def run_sequence_step(cfg: KernelConfig, q_block, k_block, active, step) -> None:
+  """Runs `step(masked)` when the block pair is visible, masking only the blocks that need it."""
+  visible_block = jnp.logical_and(active, seq_block_visible(cfg, q_block, k_block))
+  needs_mask = seq_block_needs_mask(cfg, q_block, k_block)
+  if needs_mask is True or needs_mask is False:
+    when(visible_block)(lambda: step(needs_mask))
+    return
+  pl.when(jnp.logical_and(visible_block, needs_mask))(lambda: step(True))
+  pl.when(jnp.logical_and(visible_block, jnp.logical_not(needs_mask)))(lambda: step(False))
