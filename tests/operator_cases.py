@@ -14,6 +14,7 @@ import importlib.util
 import zlib
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,6 +54,35 @@ def impl_params(kernel: bool):
 
 def call(impl: Impl, *args, **kwargs):
   return moda_attention(*args, implementation=impl.name, interpret=impl.interpret, **kwargs)
+
+
+# XLA:CPU spends most of these tests compiling small graphs; LLVM's optimization level changes speed,
+# not semantics (fast-math stays off), and level 0 compiles ~3x faster.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def jitted(fn):
+  return jax.jit(fn, compiler_options=FAST_COMPILE)
+
+
+def forward_and_grads(impl: Impl, arrays, d_out, d_lse, *, depth_len=None, segment_ids=None,
+                      **options):
+  """(out, lse, grads) of `impl` under one jit; grads of sum(out * d_out) + sum(lse * d_lse).
+
+  `arrays` is (q, k, v, depth_k, depth_v) with the depth pair possibly None. A `depth_len` that is a
+  jax Array becomes a traced argument of the jitted function; a Python int stays static.
+  """
+  traced = isinstance(depth_len, jax.Array)
+
+  @jitted
+  def run(arrays, segment_ids, d_out, d_lse, traced_len):
+    length = traced_len if traced else depth_len
+    attend = lambda a: call(impl, *a, depth_len=length, segment_ids=segment_ids, return_lse=True,
+                            **options)
+    (out, lse), pullback = jax.vjp(attend, arrays)
+    return out, lse, pullback((d_out, d_lse))[0]
+
+  return run(tuple(arrays), segment_ids, d_out, d_lse, depth_len if traced else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +153,6 @@ CASES = (
     Case("bf16_g8_shuffled_traced", batch=2, seq_len=40, q_heads=8, slots=5, depth_len=2, traced=True,
          garbage=True, segments="shuffled", dtype="bfloat16", kernel=True),
 )
-
-# XLA:CPU spends most of these tests compiling small graphs; LLVM's optimization level changes speed,
-# not semantics (fast-math stays off), and level 0 compiles ~3x faster.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 # (norm-relative, max-abs relative to the oracle's largest magnitude), keyed by input dtype.
 TOLERANCES = {

@@ -6,15 +6,13 @@ backend and not the input rounding. Property tests (invariances, identities, com
 test_moda_attention_properties.py; the case table and tolerances in operator_cases.py.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import oracle
-from operator_cases import (CASES, FAST_COMPILE, IMPLEMENTATIONS, Case, Impl, assert_close, call,
+from operator_cases import (CASES, IMPLEMENTATIONS, Case, Impl, assert_close, forward_and_grads,
                             impl_marks, make_inputs)
 
 _GRAD_NAMES = ("q", "k", "v", "depth_k", "depth_v")
@@ -26,25 +24,11 @@ def _case_params():
 
 
 def run_vjp(impl: Impl, case: Case, inputs):
-  """Returns (out, lse, grads) of the implementation, computed under jit."""
-  depth_len = case.depth_len
-  options = dict(causal=case.causal, scale=case.scale, return_lse=True)
-
-  def attend(arrays, segment_ids, depth_len):
-    q, k, v, depth_k, depth_v = arrays
-    return call(impl, q, k, v, depth_k, depth_v, depth_len=depth_len, segment_ids=segment_ids,
-                **options)
-
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-  def forward_and_vjp(arrays, segment_ids, d_out, d_lse, traced_len):
-    length = traced_len if case.traced else depth_len
-    (out, lse), pullback = jax.vjp(lambda a: attend(a, segment_ids, length), arrays)
-    (grads,) = pullback((d_out, d_lse))
-    return out, lse, grads
-
+  """Returns (out, lse, grads) of the implementation for one case, computed under jit."""
   arrays = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)
-  traced_len = jnp.int32(case.written) if case.traced else None
-  return forward_and_vjp(arrays, inputs.segment_ids, inputs.d_out, inputs.d_lse, traced_len)
+  depth_len = jnp.int32(case.written) if case.traced else case.depth_len
+  return forward_and_grads(impl, arrays, inputs.d_out, inputs.d_lse, depth_len=depth_len,
+                           segment_ids=inputs.segment_ids, causal=case.causal, scale=case.scale)
 
 
 @pytest.mark.parametrize("impl, case", _case_params())
