@@ -26,14 +26,22 @@ class KernelBlocks:
 
   block_q: folded query rows per program (power of two, >= 16).
   block_k: sequence keys per inner step (power of two, >= 16).
-  depth_cols: depth columns (tokens of the tile x slots) per inner step of the depth phase.
+  depth_cols: depth columns (tokens of the tile x slots) per inner step of the "dense" depth phase.
   num_warps, num_stages: Triton launch parameters.
+  depth_mode: how depth logits q[t, g] . depth_k[t, l] are formed.
+    "dense": one tensor-core matmul of the tile's rows against all its tokens' slots, off-token entries
+      masked (the official kernel's layout): tokens_per_tile x the useful FLOPs.
+    "per_token": each row gathers its own token's slot and reduces q * depth_k over D on the CUDA cores:
+      no wasted FLOPs, but ~12x lower peak rate. Wins once a tile holds many tokens (small G).
+  per_token_slots: slots gathered per step in "per_token" mode (loads in flight per rescale).
   """
   block_q: int
   block_k: int
   depth_cols: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  depth_mode: str = "dense"
+  per_token_slots: int = 2
 
   def validate(self, name: str, group_padded: int) -> None:
     for field in ("block_q", "block_k", "depth_cols"):
@@ -45,6 +53,10 @@ class KernelBlocks:
                        "tile holds whole tokens.")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"{name}.num_warps={self.num_warps!r}: expected 1, 2, 4, 8 or 16.")
+    if self.depth_mode not in ("dense", "per_token"):
+      raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
+    if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
+      raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
 

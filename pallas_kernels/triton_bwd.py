@@ -93,20 +93,42 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
       tt.store_depth(ddv_ref, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom, in_range=in_range)
       return dq + tt.dot(ds.astype(dk.dtype), dk)
 
-    num_steps = (depth_len + geom.slots_per_step - 1) // geom.slots_per_step
-    dq = jax.lax.fori_loop(0, num_steps, depth_step, dq)
+    lse2_R, delta_R = lse2[:, 0], delta[:, 0]
+
+    def per_token_step(step, dq):
+      for j in range(geom.per_token_slots):
+        slot = step * geom.per_token_slots + j
+        dk = tt.load_token_slot(depth_k_ref, rows, slot, depth_len, geom)
+        dv = tt.load_token_slot(depth_v_ref, rows, slot, depth_len, geom)
+        keep = rows.valid & (slot < depth_len)
+        p = jnp.where(keep, jnp.exp2(tt.row_dot(q, dk) * qk_scale - lse2_R), 0.0)
+        ds = p * (tt.row_dot(do, dv) - delta_R)
+        dq = dq + ds[:, None] * dk.astype(jnp.float32)
+        # Rows of one token share its slot: their contributions sum inside the tile, no atomics.
+        ddk = tt.sum_over_group(ds[:, None] * q.astype(jnp.float32), geom) * scale
+        ddv = tt.sum_over_group(p[:, None] * do.astype(jnp.float32), geom)
+        tt.store_token_slot(ddk_ref, first_token, slot, ddk, geom)
+        tt.store_token_slot(ddv_ref, first_token, slot, ddv, geom)
+      return dq
+
+    if geom.depth_mode == "per_token":
+      per_step = geom.per_token_slots
+      num_steps = (depth_len + per_step - 1) // per_step
+      dq = jax.lax.fori_loop(0, num_steps, per_token_step, dq)
+    else:
+      per_step = geom.slots_per_step
+      num_steps = (depth_len + per_step - 1) // per_step
+      dq = jax.lax.fori_loop(0, num_steps, depth_step, dq)
 
     # Unwritten slots got no probability mass: their gradient is zero, stored without any math.
-    def zero_step(step, _):
-      cols = tt.depth_cols(first_token, step, depth_len, geom)
-      in_range = (cols.token < geom.seq_len) & (cols.slot < geom.num_slots)
-      zeros = jnp.zeros((cols.token.shape[0], geom.head_dim), jnp.float32)
-      tt.store_depth(ddk_ref, cols, zeros, geom, in_range=in_range)
-      tt.store_depth(ddv_ref, cols, zeros, geom, in_range=in_range)
+    zeros = jnp.zeros((geom.tokens_per_tile, geom.head_dim), jnp.float32)
+
+    def zero_slot(slot, _):
+      tt.store_token_slot(ddk_ref, first_token, slot, zeros, geom)
+      tt.store_token_slot(ddv_ref, first_token, slot, zeros, geom)
       return _
 
-    total_steps = pl.cdiv(geom.num_slots, geom.slots_per_step)
-    jax.lax.fori_loop(num_steps, total_steps, zero_step, jnp.int32(0))
+    jax.lax.fori_loop(jnp.minimum(num_steps * per_step, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
 
   tt.store_rows(dq_ref, rows, dq * scale, geom)
 

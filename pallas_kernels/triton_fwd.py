@@ -4,9 +4,11 @@ One program = one tile of folded query rows (tokens x the G heads of one kv head
 One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 domain) runs over
   1. the sequence keys: blocks entirely before the tile's first token without any mask, then the blocks
      that overlap the tile's tokens with the causal mask (non-causal: all blocks, the last one bounded);
-  2. the depth slots of the tile's own tokens, `slots_per_step` slots of every token per step, as one dense
-     [rows x (tokens * slots)] block whose off-token entries are masked (the official block-diagonal
-     layout). The step loop stops at cdiv(depth_len, slots_per_step): unwritten slots cost nothing.
+  2. the depth slots of the tile's own tokens. "dense": `slots_per_step` slots of every token per step, as
+     one tensor-core [rows x (tokens * slots)] block whose off-token entries are masked (the official
+     block-diagonal layout). "per_token": every row gathers its own token's slot and the logit is a
+     row-wise multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
+     cdiv(depth_len, slots per step): unwritten slots are never loaded or computed.
 """
 
 from __future__ import annotations
@@ -95,8 +97,28 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
       logits = jnp.where(tt.depth_visible(local_token, cols), logits, tt.MASK_VALUE)
       return _online_update(carry, logits, dv)
 
-    num_steps = (depth_len + geom.slots_per_step - 1) // geom.slots_per_step
-    carry = jax.lax.fori_loop(0, num_steps, depth_step, carry)
+    def per_token_step(step, carry):
+      # Every load of the step is issued before the first use; one rescale serves all its slots.
+      acc, m_prev, l_prev = carry
+      slots = [step * geom.per_token_slots + j for j in range(geom.per_token_slots)]
+      dks = [tt.load_token_slot(depth_k_ref, rows, s, depth_len, geom) for s in slots]
+      dvs = [tt.load_token_slot(depth_v_ref, rows, s, depth_len, geom) for s in slots]
+      logits = [jnp.where(s < depth_len, tt.row_dot(q, dk) * qk_scale, tt.MASK_VALUE) for s, dk in zip(slots, dks)]
+      m_next = functools.reduce(jnp.maximum, logits, m_prev)
+      correction = jnp.exp2(m_prev - m_next)
+      probs = [jnp.exp2(c - m_next) for c in logits]
+      l_next = l_prev * correction + functools.reduce(jnp.add, probs)
+      acc = acc * correction[:, None]
+      for p, dv in zip(probs, dvs):
+        acc = acc + p[:, None] * dv.astype(jnp.float32)
+      return acc, m_next, l_next
+
+    if geom.depth_mode == "per_token":
+      num_steps = (depth_len + geom.per_token_slots - 1) // geom.per_token_slots
+      carry = jax.lax.fori_loop(0, num_steps, per_token_step, carry)
+    else:
+      num_steps = (depth_len + geom.slots_per_step - 1) // geom.slots_per_step
+      carry = jax.lax.fori_loop(0, num_steps, depth_step, carry)
 
   acc, m, l = carry
   tt.store_rows(o_ref, rows, acc / l[:, None], geom)

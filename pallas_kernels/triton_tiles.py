@@ -39,7 +39,9 @@ class Geometry:
   head_dim: int       # D (already a power of two >= 16)
   block_q: int        # folded rows per tile
   block_k: int        # keys per sequence step
-  depth_cols: int     # depth columns per depth step
+  depth_cols: int     # depth columns per depth step ("dense" mode)
+  depth_mode: str = "dense"
+  per_token_slots: int = 2
 
   @property
   def tokens_per_tile(self) -> int:
@@ -58,7 +60,8 @@ def make_geometry(q_shape_BTKGD, num_slots: int, blocks) -> Geometry:
   _, seq_len, _, group, head_dim = q_shape_BTKGD
   return Geometry(seq_len=seq_len, num_slots=num_slots, group=group, group_padded=next_pow2(group),
                   head_dim=head_dim, block_q=blocks.block_q, block_k=blocks.block_k,
-                  depth_cols=blocks.depth_cols)
+                  depth_cols=blocks.depth_cols, depth_mode=blocks.depth_mode,
+                  per_token_slots=blocks.per_token_slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,38 @@ def store_depth(ref, cols: DepthCols, value, geom: Geometry, *, in_range):
   d = jnp.arange(geom.head_dim)[None, :]
   plgpu.store(ref.at[cols.token[:, None], cols.slot[:, None], d], value.astype(ref.dtype),
               mask=in_range[:, None])
+
+
+def load_token_slot(ref, rows: Rows, slot, depth_len, geom: Geometry):
+  """[block_q, D]: for every row, slot `slot` of its own token ("per_token" mode); 0 if unwritten."""
+  d = jnp.arange(geom.head_dim)[None, :]
+  slot_BR = jnp.full_like(rows.token, slot)
+  keep = rows.valid & (slot < depth_len)
+  return plgpu.load(ref.at[rows.token[:, None], slot_BR[:, None], d], mask=keep[:, None], other=0.0)
+
+
+def store_token_slot(ref, first_token, slot, value_ND, geom: Geometry):
+  """Stores [tokens_per_tile, D] at (first_token + n, slot) of a [T, L, D] ref, skipping t >= T, slot >= L.
+
+  The slot bound matters: slot L of token t is slot 0 of token t + 1 in memory.
+  """
+  token = first_token + jnp.arange(geom.tokens_per_tile)
+  slot_N = jnp.full_like(token, slot)
+  d = jnp.arange(geom.head_dim)[None, :]
+  keep = (token < geom.seq_len) & (slot_N < geom.num_slots)
+  plgpu.store(ref.at[token[:, None], slot_N[:, None], d], value_ND.astype(ref.dtype), mask=keep[:, None])
+
+
+def sum_over_group(x_RD, geom: Geometry):
+  """[block_q, D] folded rows -> [tokens_per_tile, D]: sums the Gp rows of each token."""
+  if geom.group_padded == 1:
+    return x_RD
+  return jnp.sum(x_RD.reshape(geom.tokens_per_tile, geom.group_padded, x_RD.shape[1]), axis=1)
+
+
+def row_dot(a, b):
+  """[R]: per-row dot products of two [R, D] tiles on the CUDA cores, in float32."""
+  return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)
 
 
 def depth_visible(rows_local_token, cols: DepthCols):

@@ -1,0 +1,231 @@
+"""Times MoDA forward and forward+backward on the paper's shapes against cuDNN flash attention.
+
+    python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune]
+
+Every implementation that runs here is timed on every shape where it fits; cuDNN
+(`jax.nn.dot_product_attention(implementation="cudnn")`) runs the same sequence shape without depth.
+Each time is the median of `--iters` calls (each ended with block_until_ready) after warm-up calls.
+FLOPs count only the visible logits: sequence 4 * B * Hq * D * (T(T+1)/2 causal, T^2 otherwise),
+depth 4 * B * Hq * T * L * D; forward+backward is 3.5x the forward (2 matmuls forward, 5 backward).
+Bytes are every input read once and every output written once. Roofline = max(FLOPs / 790 TFLOP/s,
+bytes / 4.3 TB/s), the ceilings measured on the H200 here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import moda_attention
+from pallas_kernels.block_sizes import BlockSizes, KernelBlocks
+
+PEAK_FLOPS = 790e12
+PEAK_BYTES = 4.3e12
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  name: str
+  batch: int
+  seq_len: int
+  group: int
+  slots: int
+  head_dim: int = 64
+  kv_heads: int = 8
+
+  @property
+  def q_heads(self) -> int:
+    return self.group * self.kv_heads
+
+
+def paper_shapes() -> list[Shape]:
+  shapes = [Shape(f"table2_T{t // 1024}K_G8_L64", 1, t, 8, 64) for t in (4096, 8192, 16384, 32768, 65536)]
+  shapes += [Shape(f"table2_T16K_G{g}_L64", 1, 16384, g, 64) for g in (2, 4, 16, 32)]
+  shapes += [Shape(f"table2_T16K_G8_L{l}", 1, 16384, 8, l) for l in (128, 256)]
+  shapes += [Shape("table7_T1K_G8_L64", 1, 1024, 8, 64),
+             Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72),
+             Shape("train_B8_T4K_G2_L72_D128", 8, 4096, 2, 72, head_dim=128)]
+  return shapes
+
+
+def quick_shapes() -> list[Shape]:
+  return [Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table7_T1K_G8_L64", 1, 1024, 8, 64),
+          Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
+
+
+def flops(shape: Shape, depth: bool, backward: bool) -> float:
+  t = shape.seq_len
+  per_head = 4 * shape.head_dim * (t * (t + 1) / 2 + (t * shape.slots if depth else 0))
+  return shape.batch * shape.q_heads * per_head * (3.5 if backward else 1.0)
+
+
+def bytes_moved(shape: Shape, depth: bool, backward: bool) -> float:
+  b, t, d = shape.batch, shape.seq_len, shape.head_dim
+  q = b * t * shape.q_heads * d * 2
+  kv = 2 * b * t * shape.kv_heads * d * 2
+  dep = 2 * b * t * shape.slots * shape.kv_heads * d * 2 if depth else 0
+  lse = b * t * shape.q_heads * 4
+  fwd = q + kv + dep + q + lse
+  # Backward reads q, k, v, depth, o, do, lse and writes dq, dk, dv and the depth grads.
+  return fwd + (3 * q + kv + dep + lse) + (q + kv + dep) if backward else fwd
+
+
+def make_inputs(shape: Shape, depth: bool, seed: int = 0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  b, t, d = shape.batch, shape.seq_len, shape.head_dim
+  normal = lambda key, *s: jax.random.normal(key, s, jnp.bfloat16)
+  q = normal(keys[0], b, t, shape.q_heads, d)
+  k, v = normal(keys[1], b, t, shape.kv_heads, d), normal(keys[2], b, t, shape.kv_heads, d)
+  dk = normal(keys[3], b, t, shape.slots, shape.kv_heads, d) if depth else None
+  dv = normal(keys[4], b, t, shape.slots, shape.kv_heads, d) if depth else None
+  do = normal(keys[5], b, t, shape.q_heads, d)
+  return (q, k, v, dk, dv), do
+
+
+def build(impl: str, block_sizes: BlockSizes | None = None):
+  """(forward, forward+backward) jitted callables of (arrays, do) for one implementation."""
+  if impl == "cudnn":
+    attend = lambda q, k, v, dk, dv: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  elif block_sizes is not None:
+    from pallas_kernels import triton
+    attend = lambda q, k, v, dk, dv: triton.attention(
+        q, k, v, dk, dv, None if dk is None else jnp.int32(dk.shape[2]), None, causal=True,
+        scale=q.shape[-1] ** -0.5, block_sizes=block_sizes)[0]
+  else:
+    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl)
+
+  forward = jax.jit(lambda arrays, do: attend(*arrays))
+
+  @jax.jit
+  def forward_backward(arrays, do):
+    out, pullback = jax.vjp(lambda a: attend(*a), arrays)
+    return out, pullback(do)
+
+  return forward, forward_backward
+
+
+def time_ms(fn, *args, warmup: int, iters: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(samples)
+
+
+def implementations_for(shape: Shape, quick: bool) -> list[str]:
+  impls = ["pallas_triton"]
+  if shape.batch * shape.seq_len <= 8192 or quick:
+    impls.append("xla")
+  # The dense reference materializes [B, Hq, T, T] float32 logits: only small shapes.
+  if shape.batch * shape.q_heads * shape.seq_len ** 2 <= 2 ** 30:
+    impls.append("reference")
+  return impls
+
+
+def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd")) -> dict:
+  depth = impl != "cudnn"
+  arrays, do = make_inputs(shape, depth)
+  forward, forward_backward = build(impl, block_sizes)
+  row = dict(shape=shape.name, impl=impl, **dataclasses.asdict(shape))
+  for mode, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
+    if mode not in modes:
+      continue
+    try:
+      ms = time_ms(fn, arrays, do, warmup=2, iters=iters)
+    except Exception as e:  # noqa: BLE001  (an implementation that cannot run a shape is reported, not fatal)
+      row[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      continue
+    f, by = flops(shape, depth, mode == "fwd_bwd"), bytes_moved(shape, depth, mode == "fwd_bwd")
+    row[f"{mode}_ms"] = ms
+    row[f"{mode}_tflops"] = f / ms / 1e9
+    row[f"{mode}_gbps"] = by / ms / 1e6
+    row[f"{mode}_roofline_fraction"] = max(f / PEAK_FLOPS, by / PEAK_BYTES) * 1e3 / ms
+  return row
+
+
+def _variants(specs):
+  return [KernelBlocks(bq, bk, dc, w, st, mode, pts) for bq, bk, dc, w, st, mode, pts in specs]
+
+
+# Forward / backward tiles to compare: dense (tensor-core, masked) vs per_token (CUDA-core) depth phase.
+_FWD_VARIANTS = _variants([
+    (128, 64, 64, 4, 3, "dense", 2), (128, 64, 64, 8, 3, "dense", 2), (128, 128, 64, 8, 3, "dense", 2),
+    (64, 64, 64, 4, 3, "dense", 2), (128, 64, 64, 4, 3, "per_token", 2), (128, 64, 64, 8, 3, "per_token", 2),
+    (128, 128, 64, 8, 2, "per_token", 4), (64, 64, 64, 4, 3, "per_token", 2)])
+_BWD_VARIANTS = _variants([
+    (64, 64, 64, 4, 2, "dense", 2), (64, 64, 64, 4, 2, "per_token", 2), (128, 64, 64, 8, 2, "dense", 2),
+    (128, 64, 64, 8, 2, "per_token", 2), (64, 128, 64, 8, 2, "dense", 2), (32, 64, 32, 4, 2, "per_token", 1)])
+
+
+def tune(iters: int) -> list[dict]:
+  """Times tile variants on shapes that bound the design (long sequence G8, short G8, G=2 training)."""
+  rows = []
+  shapes = [Shape("table2_T16K_G8_L64", 1, 16384, 8, 64), Shape("table2_T4K_G8_L64", 1, 4096, 8, 64),
+            Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
+  for shape in shapes:
+    base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
+    for kind, variants, mode in (("fwd", _FWD_VARIANTS, "fwd"), ("bwd", _BWD_VARIANTS, "fwd_bwd")):
+      for blocks in variants:
+        sizes = (dataclasses.replace(base, fwd=blocks) if kind == "fwd"
+                 else dataclasses.replace(base, dq=blocks, dkv=dataclasses.replace(blocks, depth_mode="dense")))
+        row = measure(shape, "pallas_triton", iters=iters, block_sizes=sizes, modes=(mode,))
+        rows.append(dict(row, tune=kind, blocks=dataclasses.asdict(blocks)))
+        print(f"tune {kind} {shape.name} {tuple(dataclasses.astuple(blocks))}: "
+              f"{row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
+  return rows
+
+
+def print_table(rows: list[dict]) -> None:
+  cudnn = {(r["shape"], m): r.get(f"{m}_ms") for r in rows if r["impl"] == "cudnn" for m in ("fwd", "fwd_bwd")}
+  print(f"{'shape':28s} {'impl':14s} {'mode':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'/cuDNN':>7s} {'roofl':>6s}")
+  for r in rows:
+    if "tune" in r:
+      continue
+    for mode in ("fwd", "fwd_bwd"):
+      if f"{mode}_ms" not in r:
+        if f"{mode}_error" in r:
+          print(f"{r['shape']:28s} {r['impl']:14s} {mode:8s} ERROR {r[f'{mode}_error'][:60]}")
+        continue
+      ref = cudnn.get((r["shape"], mode))
+      ratio = f"{r[f'{mode}_ms'] / ref:7.2f}" if ref else "      -"
+      print(f"{r['shape']:28s} {r['impl']:14s} {mode:8s} {r[f'{mode}_ms']:9.3f} {r[f'{mode}_tflops']:8.1f} "
+            f"{r[f'{mode}_gbps']:7.0f} {ratio} {r[f'{mode}_roofline_fraction']:6.2f}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a ~1-minute subset")
+  parser.add_argument("--json", default=None, help="write every measurement here")
+  parser.add_argument("--tune", action="store_true", help="time tile variants instead of the shape table")
+  parser.add_argument("--iters", type=int, default=None)
+  args = parser.parse_args()
+  iters = args.iters or (5 if args.quick else 10)
+  rows = tune(iters) if args.tune else []
+  for shape in ([] if args.tune else quick_shapes() if args.quick else paper_shapes()):
+    for impl in ["cudnn"] + implementations_for(shape, args.quick):
+      # Long sequences: fewer repeats keep the full run inside its time budget.
+      n = iters if shape.seq_len * shape.group <= 16384 * 8 else max(3, iters // 2)
+      rows.append(measure(shape, impl, iters=n))
+      print(json.dumps(rows[-1]), flush=True)
+  meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
+              device=jax.devices()[0].device_kind, iters=iters, peak_flops=PEAK_FLOPS, peak_bytes=PEAK_BYTES)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  print(meta)
+  print_table(rows)
+
+
+if __name__ == "__main__":
+  main()
