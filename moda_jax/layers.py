@@ -40,7 +40,8 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     normed = x32 * jax.lax.rsqrt(mean_square + self.config.norm_eps)
-    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+    scale = jnp.reshape(scale.astype(jnp.float32), (1,) * (x.ndim - 1) + (-1,))
+    return (normed * scale).astype(x.dtype)
 
 
 class SwiGLU(nn.Module):

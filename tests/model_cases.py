@@ -1,0 +1,54 @@
+"""Shared small model cases for the model tests: configs, random params, cached compiled functions.
+
+Compiling is the slow part of these tests on a CPU box, so forward and gradient functions are
+compiled once per (hashable, frozen) config and shared by every test that needs them.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moda_jax import ModelConfig, Transformer
+
+VOCAB = 37
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12)).astype(np.int32)
+
+
+def config(**overrides) -> ModelConfig:
+  base = dict(vocab_size=VOCAB, num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+              mlp_dim=48, max_seq_len=16, init_std=0.2, attention_impl="reference", rope_theta=100.0)
+  return ModelConfig(**{**base, **overrides})
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, tokens=TOKENS) -> dict:
+  """float32 params of the model's shapes, every leaf (norm scales too) random, without compiling
+  `init`: N(1, 0.1) for norm scales, N(0, init_std) otherwise."""
+  shapes = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"])
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    is_norm = jax.tree_util.keystr(path).endswith("['scale']")
+    mean, std = (1.0, 0.1) if is_norm else (0.0, cfg.init_std)
+    return (mean + std * rng.standard_normal(s.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.cache
+def forward_fn(cfg: ModelConfig):
+  return jax.jit(lambda params, tokens, seg=None, pos=None: Transformer(cfg).apply(
+      {"params": params}, tokens, segment_ids=seg, positions=pos))
+
+
+def loss(cfg: ModelConfig, params, tokens):
+  """A scalar touching every logit with distinct weights, so no gradient cancels by symmetry."""
+  logits = Transformer(cfg).apply({"params": params}, tokens)
+  weights = jnp.sin(jnp.arange(logits.size, dtype=jnp.float32)).reshape(logits.shape)
+  return jnp.sum(logits * weights)
+
+
+@functools.cache
+def grad_fn(cfg: ModelConfig):
+  return jax.jit(jax.value_and_grad(functools.partial(loss, cfg)))
