@@ -154,11 +154,13 @@ CASES = (
          garbage=True, segments="shuffled", dtype="bfloat16", kernel=True),
 )
 
-# (norm-relative, max-abs relative to the oracle's largest magnitude), keyed by input dtype.
+# (norm-relative, max-abs relative to the oracle's largest magnitude), keyed by input dtype. Observed
+# with the reference and xla backends: float32 <= 2e-6 / 4e-6, bfloat16 <= 3e-3 / 5e-3, float16
+# <= 6e-4 / 8e-4, i.e. >= 4x headroom where rounding of the dtype dominates.
 TOLERANCES = {
-    "float32": (1e-4, 5e-4),
-    "bfloat16": (1e-2, 5e-2),
-    "float16": (5e-3, 2.5e-2),
+    "float32": (1e-4, 2e-4),
+    "bfloat16": (1e-2, 2e-2),
+    "float16": (5e-3, 1e-2),
 }
 
 # Garbage magnitude: big enough that exp(scale * q . key) overflows if a backend forgets to mask
