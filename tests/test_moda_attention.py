@@ -2,11 +2,11 @@
 
 Each case runs forward + `jax.vjp` under `jit` with random cotangents on both out and lse, and compares
 with `oracle.py` evaluated on the *same* (dtype-rounded) inputs, so bf16 / f16 errors measure the
-backend and not the input rounding. Property tests (invariances, identities, composition) live in
-test_moda_attention_properties.py; the case table and tolerances in operator_cases.py.
+backend and not the input rounding. Invariances and identities live in
+test_moda_attention_properties.py, jit / vmap / grad / scan in test_moda_attention_transforms.py, bad
+inputs in test_moda_attention_errors.py; the case table and tolerances in operator_cases.py.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,10 +47,11 @@ def test_forward_and_gradients_match_oracle(impl, case):
   assert out.dtype == inputs.q.dtype and out.shape == inputs.q.shape
   assert lse.dtype == jnp.float32 and lse.shape == inputs.q.shape[:3]
   assert_close("out", out, expected_out, case.dtype)
-  # lse is float32 whatever the input dtype: its error only comes from the float32 accumulation.
-  assert_close("lse", lse, expected_lse, "float32" if case.dtype == "float32" else case.dtype)
-  for name, grad, expected, primal in zip(_GRAD_NAMES, grads, expected_grads,
-                                          (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)):
+  # lse is float32 whatever the input dtype, but a backend may legitimately round scale * q to the
+  # input dtype before the dot, so its tolerance follows the input dtype too.
+  assert_close("lse", lse, expected_lse, case.dtype)
+  primals = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)
+  for name, grad, expected, primal in zip(_GRAD_NAMES, grads, expected_grads, primals):
     if primal is None:
       continue
     assert grad.dtype == primal.dtype and grad.shape == primal.shape, name
@@ -63,7 +64,7 @@ def test_forward_and_gradients_match_oracle(impl, case):
     # Unwritten slots (holding garbage when case.garbage) must get exactly zero gradient.
     for name, grad in (("ddepth_k", grads[3]), ("ddepth_v", grads[4])):
       unwritten = np.asarray(grad[:, :, case.written:]).astype(np.float64)
-      assert not unwritten.any(), f"{name}: unwritten slots got gradient, max {np.abs(unwritten).max()}"
+      assert not unwritten.any(), f"{name}: unwritten slots got gradient up to {np.abs(unwritten).max()}"
 
 
 def test_kernel_spread_is_small_but_covers_every_feature():
