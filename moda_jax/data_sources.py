@@ -55,6 +55,9 @@ class ArrayRecordDocuments(Sequence):
   def __getitem__(self, index) -> str:
     return _record_text(self._source[index], self._text_key)
 
+  def __iter__(self):  # the source raises ValueError, not IndexError, past the end
+    return (self[i] for i in range(len(self)))
+
   def __repr__(self) -> str:
     return f"ArrayRecordDocuments({self._paths}, text_key={self._text_key!r})"
 

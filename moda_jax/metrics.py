@@ -92,7 +92,9 @@ class Throughput:
 
   def measure(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    steps = max(step - self._step, 1)
+    steps = step - self._step
+    if steps <= 0:
+      return {}  # nothing timed since the last reset (e.g. right after the compiling first step)
     step_time = (now - self._time) / steps
     self.reset(step)
     rates = {"step_time_s": step_time, "tokens_per_s": self._tokens_per_step / step_time}

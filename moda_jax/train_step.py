@@ -98,7 +98,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, cfg: Ste
   params = optax.apply_updates(state.params, updates)
   rng, _ = jax.random.split(state.rng)
   metrics = {"loss": sums["ce_sum"] / tokens, "z_loss": sums["z_sum"] / tokens,
-             "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+             "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
              "tokens": sums["tokens"]}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 

@@ -89,12 +89,12 @@ def _step_with_check(state, batch, **kwargs):
 class _Run:
   """State of one training run: compiled functions, data, checkpointer, writer."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
     shard = data.HostShard(jax.process_index(), jax.process_count())
     self.pipelines = data.make_pipelines(config, shard)
     self.model_cfg = ModelConfig.from_dict(config.model.to_dict())
-    self.mesh = sharding.mesh_from_config(config)
+    self.mesh = sharding.mesh_from_config(config, devices)
     _validate(config, self.model_cfg, self.mesh, self.pipelines.tokenizer.vocab_size)
     model = Transformer(self.model_cfg)
     optimizer = optim.make_optimizer(config)
@@ -144,10 +144,13 @@ def _record_data_stats(run: _Run, writer: metrics.MetricsWriter) -> None:
   writer.message(f"data: {len(docs)} training documents; unigram entropy {entropy:.4f} nats/token")
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
+def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
+
+  `devices`: the devices of the mesh (default: all of them).
+  """
   os.makedirs(workdir, exist_ok=True)
-  run = _Run(config, workdir)
+  run = _Run(config, workdir, devices)
   train_iter = iter(run.pipelines.train)
   latest = run.ckpt.latest_step()
   if latest is None:
@@ -186,7 +189,7 @@ def _check_finite(run: _Run, step: int, scalars: dict[str, float]) -> None:
 def _loop(run: _Run, state, step: int, train_iter, writer, stop: _StopRequest) -> dict[str, float]:
   cfg = run.config
   rates = run.throughput()
-  rates.reset(step)
+  first_step = step
   deferred = None  # (step, device metrics) not yet checked for finiteness
   scalars: dict[str, float] = {}
   while step < cfg.total_steps:
@@ -194,6 +197,8 @@ def _loop(run: _Run, state, step: int, train_iter, writer, stop: _StopRequest) -
     with sharding.activation_context(run.mesh):
       state, device_metrics = run.step_fn(state, batch)
     step += 1
+    if step == first_step + 1:
+      rates.reset(step)  # the first call compiles: keep that out of the step-time figures
     if deferred is not None:  # the previous step finished while this one was being dispatched
       _check_finite(run, deferred[0], jax.device_get(deferred[1]))
       deferred = None
