@@ -22,6 +22,7 @@ class TPUBlockSizes:
 
   Attributes:
     block_q: query tokens per tile; each tile holds all G query heads of one kv head (G * block_q rows).
+      A multiple of 16 keeps 16-bit blocks aligned to their (16, 128) memory tiles.
     block_k: key tokens per sequence step.
     block_slots: depth slots per depth step. Steps past `depth_len` are neither fetched nor computed.
   """
@@ -42,7 +43,8 @@ class TPUBlockSizes:
     """The blocks and padded extents used for a sequence of `seq_len` tokens and `num_slots` slots."""
     if seq_len <= max(self.block_q, self.block_k):
       # One block spanning the whole (padded) sequence: allowed by the "equal to the array" rule.
-      padded_len = _round_up(seq_len, _SUBLANES)
+      # 16 rows, not 8: 16-bit arrays are tiled (16, 128) in TPU memory.
+      padded_len = _round_up(seq_len, 2 * _SUBLANES)
       block_q = block_k = padded_len
     else:
       block_q, block_k = self.block_q, self.block_k

@@ -135,7 +135,8 @@ def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
     k, v = k_ref[...], v_ref[...]
     visible = tiles.visible_logits(cfg, i, j, q_seg_ref, kv_seg_ref) if masked else None
     width = k.shape[0]
-    for g in range(cfg.group):
+
+    def head(g):
       s = tiles.matmul(q_ref[g], k, tiles.NT_DIMS) * cfg.scale
       if visible is not None:
         s = jnp.where(visible, s, tiles.MASK_VALUE)
@@ -144,36 +145,41 @@ def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
       ds = p * (dp - tiles.lanes(delta_ref[g], width))
       dq_acc_ref[g] += tiles.matmul(ds.astype(k.dtype), k, tiles.NN_DIMS) * cfg.scale
 
+    tiles.for_each(cfg.group, head)
+
   tiles.run_sequence_step(cfg, i, j, jnp.less(j, num_seq), sequence_step)
 
   if cfg.has_depth:
-    depth_len = depth_len_ref[0]
-    in_depth = j >= num_seq
-    for slot_in_block in range(cfg.blocks.block_slots):
-      written = (j - num_seq) * cfg.blocks.block_slots + slot_in_block < depth_len
-      pl.when(jnp.logical_and(in_depth, written))(functools.partial(
-          _depth_slot_grads, slot_in_block, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-          dq_acc_ref, d_depth_k_ref, d_depth_v_ref, cfg=cfg))
+    @pl.when(j >= num_seq)
+    def _depth():
+      first_slot = (j - num_seq) * cfg.blocks.block_slots
+      num_written = jnp.clip(depth_len_ref[0] - first_slot, 0, cfg.blocks.block_slots)
+      tiles.for_each(num_written, functools.partial(
+          _depth_slot_grads, q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref, delta_ref=delta_ref,
+          dk_ref=dk_ref, dv_ref=dv_ref, dq_acc_ref=dq_acc_ref, d_depth_k_ref=d_depth_k_ref,
+          d_depth_v_ref=d_depth_v_ref, cfg=cfg))
 
-      @pl.when(jnp.logical_and(in_depth, jnp.logical_not(written)))
-      def _zero(slot_in_block=slot_in_block):
-        zeros = jnp.zeros(d_depth_k_ref.shape[1:], d_depth_k_ref.dtype)
-        d_depth_k_ref[slot_in_block] = zeros
-        d_depth_v_ref[slot_in_block] = zeros
+      # This step owns the block's cotangents: unwritten slots get exact zeros.
+      def zero(unwritten):
+        slot = num_written + unwritten
+        d_depth_k_ref[slot] = jnp.zeros(d_depth_k_ref.shape[1:], d_depth_k_ref.dtype)
+        d_depth_v_ref[slot] = jnp.zeros(d_depth_v_ref.shape[1:], d_depth_v_ref.dtype)
+
+      tiles.for_each(cfg.blocks.block_slots - num_written, zero)
 
   @pl.when(j == num_seq + cfg.num_depth_steps - 1)
   def _finalize():
     dq_ref[...] = dq_acc_ref[...].astype(dq_ref.dtype)
 
 
-def _depth_slot_grads(slot_in_block, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dq_acc_ref,
-                      d_depth_k_ref, d_depth_v_ref, *, cfg: KernelConfig):
+def _depth_slot_grads(slot_in_block, *, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                      dq_acc_ref, d_depth_k_ref, d_depth_v_ref, cfg: KernelConfig):
   """One written depth slot: its dq contribution and the slot's whole d_depth_k / d_depth_v rows."""
   depth_k = dk_ref[slot_in_block].astype(jnp.float32)   # [bq, D]: row t is token t's key
   depth_v = dv_ref[slot_in_block].astype(jnp.float32)
-  d_depth_k = jnp.zeros(depth_k.shape, jnp.float32)
-  d_depth_v = jnp.zeros(depth_v.shape, jnp.float32)
-  for g in range(cfg.group):
+
+  def head(g, cotangents):
+    d_depth_k, d_depth_v = cotangents
     q = q_ref[g].astype(jnp.float32)
     do = do_ref[g].astype(jnp.float32)
     c = jnp.sum(q * depth_k, axis=-1, keepdims=True) * cfg.scale            # [bq, 1]
@@ -181,8 +187,10 @@ def _depth_slot_grads(slot_in_block, q_ref, do_ref, lse_ref, delta_ref, dk_ref, 
     dp = jnp.sum(do * depth_v, axis=-1, keepdims=True)
     ds_scaled = p * (dp - delta_ref[g][:, :1]) * cfg.scale
     dq_acc_ref[g] += ds_scaled * depth_k
-    d_depth_k += ds_scaled * q
-    d_depth_v += p * do
+    return d_depth_k + ds_scaled * q, d_depth_v + p * do
+
+  zeros = jnp.zeros(depth_k.shape, jnp.float32)
+  d_depth_k, d_depth_v = jax.lax.fori_loop(0, cfg.group, head, (zeros, zeros))
   d_depth_k_ref[slot_in_block] = d_depth_k.astype(d_depth_k_ref.dtype)
   d_depth_v_ref[slot_in_block] = d_depth_v.astype(d_depth_v_ref.dtype)
 
@@ -246,16 +254,19 @@ def _dk_dv_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     k, v = k_ref[...], v_ref[...]
     visible = tiles.visible_logits(cfg, i, j, q_seg_ref, kv_seg_ref) if masked else None
     width = k.shape[0]
-    for g in range(cfg.group):
+
+    def head(g):
       q, do = q_ref[g], do_ref[g]
       s = tiles.matmul(q, k, tiles.NT_DIMS) * cfg.scale                   # [bq, bk]
       if visible is not None:
         s = jnp.where(visible, s, tiles.MASK_VALUE)
       p = jnp.exp(s - tiles.lanes(lse_ref[g], width))
-      dv_acc_ref[...] += tiles.matmul(p.astype(do.dtype).T, do, tiles.NN_DIMS)
+      dv_acc_ref[...] += tiles.matmul(p.T.astype(do.dtype), do, tiles.NN_DIMS)
       dp = tiles.matmul(do, v, tiles.NT_DIMS)
       ds = p * (dp - tiles.lanes(delta_ref[g], width))
-      dk_acc_ref[...] += tiles.matmul(ds.astype(q.dtype).T, q, tiles.NN_DIMS) * cfg.scale
+      dk_acc_ref[...] += tiles.matmul(ds.T.astype(q.dtype), q, tiles.NN_DIMS) * cfg.scale
+
+    tiles.for_each(cfg.group, head)
 
   tiles.run_sequence_step(cfg, i, j, True, step)
 

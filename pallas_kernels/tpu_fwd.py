@@ -96,7 +96,8 @@ def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
   def sequence_step(masked: bool):
     k, v = k_ref[...], v_ref[...]
     visible = tiles.visible_logits(cfg, i, j, q_seg_ref, kv_seg_ref) if masked else None
-    for g in range(cfg.group):
+
+    def head(g):
       s = tiles.matmul(q_ref[g], k, tiles.NT_DIMS) * cfg.scale            # [bq, bk] float32
       if visible is not None:
         s = jnp.where(visible, s, tiles.MASK_VALUE)
@@ -109,30 +110,37 @@ def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
       pv = tiles.matmul(p.astype(v.dtype), v, tiles.NN_DIMS)
       acc_ref[g] = acc_ref[g] * tiles.lanes(alpha, cfg.head_dim) + pv
 
+    tiles.for_each(cfg.group, head)
+
   tiles.run_sequence_step(cfg, i, j, jnp.less(j, num_seq), sequence_step)
 
   if cfg.has_depth:
-    depth_len = depth_len_ref[0]
-    for slot_in_block in range(cfg.blocks.block_slots):
-      slot = (j - num_seq) * cfg.blocks.block_slots + slot_in_block
-      # Per-slot guard, not a mask: unwritten slots may hold anything (even inf), never touch them.
-      pl.when(jnp.logical_and(j >= num_seq, slot < depth_len))(
-          functools.partial(_depth_slot, slot_in_block, q_ref, dk_ref, dv_ref, m_ref, l_ref, acc_ref,
-                            cfg=cfg))
+    @pl.when(j >= num_seq)
+    def _depth():
+      # Only the written slots of this block; unwritten ones may hold anything (even inf): a loop
+      # bound, not a mask, keeps them out of the arithmetic.
+      first_slot = (j - num_seq) * cfg.blocks.block_slots
+      num_written = jnp.clip(depth_len_ref[0] - first_slot, 0, cfg.blocks.block_slots)
+      tiles.for_each(num_written, functools.partial(
+          _depth_slot, q_ref=q_ref, dk_ref=dk_ref, dv_ref=dv_ref, m_ref=m_ref, l_ref=l_ref,
+          acc_ref=acc_ref, cfg=cfg))
 
   @pl.when(j == num_seq + cfg.num_depth_steps - 1)
   def _finalize():
-    for g in range(cfg.group):
+    def head(g):
       l = l_ref[g]
       out_ref[g] = (acc_ref[g] * tiles.lanes(1.0 / l, cfg.head_dim)).astype(out_ref.dtype)
       lse_ref[g] = m_ref[g] + jnp.log(l)
 
+    tiles.for_each(cfg.group, head)
 
-def _depth_slot(slot_in_block, q_ref, dk_ref, dv_ref, m_ref, l_ref, acc_ref, *, cfg: KernelConfig):
+
+def _depth_slot(slot_in_block, *, q_ref, dk_ref, dv_ref, m_ref, l_ref, acc_ref, cfg: KernelConfig):
   """Merges one depth slot (one key per query row: its own token's) into the softmax state."""
   depth_k = dk_ref[slot_in_block].astype(jnp.float32)   # [bq, D]
   depth_v = dv_ref[slot_in_block].astype(jnp.float32)
-  for g in range(cfg.group):
+
+  def head(g):
     c = jnp.sum(q_ref[g].astype(jnp.float32) * depth_k, axis=-1, keepdims=True) * cfg.scale  # [bq, 1]
     m_prev = m_ref[g]
     m_next = jnp.maximum(m_prev, c)                       # [bq, 128]
@@ -141,3 +149,5 @@ def _depth_slot(slot_in_block, q_ref, dk_ref, dv_ref, m_ref, l_ref, acc_ref, *, 
     l_ref[g] = alpha * l_ref[g] + p
     m_ref[g] = m_next
     acc_ref[g] = acc_ref[g] * tiles.lanes(alpha, cfg.head_dim) + p[:, :1] * depth_v
+
+  tiles.for_each(cfg.group, head)

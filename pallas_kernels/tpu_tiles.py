@@ -150,6 +150,15 @@ def when(condition):
   return pl.when(condition)
 
 
+def for_each(count, body) -> None:
+  """Runs body(index) for index in [0, count) as a rolled loop (count may be traced).
+
+  Rolled rather than unrolled over heads and slots: the kernel stays small to compile (and to
+  interpret on CPU) whatever G and block_slots are.
+  """
+  lax.fori_loop(0, count, lambda index, carry: (body(index), carry)[1], None)
+
+
 def run_sequence_step(cfg: KernelConfig, q_block, k_block, active, step) -> None:
   """Runs `step(masked)` when the block pair is visible, masking only the blocks that need it."""
   visible_block = jnp.logical_and(active, seq_block_visible(cfg, q_block, k_block))
