@@ -1,6 +1,6 @@
 """Times MoDA forward and forward+backward on the paper's shapes against cuDNN flash attention.
 
-    python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune]
+    python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune | --ablate]
 
 Every implementation that runs here is timed on every shape where it fits; cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")`) runs the same sequence shape without depth.
@@ -95,6 +95,8 @@ def build(impl: str, block_sizes: BlockSizes | None = None):
   """(forward, forward+backward) jitted callables of (arrays, do) for one implementation."""
   if impl == "cudnn":
     attend = lambda q, k, v, dk, dv: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  elif impl == "pallas_triton_nodepth":  # the sequence phase alone: what the depth phase adds is the rest
+    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation="pallas_triton")
   elif block_sizes is not None:
     from pallas_kernels import triton
     attend = lambda q, k, v, dk, dv: triton.attention(
@@ -135,7 +137,7 @@ def implementations_for(shape: Shape, quick: bool) -> list[str]:
 
 
 def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd")) -> dict:
-  depth = impl != "cudnn"
+  depth = impl not in ("cudnn", "pallas_triton_nodepth")
   arrays, do = make_inputs(shape, depth)
   forward, forward_backward = build(impl, block_sizes)
   row = dict(shape=shape.name, impl=impl, **dataclasses.asdict(shape))
@@ -187,6 +189,29 @@ def tune(iters: int) -> list[dict]:
   return rows
 
 
+def ablate(iters: int) -> list[dict]:
+  """Where the time goes: the kernels without depth, and smaller tiles where the dense depth waste is largest."""
+  rows = []
+  train = Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)
+  for shape in (Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table2_T64K_G8_L64", 1, 65536, 8, 64), train,
+                Shape("train_B8_T4K_G2_L72_D128", 8, 4096, 2, 72, head_dim=128)):
+    rows.append(measure(shape, "pallas_triton_nodepth", iters=iters))
+    print(json.dumps(rows[-1]), flush=True)
+  base = BlockSizes.get_default(64, 2, jnp.bfloat16)
+  for fwd in _variants([(32, 64, 32, 4, 3, "dense", 2), (32, 64, 32, 2, 3, "dense", 2), (32, 32, 32, 2, 4, "dense", 2)]):
+    row = measure(train, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, fwd=fwd), modes=("fwd",))
+    rows.append(dict(row, tune="fwd", blocks=dataclasses.asdict(fwd)))
+    print(f"tune fwd {train.name} {dataclasses.astuple(fwd)}: {row.get('fwd_ms', row.get('fwd_error'))}", flush=True)
+  shape = Shape("table2_T4K_G8_L64", 1, 4096, 8, 64)
+  base = BlockSizes.get_default(64, 8, jnp.bfloat16)
+  for dkv in _variants([(64, 128, 64, 8, 2, "dense", 2), (32, 128, 64, 4, 2, "dense", 2), (128, 128, 64, 8, 2, "dense", 2)]):
+    row = measure(shape, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, dkv=dkv), modes=("fwd_bwd",))
+    rows.append(dict(row, tune="dkv", blocks=dataclasses.asdict(dkv)))
+    print(f"tune dkv {shape.name} {dataclasses.astuple(dkv)}: {row.get('fwd_bwd_ms', row.get('fwd_bwd_error'))}",
+          flush=True)
+  return rows
+
+
 def print_table(rows: list[dict]) -> None:
   cudnn = {(r["shape"], m): r.get(f"{m}_ms") for r in rows if r["impl"] == "cudnn" for m in ("fwd", "fwd_bwd")}
   print(f"{'shape':28s} {'impl':14s} {'mode':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'/cuDNN':>7s} {'roofl':>6s}")
@@ -209,11 +234,12 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="a ~1-minute subset")
   parser.add_argument("--json", default=None, help="write every measurement here")
   parser.add_argument("--tune", action="store_true", help="time tile variants instead of the shape table")
+  parser.add_argument("--ablate", action="store_true", help="time the kernels without depth and tile variants")
   parser.add_argument("--iters", type=int, default=None)
   args = parser.parse_args()
   iters = args.iters or (5 if args.quick else 10)
-  rows = tune(iters) if args.tune else []
-  for shape in ([] if args.tune else quick_shapes() if args.quick else paper_shapes()):
+  rows = tune(iters) if args.tune else ablate(iters) if args.ablate else []
+  for shape in ([] if args.tune or args.ablate else quick_shapes() if args.quick else paper_shapes()):
     for impl in ["cudnn"] + implementations_for(shape, args.quick):
       # Long sequences: fewer repeats keep the full run inside its time budget.
       n = iters if shape.seq_len * shape.group <= 16384 * 8 else max(3, iters // 2)
