@@ -141,15 +141,6 @@ def matmul(a: jax.Array, b: jax.Array, dims) -> jax.Array:
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def when(condition):
-  """`pl.when` that also takes a static Python bool (statically false bodies are not traced)."""
-  if condition is True:
-    return lambda body: body()
-  if condition is False:
-    return lambda body: None
-  return pl.when(condition)
-
-
 def for_each(count, body) -> None:
   """Runs body(index) for index in [0, count) as a rolled loop (count may be traced).
 
@@ -163,8 +154,8 @@ def run_sequence_step(cfg: KernelConfig, q_block, k_block, active, step) -> None
   """Runs `step(masked)` when the block pair is visible, masking only the blocks that need it."""
   visible_block = jnp.logical_and(active, seq_block_visible(cfg, q_block, k_block))
   needs_mask = seq_block_needs_mask(cfg, q_block, k_block)
-  if needs_mask is True or needs_mask is False:
-    when(visible_block)(lambda: step(needs_mask))
+  if needs_mask is True or needs_mask is False:  # static: one branch
+    pl.when(visible_block)(lambda: step(needs_mask))
     return
   pl.when(jnp.logical_and(visible_block, needs_mask))(lambda: step(True))
   pl.when(jnp.logical_and(visible_block, jnp.logical_not(needs_mask)))(lambda: step(False))

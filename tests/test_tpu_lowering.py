@@ -67,14 +67,15 @@ def test_benchmark_shapes_lower_for_tpu(batch, seq_len, group, head_dim, slots):
     assert kernel in grad_text, kernel
 
 
-@pytest.mark.parametrize("seq_len, slots, causal, segments", [
-    (1, 5, True, False),        # T = 1: one 16-row tile spanning the padded sequence
-    (100, 3, False, True),      # a single short block, padded keys, segment ids
-    (1000, 72, False, True),    # many blocks, padded to whole tiles, non-causal with segments
+@pytest.mark.parametrize("seq_len, slots, causal, segments, dtype", [
+    (1, 5, True, False, jnp.bfloat16),       # T = 1: one 16-row tile spanning the padded sequence
+    (100, 3, False, True, jnp.bfloat16),     # a single short block, padded keys, segment ids
+    (1000, 72, False, True, jnp.bfloat16),   # many blocks, padded to whole tiles, with segments
+    (512, 8, True, True, jnp.float32),       # float32: full-precision MXU matmuls
 ])
-def test_odd_shapes_lower_for_tpu(seq_len, slots, causal, segments):
+def test_odd_shapes_lower_for_tpu(seq_len, slots, causal, segments, dtype):
   forward_text, grad_text = _lower_forward_and_backward(1, seq_len, 3, 64, slots, causal=causal,
-                                                        segments=segments)
+                                                        segments=segments, dtype=dtype)
   assert _KERNELS[0] in forward_text and all(k in grad_text for k in _KERNELS)
 
 
