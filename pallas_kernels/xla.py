@@ -21,29 +21,32 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import xla_backward
+from pallas_kernels.api import current_platform
 from pallas_kernels.xla_blocks import (
-    MAX_BLOCK, Geometry, choose_block, depth_block, depth_logits, dot, from_query_blocks,
+    Geometry, choose_block, default_max_block, depth_block, depth_logits, dot, from_query_blocks,
     key_block_mask, masked, pad_tokens, segment_blocks, sweep_key_blocks, to_key_blocks,
     to_query_blocks)
 
 
 def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret=False, max_block: int = MAX_BLOCK):
+              *, causal: bool, scale: float, interpret=False, max_block: int | None = None):
   """See `pallas_kernels.api` for the normalized backend signature. `interpret` is ignored.
 
-  `max_block` caps the tile size (tests use small values to exercise many blocks on short inputs).
+  `max_block` caps the tile size; None picks it for the platform and the batch * heads (tests pass
+  small values to exercise many blocks on short inputs).
   """
   del interpret
-  if not isinstance(max_block, int) or max_block < 1:
-    raise ValueError(f"max_block={max_block!r}: expected a positive Python int.")
   batch, seq_len, num_q_heads, head_dim = q_BTHD.shape
+  if max_block is None:
+    max_block = default_max_block(current_platform(), batch, num_q_heads)
+  if not isinstance(max_block, int) or max_block < 1:
+    raise ValueError(f"max_block={max_block!r}: expected None or a positive Python int.")
   num_kv_heads = k_BTKD.shape[2]
   block, num_blocks = choose_block(seq_len, max_block)
   geo = Geometry(
       batch=batch, seq_len=seq_len, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads,
       head_dim=head_dim, num_slots=0 if depth_k_BTLKD is None else depth_k_BTLKD.shape[2],
-      block=block, num_blocks=num_blocks, causal=bool(causal), scale=float(scale),
-      has_segments=segment_ids_BT is not None)
+      block=block, num_blocks=num_blocks, causal=bool(causal), scale=float(scale))
   return _moda(geo, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT)
 
 
