@@ -86,10 +86,12 @@ def moda_attention(
   depth_k, depth_v, depth_len = _normalize_depth(depth_k, depth_v, depth_len)
   if scale is None:
     scale = q.shape[-1] ** -0.5
-  elif not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
+  elif (isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating))
+        or not np.isfinite(scale) or scale <= 0):
     raise ValueError(f"scale={scale!r}: expected a positive finite Python float (or None for D**-0.5).")
-  if not isinstance(causal, (bool, np.bool_)):
-    raise ValueError(f"causal={causal!r}: expected a Python bool.")
+  for name, flag in (("causal", causal), ("return_lse", return_lse)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise ValueError(f"{name}={flag!r}: expected a Python bool.")
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
 
@@ -108,7 +110,7 @@ def _dispatch(implementation: str | None, interpret: Any, call: Callable):
       except NotImplementedError as e:
         errors.append(f"{name}: {e}")
     raise NotImplementedError("no MoDA implementation supports this call:\n" + "\n".join(errors))
-  if implementation not in _BACKENDS:
+  if not isinstance(implementation, str) or implementation not in _BACKENDS:
     raise ValueError(f"implementation={implementation!r}: expected None or one of {IMPLEMENTATIONS}.")
   return call(_backend_fn(implementation, interpret))
 
@@ -211,6 +213,15 @@ def _normalize_depth(depth_k, depth_v, depth_len):
   if isinstance(depth_len, (bool, np.bool_)) or (
       depth_len is not None and not isinstance(depth_len, (int, np.integer)) and not hasattr(depth_len, "dtype")):
     raise ValueError(f"depth_len={depth_len!r}: expected None, a Python int or an int32 scalar array.")
+  if hasattr(depth_len, "dtype") and not isinstance(depth_len, jax.core.Tracer):
+    if depth_len.shape != () or not jnp.issubdtype(depth_len.dtype, jnp.integer):
+      raise ValueError(f"depth_len has shape {depth_len.shape} and dtype {depth_len.dtype}: "
+                       "expected an integer scalar.")
+    # A concrete array can be range-checked like a Python int; only traced values cannot.
+    concrete_len = int(depth_len)
+    if not 0 <= concrete_len <= num_slots:
+      raise ValueError(f"depth_len={concrete_len}: expected 0 <= depth_len <= L={num_slots} "
+                       "(the depth arrays' slot count).")
   if isinstance(depth_len, (int, np.integer)):
     if not 0 <= depth_len <= num_slots:
       raise ValueError(f"depth_len={depth_len}: expected 0 <= depth_len <= L={num_slots} "
