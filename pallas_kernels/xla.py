@@ -1,7 +1,7 @@
 """Memory-efficient MoDA in plain jnp: a blocked online softmax with a FlashAttention-2 backward.
 
-The default backend on CPU and TPU and the fallback everywhere, so it accepts every call the contract
-in `pallas_kernels.api` allows. Peak memory is O(T * block) per head instead of the O(T^2) of
+The default backend on CPU and the fallback on GPU and TPU (for anything a Pallas backend rejects), so
+it accepts every call the contract in `pallas_kernels.api` allows. Peak memory is O(T * block) per head instead of the O(T^2) of
 `reference`: no [T, T] logit matrix ever exists, only one [R = block * G, block] tile at a time.
 The block layout is described in `xla_blocks`; the backward pass lives in `xla_backward`.
 

@@ -2,7 +2,8 @@
 
 With p = exp(logits - lse) recomputed tile by tile, dp = d_out . v and
     delta = rowsum(out * d_out) - d_lse,     d_logits = p * (dp - delta)
-(the lse cotangent enters as + p * d_lse because d lse / d logits = p). Then
+(the lse cotangent enters as + p * d_lse because d lse / d logits = p; `out` is the saved output in
+q's dtype, as in flash kernels, so bf16 / f16 delta carries that rounding). Then
     dv += p^T d_out,   dk += scale * d_logits^T q,   dq += scale * d_logits k
 for the sequence tiles and the same with each token's own depth slots.
 
