@@ -1,8 +1,7 @@
 """Mesh, logical rules, and the same training losses on 1 device and on a 2x2x2 (data, fsdp, tensor)
 mesh of 8 fake CPU devices."""
 
-import json
-import pathlib
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -11,10 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import micro
 from moda_jax import ModelConfig, Transformer
 from moda_jax import sharding
-from moda_jax import trainer
+import train_runs
 
 
 def test_make_mesh_axes_and_errors():
@@ -53,19 +51,28 @@ def test_parameter_shardings_follow_the_rules():
   assert specs["embed/embedding"] == P(None, "fsdp")  # 257 rows cannot split in two
 
 
-def _losses(workdir, devices, mesh):
-  cfg = micro.get_config()
-  cfg.update({"total_steps": 4, "log_every": 1, "eval_every": 0, "checkpoint_every": 4})
-  cfg.mesh.update(mesh)
-  trainer.train_and_evaluate(cfg, str(workdir), devices=devices)
-  lines = pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()
-  return np.array([[json.loads(l)["loss"], json.loads(l)["grad_norm"]] for l in lines])
+def _start(workdir, num_devices, mesh_flags, cache_dir):
+  env = train_runs.train_env(cache_dir)
+  env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={num_devices}"
+  flags = ["--config.total_steps=4", "--config.log_every=1", "--config.eval_every=0",
+           "--config.checkpoint_every=4", *mesh_flags]
+  return subprocess.Popen(train_runs.train_command(workdir, *flags), env=env, cwd=train_runs.REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_one_device_and_eight_device_mesh_give_the_same_losses(tmp_path):
-  single = _losses(tmp_path / "one", jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1})
-  sharded = _losses(tmp_path / "eight", jax.devices(), {"data": 2, "fsdp": 2, "tensor": 2})
-  assert single.shape == (4, 2)
+  """train.py on 1 device vs on a (data=2, fsdp=2, tensor=2) mesh of 8: the same run, sharded.
+  Both run at once, as subprocesses (each needs its own device count)."""
+  runs = {"one": _start(tmp_path / "one", 1, ["--config.mesh.data=1"], tmp_path / "cache1"),
+          "eight": _start(tmp_path / "eight", 8, ["--config.mesh.data=2", "--config.mesh.fsdp=2",
+                                                  "--config.mesh.tensor=2"], tmp_path / "cache8")}
+  losses = {}
+  for name, proc in runs.items():
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    records = train_runs.read_metrics(tmp_path / name)
+    losses[name] = np.array([[records[s]["loss"], records[s]["grad_norm"]] for s in sorted(records)])
+  assert losses["one"].shape == (4, 2)
   # float32 with different reduction orders across devices: equal to rounding, not bit-exact.
-  np.testing.assert_allclose(sharded, single, rtol=2e-5)
-  assert single[-1, 0] < single[0, 0]
+  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=2e-5)
+  assert losses["one"][-1, 0] < losses["one"][0, 0]
