@@ -1,0 +1,74 @@
+"""Compiled training-step memory grows linearly with depth (DESIGN.md §4; issue 3 "must show").
+
+Measures `jax.jit(grad).lower(...).compile().memory_analysis()` (temp + argument bytes) for the
+default `depth_kv="attn_ffn"` (linear-memory custom_vjp stack), the `none` baseline, and the naive
+scan (plain autodiff, which saves one depth buffer pair per layer) for contrast. Run with `-s` to
+see the table.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moda_jax import ModelConfig, Transformer
+
+_BATCH, _SEQ = 2, 128
+_LAYERS = (8, 16, 32)
+
+
+def _config(num_layers, **overrides):
+  base = dict(vocab_size=64, num_layers=num_layers, d_model=64, num_heads=4, num_kv_heads=2,
+              head_dim=16, mlp_dim=128, max_seq_len=_SEQ, depth_kv="attn_ffn", attention_impl="xla")
+  return ModelConfig(**{**base, **overrides})
+
+
+def _pair_bytes(cfg: ModelConfig) -> int:
+  """Bytes of one depth K buffer plus one depth V buffer [B, T, L_max, Hk, D]."""
+  return 2 * _BATCH * _SEQ * cfg.num_depth_slots * cfg.num_kv_heads * cfg.head_dim * 4
+
+
+@functools.cache
+def _train_step_bytes(cfg: ModelConfig) -> tuple[int, int]:
+  """(temp + argument bytes, parameter bytes) of a compiled gradient step."""
+  tokens = jax.ShapeDtypeStruct((_BATCH, _SEQ), jnp.int32)
+  params = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"])
+
+  def loss(params, tokens):
+    logits = Transformer(cfg).apply({"params": params}, tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  analysis = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
+  param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
+  return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes, param_bytes
+
+
+def test_train_step_memory_is_linear_in_depth():
+  rows = []
+  for layers in _LAYERS:
+    moda, moda_params = _train_step_bytes(_config(layers))
+    base, base_params = _train_step_bytes(_config(layers, depth_kv="none"))
+    pair = _pair_bytes(_config(layers))
+    # The FFN-KV projections are parameters (arguments) with same-size gradients (temps).
+    depth_part = moda - base - 2 * (moda_params - base_params)
+    rows.append((layers, moda, base, depth_part, pair))
+  print("\nlayers | attn_ffn bytes | none bytes | depth part | depth K+V buffer pair | part / pair")
+  for layers, moda, base, depth_part, pair in rows:
+    print(f"{layers:6d} | {moda:14,d} | {base:10,d} | {depth_part:10,d} | {pair:21,d} | "
+          f"{depth_part / pair:.2f}")
+  for (_, small, *_), (_, large, *_) in zip(rows, rows[1:]):
+    assert large / small <= 2.2, rows
+  for layers, _, _, depth_part, pair in rows:
+    assert depth_part <= 3 * pair, (layers, depth_part / pair)
+
+
+def test_naive_scan_memory_is_quadratic_in_depth():
+  """The contrast that motivates the custom_vjp: plain autodiff saves a buffer pair per layer."""
+  naive = [_train_step_bytes(_config(n, depth_memory="naive"))[0] for n in _LAYERS[:2]]
+  linear = [_train_step_bytes(_config(n))[0] for n in _LAYERS[:2]]
+  print(f"\nnaive scan bytes at {_LAYERS[:2]} layers: {naive}; linear: {linear}")
+  assert naive[1] / naive[0] > 2.5
+  assert naive[1] > 2 * linear[1]
