@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import oracle
-from operator_cases import Case, assert_close, make_inputs
+from operator_cases import FAST_COMPILE, Case, assert_close, make_inputs
 from pallas_kernels import xla
 from pallas_kernels.xla_blocks import choose_block
 
@@ -43,7 +43,7 @@ def test_many_tiles_match_oracle(case, max_block):
   assert choose_block(case.seq_len, max_block)[1] >= 3  # the case really is multi-block
   inputs = make_inputs(case)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def run(arrays, segment_ids, d_out, d_lse, depth_len):
     attend = lambda a: xla.attention(*a, depth_len, segment_ids, causal=case.causal,
                                      scale=case.scale or case.head_dim ** -0.5, max_block=max_block)
