@@ -9,6 +9,8 @@ One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 do
      block-diagonal layout). "per_token": every row gathers its own token's slot and the logit is a
      row-wise multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
      cdiv(depth_len, slots per step): unwritten slots are never loaded or computed.
+     "dense" is the default: on the H200 it beat "per_token" on every benchmark shape, G = 2 included
+     (helper_notes/gpu_results.md; BENCHMARKS.md).
 """
 
 from __future__ import annotations
