@@ -51,4 +51,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Library INFO logs (Orbax, XLA) would bury the progress bar; --verbosity=0 brings them back.
+  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)
