@@ -194,14 +194,16 @@ def make_inputs(case: Case) -> Inputs:
   dtype = jnp.dtype(case.dtype)
   b, t, d = case.batch, case.seq_len, case.head_dim
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
-  q, k, v = normal(b, t, case.q_heads, d), normal(b, t, case.kv_heads, d), normal(b, t, case.kv_heads, d)
+  q = normal(b, t, case.q_heads, d)
+  k, v = normal(b, t, case.kv_heads, d), normal(b, t, case.kv_heads, d)
   depth_k = depth_v = None
   if case.has_depth:
     shape = (b, t, case.slots, case.kv_heads, d)
     depth = [rng.normal(size=shape), rng.normal(size=shape)]
     if case.garbage:
       for x in depth:
-        x[:, :, case.written:] = rng.uniform(-1, 1, size=x[:, :, case.written:].shape) * _GARBAGE[case.dtype]
+        unwritten = x[:, :, case.written:]
+        unwritten[...] = rng.uniform(-1, 1, size=unwritten.shape) * _GARBAGE[case.dtype]
     depth_k, depth_v = (jnp.asarray(x, dtype) for x in depth)
   seg = None if case.segments is None else jnp.asarray(segment_ids(rng, b, t, case.segments))
   d_out = normal(b, t, case.q_heads, d)
@@ -214,7 +216,7 @@ def to_f64(x) -> np.ndarray:
 
 
 def assert_close(name: str, actual, expected, dtype: str) -> None:
-  """Norm-relative plus max-abs check against an float64 expectation, tolerances keyed by dtype."""
+  """Norm-relative plus max-abs check against a float64 expectation, tolerances keyed by dtype."""
   actual, expected = to_f64(actual), to_f64(expected)
   assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
   assert np.isfinite(actual).all(), f"{name}: non-finite values"
