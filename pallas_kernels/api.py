@@ -32,8 +32,15 @@ _BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)
 
+# Known names whose backend does not exist yet, with what to use instead.
+_NOT_BUILT = {
+    "pallas_mosaic_gpu": "the Mosaic GPU (Hopper wgmma/TMA) kernels are not built yet; use "
+                         "implementation='pallas_triton' (or None) on NVIDIA GPUs",
+}
+
 # implementation=None tries these in order; NotImplementedError moves on to the next one. `xla` is
-# last everywhere because it runs on every platform and every shape.
+# last everywhere because it runs on every platform and every shape: the CPU default, the fallback
+# on GPU and TPU.
 _DEFAULT_ORDER = {
     "gpu": ("pallas_triton", "xla"),
     "tpu": ("pallas_tpu", "xla"),
@@ -116,6 +123,8 @@ def _dispatch(implementation: str | None, interpret: Any, call: Callable):
 
 
 def _backend_fn(name: str, interpret: Any) -> Callable:
+  if name in _NOT_BUILT:
+    raise NotImplementedError(f"implementation={name!r}: {_NOT_BUILT[name]}.")
   module_name, platforms = _BACKENDS[name]
   platform = current_platform()
   if not interpret and platform not in platforms:
