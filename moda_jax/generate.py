@@ -63,23 +63,22 @@ def sample(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
   return jax.random.categorical(rng, filter_logits(logits_BV, sampling), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "stop_tokens",
-                                             "pad_token"))
-def _generate(params, prompt_BT, rng, *, config: ModelConfig, max_new_tokens: int,
-              sampling: Sampling, stop_tokens: tuple[int, ...], pad_token: int):
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling"))
+def _generate(params, prompt_BT, rng, stops_S, pad_token, *, config: ModelConfig,
+              max_new_tokens: int, sampling: Sampling):
   batch, prompt_len = prompt_BT.shape
   model = decode.DecodingTransformer(config)
   cache = decode.init_cache(config, batch, prompt_len + max_new_tokens)
   logits_BTV, cache, _ = model.apply({"params": params}, prompt_BT, cache)
-  stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
   def step(carry, rng_t):
     logits_BV, cache, done_B = carry
     token_B = sample(logits_BV, rng_t, sampling)
-    token_B = jnp.where(done_B, pad_token, token_B)
-    done_B = done_B | jnp.any(token_B[:, None] == stops[None, :], axis=-1)
+    emitted_B = jnp.where(done_B, pad_token, token_B)
+    done_B = done_B | jnp.any(emitted_B[:, None] == stops_S[None, :], axis=-1)
+    # Finished rows keep decoding their own samples (not `pad_token`, which may not be a valid id).
     logits_B1V, cache, _ = model.apply({"params": params}, token_B[:, None], cache)
-    return (logits_B1V[:, 0], cache, done_B), (token_B, logits_BV)
+    return (logits_B1V[:, 0], cache, done_B), (emitted_B, logits_BV)
 
   init = (logits_BTV[:, -1], cache, jnp.zeros((batch,), bool))
   # The last iteration's forward pass computes logits nobody reads; it keeps the loop uniform.
@@ -101,9 +100,10 @@ def generate(config: ModelConfig, params, prompt_BT, *, max_new_tokens: int,
   if sampling.top_k > config.vocab_size:
     raise ValueError(f"top_k={sampling.top_k}: expected <= vocab_size={config.vocab_size}.")
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  return _generate(params, prompt_BT, rng, config=config, max_new_tokens=max_new_tokens,
-                   sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens),
-                   pad_token=int(pad_token))
+  # Stop and pad ids are traced (not static): changing them does not recompile. -1 matches nothing.
+  stops_S = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+  return _generate(params, prompt_BT, rng, stops_S, jnp.int32(pad_token), config=config,
+                   max_new_tokens=max_new_tokens, sampling=sampling)
 
 
 def generate_text(config: ModelConfig, params, tokenizer, prompt: str, *, max_new_tokens: int,
