@@ -190,25 +190,20 @@ def tune(iters: int) -> list[dict]:
 
 
 def ablate(iters: int) -> list[dict]:
-  """Where the time goes: the kernels without depth, and smaller tiles where the dense depth waste is largest."""
+  """Where the time goes: the kernels without depth; the depth backward fused into dq vs its own kernel."""
   rows = []
-  train = Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)
-  for shape in (Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table2_T64K_G8_L64", 1, 65536, 8, 64), train,
-                Shape("train_B8_T4K_G2_L72_D128", 8, 4096, 2, 72, head_dim=128)):
+  shapes = [Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table2_T64K_G8_L64", 1, 65536, 8, 64),
+            Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
+  for shape in shapes:
     rows.append(measure(shape, "pallas_triton_nodepth", iters=iters))
     print(json.dumps(rows[-1]), flush=True)
-  base = BlockSizes.get_default(64, 2, jnp.bfloat16)
-  for fwd in _variants([(32, 64, 32, 4, 3, "dense", 2), (32, 64, 32, 2, 3, "dense", 2), (32, 32, 32, 2, 4, "dense", 2)]):
-    row = measure(train, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, fwd=fwd), modes=("fwd",))
-    rows.append(dict(row, tune="fwd", blocks=dataclasses.asdict(fwd)))
-    print(f"tune fwd {train.name} {dataclasses.astuple(fwd)}: {row.get('fwd_ms', row.get('fwd_error'))}", flush=True)
-  shape = Shape("table2_T4K_G8_L64", 1, 4096, 8, 64)
-  base = BlockSizes.get_default(64, 8, jnp.bfloat16)
-  for dkv in _variants([(64, 128, 64, 8, 2, "dense", 2), (32, 128, 64, 4, 2, "dense", 2), (128, 128, 64, 8, 2, "dense", 2)]):
-    row = measure(shape, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, dkv=dkv), modes=("fwd_bwd",))
-    rows.append(dict(row, tune="dkv", blocks=dataclasses.asdict(dkv)))
-    print(f"tune dkv {shape.name} {dataclasses.astuple(dkv)}: {row.get('fwd_bwd_ms', row.get('fwd_bwd_error'))}",
-          flush=True)
+    base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
+    for separate in (False, True):
+      sizes = dataclasses.replace(base, dq=dataclasses.replace(base.dq, separate_depth_kernel=separate))
+      row = measure(shape, "pallas_triton", iters=iters, block_sizes=sizes, modes=("fwd_bwd",))
+      rows.append(dict(row, tune="dq", blocks=dataclasses.asdict(sizes.dq)))
+      print(f"ablate separate_depth_kernel={separate} {shape.name}: {row.get('fwd_bwd_ms', row.get('fwd_bwd_error'))}",
+            flush=True)
   return rows
 
 

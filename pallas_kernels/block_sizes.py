@@ -34,6 +34,8 @@ class KernelBlocks:
     "per_token": each row gathers its own token's slot and reduces q * depth_k over D on the CUDA cores:
       no wasted FLOPs, but ~12x lower peak rate. Wins once a tile holds many tokens (small G).
   per_token_slots: slots gathered per step in "per_token" mode (loads in flight per rescale).
+  separate_depth_kernel: (dq kernel only) run the depth backward as its own kernel instead of fused into
+    the dq kernel; costs one float32 dq round trip through memory.
   """
   block_q: int
   block_k: int
@@ -42,6 +44,7 @@ class KernelBlocks:
   num_stages: int = 2
   depth_mode: str = "dense"
   per_token_slots: int = 2
+  separate_depth_kernel: bool = False
 
   def validate(self, name: str, group_padded: int) -> None:
     for field in ("block_q", "block_k", "depth_cols"):
@@ -57,6 +60,8 @@ class KernelBlocks:
       raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
     if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
       raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
+    if not isinstance(self.separate_depth_kernel, bool):
+      raise ValueError(f"{name}.separate_depth_kernel={self.separate_depth_kernel!r}: expected a bool.")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
 

@@ -4,7 +4,9 @@ Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent e
   * `_dq_kernel`, one program per query tile: recomputes p = exp2(logits - lse) over the same sequence blocks
     as the forward and accumulates dq; in its depth phase it also writes the depth dk/dv of the tile's own
     tokens. A tile holds whole tokens, so every depth slot gets its gradient from exactly one program and is
-    stored directly. Slots >= depth_len are not computed, only zero-filled.
+    stored directly. Slots >= depth_len are not computed, only zero-filled. With
+    `separate_depth_kernel` the same kernel body runs twice: sequence only (float32 dq), then depth only,
+    adding to that dq (the official kernel's split; keeps the depth phase's registers out of the T^2 loop).
   * `_dkv_kernel`, one program per key block: loops over the query tiles that see it (causal: from the block's
     first token on), summing over the G heads of the kv head inside the tile rows.
 """
@@ -28,7 +30,9 @@ def _probs(logits, lse2, keep):
   return p if keep is None else jnp.where(keep, p, 0.0)
 
 
-def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: bool, has_segments: bool):
+def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: bool, has_segments: bool,
+               sequence: bool = True, has_dq_in: bool = False):
+  """`sequence=False, has_dq_in=True` is the separate depth kernel: it adds the depth part to a dq_in."""
   refs = list(refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   del refs[:6]
@@ -36,6 +40,7 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
     depth_len_ref, depth_k_ref, depth_v_ref = refs[:3]
     del refs[:3]
   seg_ref = refs.pop(0) if has_segments else None
+  dq_in_ref = refs.pop(0) if has_dq_in else None
   dq_ref = refs.pop(0)
   if has_depth:
     ddk_ref, ddv_ref = refs
@@ -75,8 +80,9 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
     num_blocks = (last_token + geom.block_k - 1) // geom.block_k
   else:
     num_free, num_blocks = geom.seq_len // geom.block_k, pl.cdiv(geom.seq_len, geom.block_k)
-  dq = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), dq)
-  dq = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), dq)
+  if sequence:
+    dq = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), dq)
+    dq = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), dq)
 
   if has_depth:
     depth_len = depth_len_ref[0]
@@ -130,7 +136,10 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
 
     jax.lax.fori_loop(jnp.minimum(num_steps * per_step, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
 
-  tt.store_rows(dq_ref, rows, dq * scale, geom)
+  dq = dq * scale
+  if has_dq_in:
+    dq = dq + tt.load_rows(dq_in_ref, rows, geom).astype(jnp.float32)
+  tt.store_rows(dq_ref, rows, dq, geom)
 
 
 def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segments: bool):
@@ -201,28 +210,37 @@ def backward(q_BTKGD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
   seg_specs = [pl.BlockSpec((None, seq_len), lambda i, b, k: (b, 0))] if has_segments else []
   seg_args = [segment_ids_BT] if has_segments else []
 
-  # dq (+ depth dk/dv).
+  # dq (+ depth dk/dv): one kernel, or a sequence-only dq kernel (float32 out) plus a depth kernel adding to it.
   geom = tt.make_geometry(q_BTKGD.shape, num_slots, dq_blocks)
-  in_specs, args = list(common_specs), list(common_args)
-  out_specs = [per_head(group, head_dim)]
-  out_shape = [jax.ShapeDtypeStruct(q_BTKGD.shape, q_BTKGD.dtype)]
-  if has_depth:
-    depth_spec = pl.BlockSpec((None, seq_len, num_slots, None, head_dim), lambda i, b, k: (b, 0, 0, k, 0))
-    in_specs += [pl.BlockSpec((1,), lambda i, b, k: (0,)), depth_spec, depth_spec]
-    args += [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_k_BTLKD, depth_v_BTLKD]
-    out_specs += [depth_spec, depth_spec]
-    out_shape += [jax.ShapeDtypeStruct(depth_k_BTLKD.shape, depth_k_BTLKD.dtype)] * 2
-  outs = pl.pallas_call(
-      functools.partial(_dq_kernel, geom=geom, causal=causal, scale=scale, has_depth=has_depth,
-                        has_segments=has_segments),
-      grid=(geom.num_q_tiles, batch, num_kv_heads),
-      in_specs=in_specs + seg_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages),
-      interpret=interpret,
-      name="moda_backward_dq",
-  )(*args, *seg_args)
+  separate = has_depth and dq_blocks.separate_depth_kernel
+  depth_args = [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_k_BTLKD, depth_v_BTLKD] if has_depth else []
+  depth_spec = pl.BlockSpec((None, seq_len, num_slots, None, head_dim), lambda i, b, k: (b, 0, 0, k, 0))
+  depth_in_specs = [pl.BlockSpec((1,), lambda i, b, k: (0,)), depth_spec, depth_spec]
+  depth_out_shape = [jax.ShapeDtypeStruct(depth_k_BTLKD.shape, depth_k_BTLKD.dtype)] * 2 if has_depth else []
+
+  def dq_call(*, depth: bool, sequence: bool, dq_in=None, dq_dtype=q_BTKGD.dtype):
+    segments = has_segments and sequence
+    in_specs = common_specs + (depth_in_specs if depth else []) + (seg_specs if segments else [])
+    args = common_args + (depth_args if depth else []) + (seg_args if segments else [])
+    if dq_in is not None:
+      in_specs, args = in_specs + [per_head(group, head_dim)], args + [dq_in]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, geom=geom, causal=causal, scale=scale, has_depth=depth,
+                          has_segments=segments, sequence=sequence, has_dq_in=dq_in is not None),
+        grid=(geom.num_q_tiles, batch, num_kv_heads),
+        in_specs=in_specs,
+        out_specs=[per_head(group, head_dim)] + ([depth_spec, depth_spec] if depth else []),
+        out_shape=[jax.ShapeDtypeStruct(q_BTKGD.shape, dq_dtype)] + (depth_out_shape if depth else []),
+        compiler_params=plgpu.CompilerParams(num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages),
+        interpret=interpret,
+        name="moda_backward_dq" if sequence else "moda_backward_depth",
+    )(*args)
+
+  if separate:
+    (dq_sequence,) = dq_call(depth=False, sequence=True, dq_dtype=jnp.float32)
+    outs = dq_call(depth=True, sequence=False, dq_in=dq_sequence)
+  else:
+    outs = dq_call(depth=has_depth, sequence=True)
   dq = outs[0]
   d_depth_k, d_depth_v = (outs[1], outs[2]) if has_depth else (None, None)
 

@@ -32,9 +32,10 @@ def _inputs(batch, seq_len, kv_heads, group, head_dim, slots, seed=0):
   return (q, k, v, dk, dv), d_out
 
 
-def _small_tiles(depth_mode):
+def _small_tiles(depth_mode, separate_depth_kernel=False):
   blocks = KernelBlocks(block_q=16, block_k=16, depth_cols=16, depth_mode=depth_mode, per_token_slots=2)
-  return BlockSizes(fwd=blocks, dq=blocks, dkv=blocks)
+  return BlockSizes(fwd=blocks, dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
+                    dkv=blocks)
 
 
 def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
@@ -44,8 +45,10 @@ def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
   return out, lse, pullback((d_out, jnp.cos(lse)))[0]
 
 
-@pytest.mark.parametrize("depth_mode, causal, segments", [("dense", False, True), ("per_token", True, False)])
-def test_multi_tile_matches_reference(depth_mode, causal, segments):
+# The fused depth backward is what the shared suite runs (default tiles); here the separate depth kernel.
+@pytest.mark.parametrize("depth_mode, causal, segments, separate",
+                         [("dense", False, True, True), ("per_token", True, False, True)])
+def test_multi_tile_matches_reference(depth_mode, causal, segments, separate):
   # G = 3 pads to 4 rows per token: 4 tokens per 16-row tile, T = 19 ends mid-tile and mid key block.
   arrays, d_out = _inputs(batch=1, seq_len=19, kv_heads=2, group=3, head_dim=16, slots=5)
   segment_ids = jnp.asarray([[0] * 7 + [1] * 9 + [2] * 3]) if segments else None
@@ -53,7 +56,8 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments):
   # NaN in the unwritten slot: a kernel that loads it (even to mask it afterwards) returns NaN.
   q, k, v, dk, dv = arrays
   poisoned = (q, k, v, dk.at[:, :, 4:].set(jnp.nan), dv.at[:, :, 4:].set(jnp.nan))
-  kernel = lambda *a, **kw: triton.attention(*a, **kw, interpret=True, block_sizes=_small_tiles(depth_mode))
+  tiles = _small_tiles(depth_mode, separate)
+  kernel = lambda *a, **kw: triton.attention(*a, **kw, interpret=True, block_sizes=tiles)
   got = _out_lse_grads(kernel, poisoned, d_out, depth_len, segment_ids, causal)
   want = _out_lse_grads(reference.attention, arrays, d_out, depth_len, segment_ids, causal)
   for name, g, w in zip(("out", "lse", "grads"), got, want):
@@ -66,7 +70,7 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments):
 @pytest.mark.parametrize("change, match", [
     (dict(block_q=48), "block_q=48"), (dict(block_k=8), "block_k=8"), (dict(depth_cols=24), "depth_cols=24"),
     (dict(block_q=16), "next_pow2"), (dict(num_warps=3), "num_warps=3"), (dict(depth_mode="sparse"), "depth_mode"),
-    (dict(per_token_slots=0), "per_token_slots=0")])
+    (dict(per_token_slots=0), "per_token_slots=0"), (dict(separate_depth_kernel=1), "separate_depth_kernel")])
 def test_block_sizes_are_validated_before_launch(change, match):
   base = BlockSizes.get_default(64, 32, jnp.bfloat16)
   bad = dataclasses.replace(base, dq=dataclasses.replace(base.dq, **change))

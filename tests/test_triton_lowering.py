@@ -45,9 +45,12 @@ def test_default_tiles_lower_for_h200(head_dim, group, slots):
   assert text.count("__gpu$xla.gpu.triton") == 3
 
 
-def test_per_token_depth_mode_lowers_for_h200():
+@pytest.mark.parametrize("separate", [False, True])
+def test_per_token_and_separate_depth_kernel_lower_for_h200(separate):
   base = BlockSizes.get_default(64, 2, jnp.bfloat16)
   sizes = BlockSizes(*(dataclasses.replace(b, depth_mode="per_token") for b in (base.fwd, base.dq, base.dkv)))
+  sizes = dataclasses.replace(sizes, dq=dataclasses.replace(sizes.dq, separate_depth_kernel=separate))
   attend = lambda q, k, v, dk, dv: triton.attention(q, k, v, dk, dv, jnp.int32(5), None, causal=True,
                                                     scale=0.125, block_sizes=sizes)
-  assert _lowered_text(1, 4096, 2, 64, 72, attend).count("__gpu$xla.gpu.triton") == 3
+  # forward, dq (+ depth), dk/dv; the separate depth kernel is a fourth.
+  assert _lowered_text(1, 4096, 2, 64, 72, attend).count("__gpu$xla.gpu.triton") == 3 + separate

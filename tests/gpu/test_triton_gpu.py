@@ -4,7 +4,8 @@ Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu -q` (
 1. Every case of the shared operator table (the full spread, not the reduced interpret one) against the
    float64 oracle, through the shared suite's own check.
 2. Multi-tile shapes (several query tiles and key blocks, odd T, G = 3, D up to 256, many slots) against
-   the dense `reference` backend on the same GPU: out, lse and all five gradients, for both depth modes.
+   the dense `reference` backend on the same GPU: out, lse and all five gradients, for both depth modes
+   and for the separate depth-backward kernel.
 """
 
 import dataclasses
@@ -41,7 +42,7 @@ _LARGE = [
 ]
 
 
-@pytest.mark.parametrize("depth_mode", ["dense", "per_token"])
+@pytest.mark.parametrize("depth_mode", ["dense", "per_token", "dense_separate"])
 @pytest.mark.parametrize("shape", _LARGE, ids=[f"T{s[1]}_G{s[3]}_D{s[4]}_L{s[5]}_{s[9]}" for s in _LARGE])
 def test_multi_tile_against_reference(shape, depth_mode):
   batch, seq_len, kv_heads, group, head_dim, slots, depth_len, causal, segments, dtype = shape
@@ -56,7 +57,9 @@ def test_multi_tile_against_reference(shape, depth_mode):
   d_lse = jax.random.normal(keys[7], (batch, seq_len, kv_heads * group), jnp.float32)
 
   blocks = BlockSizes.get_default(max(16, pl_next_pow2(head_dim)), group, dtype)
-  blocks = BlockSizes(*(dataclasses.replace(b, depth_mode=depth_mode) for b in (blocks.fwd, blocks.dq, blocks.dkv)))
+  mode, separate = depth_mode.removesuffix("_separate"), depth_mode.endswith("_separate")
+  blocks = BlockSizes(*(dataclasses.replace(b, depth_mode=mode) for b in (blocks.fwd, blocks.dq, blocks.dkv)))
+  blocks = dataclasses.replace(blocks, dq=dataclasses.replace(blocks.dq, separate_depth_kernel=separate))
 
   def run(impl):
     @jax.jit
