@@ -229,7 +229,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="a ~1-minute subset")
   parser.add_argument("--json", default=None, help="write every measurement here")
   parser.add_argument("--tune", action="store_true", help="time tile variants instead of the shape table")
-  parser.add_argument("--ablate", action="store_true", help="time the kernels without depth and tile variants")
+  parser.add_argument("--ablate", action="store_true", help="time the kernels without depth and the fused vs separate depth backward")
   parser.add_argument("--iters", type=int, default=None)
   args = parser.parse_args()
   iters = args.iters or (5 if args.quick else 10)
