@@ -19,13 +19,37 @@ def dtype_of(name: str):
   return jnp.dtype(name)
 
 
-def projection(config: ModelConfig, features, axis, names: Sequence[str], name: str) -> nn.DenseGeneral:
-  """A bias-free DenseGeneral with N(0, init_std) weights and logical axis `names`."""
-  init = nn.initializers.normal(stddev=config.init_std)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=False, dtype=dtype_of(config.dtype),
-      param_dtype=dtype_of(config.param_dtype),
-      kernel_init=nn.with_logical_partitioning(init, tuple(names)), name=name)
+class Projection(nn.Module):
+  """A bias-free linear map contracting the last `num_contracted` input axes into `features`.
+
+  Not `nn.DenseGeneral`: it initializes a flattened 2-D kernel and boxes it with our 3 axis names,
+  which fails as soon as logical-axis rules and a mesh are active (sharded init).
+  """
+
+  config: ModelConfig
+  features: tuple[int, ...]
+  names: tuple[str, ...]
+  num_contracted: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    shape = x.shape[x.ndim - self.num_contracted:] + self.features
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), self.names),
+        shape, dtype_of(cfg.param_dtype))
+    dtype = dtype_of(cfg.dtype)
+    return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.num_contracted)
+
+
+def projection(config: ModelConfig, features, axis, names: Sequence[str], name: str) -> Projection:
+  """A `Projection` contracting the trailing input axes `axis` (-1 or (-2, -1), as in DenseGeneral)."""
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if sorted(axes) != list(range(-len(axes), 0)):
+    raise ValueError(f"axis={axis!r}: expected trailing input axes such as -1 or (-2, -1).")
+  return Projection(config, features, tuple(names), len(axes), name=name)
 
 
 class RMSNorm(nn.Module):
