@@ -9,6 +9,7 @@ token's own slots), so under a mesh the call goes through `jax.shard_map`: batch
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -38,8 +39,13 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
     return call(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len=depth_len,
                 segment_ids=segment_ids_BT)
 
-  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+  # An axis that does not divide its dimension (e.g. batch 1 at evaluation) is left unsharded.
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if not batch or q_BTHD.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    batch = None
   heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
+  if heads and k_BTKD.shape[2] % mesh.shape[heads]:
+    heads = None
   heads_spec = P(batch, None, heads, None)
   depth_spec = P(batch, None, None, heads, None)
   seq_spec = P(batch, None)

@@ -61,6 +61,17 @@ def test_sharded_call_equals_unsharded_and_stays_sharded():
     np.testing.assert_allclose(g, w, atol=_ATOL, rtol=_RTOL)
 
 
+def test_indivisible_axes_fall_back_to_replication():
+  q, k, v, depth_k, depth_v, segments = (x[:1] for x in _operands(np.random.default_rng(1)))
+  q, k, v, depth_k, depth_v = q[:, :, :1], k[:, :, :1], v[:, :, :1], depth_k[:, :, :, :1], depth_v[:, :, :, :1]
+  want = moda_attention(q, k, v, depth_k, depth_v, depth_len=3, segment_ids=segments,
+                        implementation="reference")
+  with jax.set_mesh(_mesh()):  # batch 1 over data x fsdp = 4 and 1 kv head over tensor = 2
+    got = jax.jit(lambda *a: sharded_moda_attention(
+        *a, depth_len=3, segment_ids_BT=segments, implementation="reference"))(q, k, v, depth_k, depth_v)
+  np.testing.assert_allclose(got, want, atol=_ATOL, rtol=_RTOL)
+
+
 def test_model_under_mesh_equals_unsharded():
   cfg = cases.config(depth_kv="attn_ffn", num_layers=3)
   tokens = np.concatenate([cases.TOKENS, cases.TOKENS[::-1]])  # batch 4 over data x fsdp
