@@ -70,7 +70,7 @@ def plot_heatmaps(maps: AttentionMaps, *, layers=None, head: int | None = None, 
   seq_len = seq_NTS.shape[-1]
   future_TS = np.arange(seq_len)[None, :] > np.arange(seq_len)[:, None]
   widths = [3, 1] if num_slots else [1]
-  fig, axes = plt.subplots(len(layers), len(widths), squeeze=False, figsize=(6.5, 2.6 * len(layers)),
+  fig, axes = plt.subplots(len(layers), len(widths), squeeze=False, figsize=(6.5, 2.6 * len(layers) + 0.6),
                            gridspec_kw={"width_ratios": widths, "wspace": 0.04}, constrained_layout=True)
   for row, n in zip(axes, layers):
     visible = np.ma.masked_where(future_TS, np.maximum(seq_NTS[n], 1e-12))

@@ -1,0 +1,145 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Kernel benchmarks
+#
+# Plots of the JSON that `python -m pallas_kernels.benchmark --json PATH` writes (on a GPU). This
+# notebook only reads JSON, so it runs anywhere: by default the newest shape-table run committed under
+# `benchmarks/results/` (measured on one NVIDIA H200); point `RESULTS` at your own file instead.
+#
+# Each row is one (shape, implementation): forward and forward+backward milliseconds (median of timed
+# calls), TFLOP/s over the visible logits, and the fraction of the roofline (max of FLOPs / 790 TFLOP/s
+# and bytes / 4.3 TB/s) reached. cuDNN runs the same sequence attention **without** depth: it is the
+# bar MoDA is measured against.
+
+# %%
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))  # the repository root, when run from notebooks/
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import moda_jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(moda_jax.__file__)))
+RESULTS = os.environ.get("MODA_BENCHMARK_JSON", "")
+
+
+def newest_shape_table(root):
+  """The newest benchmark JSON without tuning rows (tuning runs compare tiles, not backends)."""
+  runs = []
+  for path in glob.glob(os.path.join(root, "benchmarks", "results", "*.json")):
+    with open(path) as f:
+      run = json.load(f)
+    if run.get("rows") and not any("tune" in r for r in run["rows"]):
+      runs.append((run["meta"].get("date", ""), path))
+  if not runs:
+    raise FileNotFoundError(f"no benchmark JSON under {root}/benchmarks/results/; run "
+                            "`python -m pallas_kernels.benchmark --json PATH` on a GPU first.")
+  return max(runs)[1]
+
+
+path = RESULTS or newest_shape_table(ROOT)
+with open(path) as f:
+  run = json.load(f)
+meta, rows = run["meta"], run["rows"]
+print(os.path.relpath(path, ROOT), "|", meta["device"], "| jax", meta["jax"], "|", meta["date"][:16])
+print(len(rows), "rows; implementations:", sorted({r["impl"] for r in rows}))
+
+# %% [markdown]
+# ## The table
+
+# %%
+cudnn = {(r["shape"], m): r.get(f"{m}_ms") for r in rows if r["impl"] == "cudnn" for m in ("fwd", "fwd_bwd")}
+print(f"{'shape':30s} {'impl':14s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'/cuDNN fwd+bwd':>15s} {'roofline':>9s}")
+for r in rows:
+  ms_f, ms_fb = r.get("fwd_ms"), r.get("fwd_bwd_ms")
+  ref = cudnn.get((r["shape"], "fwd_bwd"))
+  fmt = lambda x, w, p: f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}s}"
+  print(f"{r['shape']:30s} {r['impl']:14s} {fmt(ms_f, 9, 3)} {fmt(ms_fb, 11, 3)} "
+        f"{fmt(ms_fb / ref if ms_fb and ref else None, 15, 2)} "
+        f"{fmt(r.get('fwd_bwd_roofline_fraction', r.get('fwd_roofline_fraction')), 9, 2)}")
+
+# %% [markdown]
+# ## Time per shape, per implementation
+
+# %%
+shapes = list(dict.fromkeys(r["shape"] for r in rows))
+impls = list(dict.fromkeys(r["impl"] for r in rows))
+fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(shapes) + 1.8), sharey=True, constrained_layout=True)
+for ax, mode in zip(axes, ("fwd", "fwd_bwd")):
+  height = 0.8 / len(impls)
+  for i, impl in enumerate(impls):
+    ms = [next((r.get(f"{mode}_ms") for r in rows if r["shape"] == s and r["impl"] == impl), None)
+          for s in shapes]
+    y = np.arange(len(shapes)) + i * height
+    ax.barh(y[[m is not None for m in ms]], [m for m in ms if m is not None], height, label=impl)
+  ax.set_xscale("log")
+  ax.set_xlabel(f"{mode.replace('_', '+')} time (ms, log scale)")
+  ax.set_title("forward" if mode == "fwd" else "forward + backward")
+axes[0].set_yticks(np.arange(len(shapes)) + 0.4 - height / 2, shapes, fontsize=8)
+axes[0].invert_yaxis()
+axes[1].legend(loc="lower right")
+plt.show()
+
+# %% [markdown]
+# ## MoDA relative to cuDNN (same sequence, no depth), and roofline fraction
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), constrained_layout=True)
+# Shapes are categories, not a continuum: markers only, open for forward, filled for fwd+bwd.
+for impl, marker in (("pallas_triton", "o"), ("xla", "s")):
+  for mode, fill in (("fwd", "none"), ("fwd_bwd", None)):
+    pts = [(s, r[f"{mode}_ms"] / cudnn[(s, mode)]) for s in shapes for r in rows
+           if r["shape"] == s and r["impl"] == impl and r.get(f"{mode}_ms") and cudnn.get((s, mode))]
+    if pts:
+      axes[0].plot([shapes.index(s) for s, _ in pts], [v for _, v in pts], marker=marker, ls="none",
+                   mfc=fill, ms=7, label=f"{impl} {mode.replace('_', '+')}")
+    frac = [(shapes.index(r["shape"]), r[f"{mode}_roofline_fraction"]) for r in rows
+            if r["impl"] == impl and f"{mode}_roofline_fraction" in r]
+    if frac:
+      axes[1].plot(*zip(*frac), marker=marker, ls="none", mfc=fill, ms=7,
+                   label=f"{impl} {mode.replace('_', '+')}")
+axes[0].axhline(1.0, color="gray", lw=1, label="cuDNN (no depth)")
+axes[0].set_yscale("log")
+axes[0].set_ylabel("time / cuDNN time")
+axes[1].set_ylabel("fraction of roofline")
+axes[1].set_ylim(0, 1)
+for ax in axes:
+  ax.set_xticks(range(len(shapes)), shapes, rotation=60, ha="right", fontsize=7)
+  ax.legend(fontsize=7)
+plt.show()
+
+# %% [markdown]
+# ## Scaling with sequence length (Table 2 shapes: G = 8, L = 64)
+
+# %%
+scaling = sorted(((r["seq_len"], r) for r in rows if r["shape"].startswith("table2_T")
+                  and r["group"] == 8 and r["slots"] == 64), key=lambda pair: pair[0])
+fig, ax = plt.subplots(figsize=(6.5, 3.8), constrained_layout=True)
+for impl in impls:
+  pts = [(t, r["fwd_bwd_ms"]) for t, r in scaling if r["impl"] == impl and r.get("fwd_bwd_ms")]
+  if pts:
+    ax.plot(*zip(*pts), marker="o", label=impl)
+ax.set_xscale("log", base=2)
+ax.set_yscale("log")
+ax.set_xlabel("sequence length T")
+ax.set_ylabel("forward+backward ms")
+ax.set_title(f"{meta['device']}: B1, Hq 64, Hk 8, D 64, L 64")
+ax.legend()
+plt.show()
