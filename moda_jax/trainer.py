@@ -9,7 +9,6 @@ checkpoint at the next step boundary and returns; rerunning the same command res
 
 import functools
 import json
-import math
 import os
 import signal
 import threading
