@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from moda_jax.config import ModelConfig

@@ -132,7 +132,9 @@ def test_causality_through_gradients():
 
   jac = jax.jit(jax.jacrev(per_token_output))(jnp.zeros((batch, seq_len, cfg.d_model)))
   influence = np.abs(np.asarray(jac)).sum(-1)  # [b, t, b', s]
-  allowed = np.eye(batch, dtype=bool)[:, None, :, None] & np.tril(np.ones((seq_len, seq_len), bool))[None, :, None, :]
+  same_row = np.eye(batch, dtype=bool)[:, None, :, None]
+  not_future = np.tril(np.ones((seq_len, seq_len), bool))[None, :, None, :]
+  allowed = same_row & not_future
   assert np.all(influence[~allowed] == 0.0)
   assert np.all(influence[allowed] > 0.0)
 

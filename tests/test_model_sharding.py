@@ -63,7 +63,8 @@ def test_sharded_call_equals_unsharded_and_stays_sharded():
 
 def test_indivisible_axes_fall_back_to_replication():
   q, k, v, depth_k, depth_v, segments = (x[:1] for x in _operands(np.random.default_rng(1)))
-  q, k, v, depth_k, depth_v = q[:, :, :1], k[:, :, :1], v[:, :, :1], depth_k[:, :, :, :1], depth_v[:, :, :, :1]
+  q, k, v = q[:, :, :1], k[:, :, :1], v[:, :, :1]
+  depth_k, depth_v = depth_k[:, :, :, :1], depth_v[:, :, :, :1]
   want = moda_attention(q, k, v, depth_k, depth_v, depth_len=3, segment_ids=segments,
                         implementation="reference")
   with jax.set_mesh(_mesh()):  # batch 1 over data x fsdp = 4 and 1 kv head over tensor = 2
