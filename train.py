@@ -43,6 +43,9 @@ def _maybe_initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO logs (Orbax, XLA) would bury the progress bar; --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   _maybe_initialize_distributed()
   from moda_jax import trainer  # pylint: disable=g-import-not-at-top
 
@@ -51,6 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Library INFO logs (Orbax, XLA) would bury the progress bar; --verbosity=0 brings them back.
-  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)

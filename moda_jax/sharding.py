@@ -94,13 +94,13 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array
 
 
 @contextlib.contextmanager
-def activation_context(mesh, constrain_activations: bool = False):
+def activation_context(mesh, constrain_activations: bool = True):
   """What model code needs at trace time: the mesh (sharded kernels run under shard_map over it)
   and, if `constrain_activations`, the logical rules that make `nn.with_logical_constraint` act.
 
-  Without the rules the activation constraints are no-ops and GSPMD propagates shardings from the
-  parameters and the batch. Off by default: the model's multi-dim DenseGeneral kernels currently
-  fail under the rules (flax unboxes the flattened kernel with the full 3-d names).
+  Use `constrain_activations=False` around `model.init`: flax's DenseGeneral unboxes its kernel
+  while it is still flattened (rank 2) and the 3-d logical names no longer fit it. Initial
+  parameter shardings come from `jit(out_shardings=...)` instead.
   """
   with jax.set_mesh(mesh):
     if constrain_activations:

@@ -100,7 +100,7 @@ class _Run:
     tokens = ts.init_tokens(self.mesh, config.seq_len)
     rep = sharding.replicated(self.mesh)
     batch_sh = {k: sharding.batch_sharding(self.mesh) for k in data.BATCH_KEYS}
-    with sharding.activation_context(self.mesh):
+    with sharding.activation_context(self.mesh, constrain_activations=False):
       self.abstract, self.shardings = ts.state_shardings(model, optimizer, self.mesh, config.seed, tokens)
     self.init_fn = jax.jit(lambda: ts.init_train_state(model, optimizer, config.seed, tokens),
                            out_shardings=self.shardings)
@@ -153,7 +153,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   train_iter = iter(run.pipelines.train)
   latest = run.ckpt.latest_step()
   if latest is None:
-    state = run.init_fn()
+    with sharding.activation_context(run.mesh, constrain_activations=False):
+      state = run.init_fn()
   else:
     target = checkpoint.abstract_with_shardings(run.abstract, run.shardings)
     state = run.ckpt.restore(latest, target, train_iter)
