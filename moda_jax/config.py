@@ -31,7 +31,10 @@ class ModelConfig:
     qk_norm: per-head RMSNorm on q and k (and, at read time, on depth keys).
     rope_theta: rotary base. tie_embeddings: logits use the input embedding.
     scan_layers: blocks as `nn.scan` (params with a leading "layers" axis) or a Python loop.
-    remat: "none", "full" or a named policy from `REMAT_OPTIONS`.
+    remat: "none", "full" or a named policy from `REMAT_OPTIONS`. With depth on and
+      depth_memory="linear", the depth-writing blocks are recomputed once in the backward pass
+      whatever this says (that is how the custom_vjp stays linear); remat then governs the last
+      block, and every block of `depth_kv="none"` or `depth_memory="naive"` models.
     dtype, param_dtype: compute and parameter dtypes. attention_impl: `moda_attention`'s
       `implementation=` (None = best for the platform).
     z_loss_weight: read by the training loss, not by the model. init_std: N(0, init_std) weights.
