@@ -46,6 +46,8 @@ config.eval_every = 30
 config.checkpoint_every = 30
 config.progress_bar = False
 config.mesh.data = -1
+# At 64 tokens the dense reference kernel is as fast as any on CPU and the quickest to compile.
+config.model.attention_impl = "reference"
 print(workdir)
 
 # %% [markdown]
@@ -96,7 +98,7 @@ print(model.config)
 prompt = "The return statement "
 print("greedy   :", repr(prompt + generate.generate_text(model.config, params, tokenizer, prompt,
                                                         max_new_tokens=40)))
-for seed in range(2):
+for seed in range(2):  # same sampling settings: compiled once
   text = generate.generate_text(model.config, params, tokenizer, prompt, max_new_tokens=40,
                                 sampling=generate.Sampling(temperature=0.8, top_p=0.95), seed=seed)
   print(f"sampled {seed}:", repr(prompt + text))

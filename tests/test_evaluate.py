@@ -18,7 +18,8 @@ MICRO = ["--config.total_steps=3", "--config.batch_size=8", "--config.seq_len=32
          "--config.warmup_steps=1", "--config.progress_bar=False", "--config.checkpoint_async=False",
          "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=2",
          "--config.model.num_kv_heads=1", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
-         "--config.model.max_seq_len=64"]
+         "--config.model.max_seq_len=64",
+         "--config.model.attention_impl=reference"]  # the cheapest kernel to compile at T=32
 
 
 def _env(devices: int) -> dict:
@@ -137,7 +138,7 @@ def test_row_scorer_equals_direct_log_likelihood():
   model = Transformer(cfg)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   enc = tokenizers.ByteTokenizer().encode
-  ex = mc_tasks.Example("The cat", ("sat.", "ran away."), 0)
+  ex = mc_tasks.Example("The cat", ("sat.", "ran!"), 0)  # equal lengths: one compiled direct pass
   scores = mc_tasks.make_row_scorer(model, 3)(params, *mc_tasks._choice_rows([ex], enc, 24))
   apply = jax.jit(model.apply)
   for choice, score in zip(ex.choices, scores):

@@ -1,5 +1,7 @@
 """Cached decoding (`decode.py`) and generation (`generate.py`) against the full forward pass."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,24 +18,24 @@ LOGIT_ATOL = 5e-5
 
 def _config(**overrides):
   base = dict(vocab_size=64, num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-              mlp_dim=48, max_seq_len=24, init_std=0.2)
+              mlp_dim=48, max_seq_len=24, init_std=0.2, attention_impl="reference")
   return ModelConfig(**(base | overrides))
 
 
+@functools.lru_cache(maxsize=None)  # configs are hashable; tests sharing one skip re-initializing
 def _params(cfg, seed=0):
   tokens = jnp.zeros((1, 8), jnp.int32)
   return nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(seed), tokens)["params"])
 
 
-# Every norm placement and depth variant once (the decode tree mirrors Block's wiring). Two use the
-# dense reference kernel in the full model: cheaper to compile; kernels agree in their own tests.
+# Every norm placement and depth variant once (the decode tree mirrors Block's wiring). The full
+# model uses the dense `reference` kernel, the cheapest to compile (the kernels' agreement with it
+# is tested in test_moda_attention.py), except in the first case, which checks the CPU default.
 @pytest.mark.parametrize("overrides", [
-    dict(),                                                    # reordered, attn_ffn, scanned, GQA
-    dict(norm="pre", depth_kv="attn_ffn_extra", scan_layers=False, tie_embeddings=True,
-         attention_impl="reference"),
-    dict(norm="post", depth_kv="attn", num_kv_heads=4, qk_norm=False, num_layers=2,
-         attention_impl="reference"),
-], ids=["reordered-attn_ffn-scan", "pre-extra-loop-tied", "post-attn-mha"])
+    dict(attention_impl=None),                                 # reordered, attn_ffn, scanned, GQA
+    dict(norm="pre", depth_kv="attn_ffn_extra", scan_layers=False, tie_embeddings=True),
+    dict(norm="post", depth_kv="attn", num_kv_heads=4, qk_norm=False, num_layers=2),
+], ids=["reordered-attn_ffn-scan-default_impl", "pre-extra-loop-tied", "post-attn-mha"])
 def test_cached_steps_equal_full_forward(overrides):
   cfg = _config(**overrides)
   params = _params(cfg)
@@ -84,18 +86,18 @@ def test_attend_matches_float64_oracle(causal_cache):
 
 
 def test_greedy_generation_is_argmax_of_full_forward():
-  cfg = _config(attention_impl="reference")
+  cfg = _config()
   params = _params(cfg)
   prompt = jax.random.randint(jax.random.PRNGKey(2), (2, 6), 0, cfg.vocab_size)
   tokens, logits = generate.generate(cfg, params, prompt, max_new_tokens=8)
   sequence = jnp.concatenate([prompt, tokens], axis=1)
-  full = Transformer(cfg).apply({"params": params}, sequence)[:, 5:-1]  # predicts tokens[:, i]
+  full = jax.jit(Transformer(cfg).apply)({"params": params}, sequence)[:, 5:-1]  # -> tokens[:, i]
   np.testing.assert_allclose(logits, full, atol=LOGIT_ATOL, rtol=0)
   np.testing.assert_array_equal(tokens, jnp.argmax(full, axis=-1))
 
 
 def test_rows_stop_independently_and_then_pad():
-  cfg = _config(attention_impl="reference")
+  cfg = _config()
   params = _params(cfg)
   prompt = jax.random.randint(jax.random.PRNGKey(2), (2, 6), 0, cfg.vocab_size)
   free, _ = generate.generate(cfg, params, prompt, max_new_tokens=8)
