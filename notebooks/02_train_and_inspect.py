@@ -35,7 +35,8 @@ from configs import tiny
 from moda_jax import analysis, checkpoint, evaluate, generate, tokenizers, trainer
 
 STEPS = 60
-workdir = tempfile.mkdtemp(prefix="moda_tiny_")
+# The test suite points this at its temporary directory; interactively, a fresh temp dir.
+workdir = os.environ.get("MODA_NOTEBOOK_WORKDIR") or tempfile.mkdtemp(prefix="moda_tiny_")
 config = tiny.get_config()
 config.total_steps = STEPS
 config.warmup_steps = 5

@@ -24,6 +24,7 @@ def test_notebook_runs_on_cpu(name, tmp_path, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  monkeypatch.setenv("MODA_NOTEBOOK_WORKDIR", str(tmp_path / "run"))  # notebook 02's training run
   client = NotebookClient(notebook, timeout=400, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
   client.execute()  # raises CellExecutionError (with the failing cell's traceback) on any error
