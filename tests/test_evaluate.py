@@ -161,3 +161,11 @@ def test_continuation_task_uses_true_text_and_other_documents():
   assert len({ex.label for ex in examples}) > 1  # the answer position is shuffled
   with pytest.raises(ValueError, match="num_choices"):
     mc_tasks.continuation_task(docs[:3], num_choices=4)
+
+
+def test_package_exports_load_checkpoint(workdir):
+  import moda_jax
+  config, model, params = moda_jax.load_checkpoint(workdir, step=3)
+  assert isinstance(model, moda_jax.Transformer) and config.total_steps == 3
+  assert model.config == moda_jax.ModelConfig.from_dict(config.model.to_dict())
+  assert jax.tree.leaves(params)
