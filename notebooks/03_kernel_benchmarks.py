@@ -40,21 +40,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(moda_jax.__file__)))
 RESULTS = os.environ.get("MODA_BENCHMARK_JSON", "")
 
 
-def newest_shape_table(root):
-  """The newest benchmark JSON without tuning rows (tuning runs compare tiles, not backends)."""
+def newest_run(root, wanted):
+  """The newest benchmark JSON under benchmarks/results/ whose rows satisfy `wanted`, or None."""
   runs = []
   for path in glob.glob(os.path.join(root, "benchmarks", "results", "*.json")):
     with open(path) as f:
       run = json.load(f)
-    if run.get("rows") and not any("tune" in r for r in run["rows"]):
+    if run.get("rows") and wanted(run["rows"]):
       runs.append((run["meta"].get("date", ""), path))
-  if not runs:
-    raise FileNotFoundError(f"no benchmark JSON under {root}/benchmarks/results/; run "
-                            "`python -m pallas_kernels.benchmark --json PATH` on a GPU first.")
-  return max(runs)[1]
+  return max(runs)[1] if runs else None
 
 
-path = RESULTS or newest_shape_table(ROOT)
+# The shape table compares backends against cuDNN; tuning runs (tile variants) and ablations are
+# other kinds of runs in the same folder.
+is_shape_table = lambda rows: any(r["impl"] == "cudnn" for r in rows) and not any("tune" in r for r in rows)
+path = RESULTS or newest_run(ROOT, is_shape_table)
+if path is None:
+  raise FileNotFoundError(f"no benchmark JSON under {ROOT}/benchmarks/results/; run "
+                          "`python -m pallas_kernels.benchmark --json PATH` on a GPU first.")
 with open(path) as f:
   run = json.load(f)
 meta, rows = run["meta"], run["rows"]
@@ -143,3 +146,32 @@ ax.set_ylabel("forward+backward ms")
 ax.set_title(f"{meta['device']}: B1, Hq 64, Hk 8, D 64, L 64")
 ax.legend()
 plt.show()
+
+# %% [markdown]
+# ## What the depth part costs (ablation, if a run is committed)
+# The same `pallas_triton` kernels run with `depth_k = depth_v = None` (`pallas_triton_nodepth`, from
+# an ablation run) next to full MoDA from the shape table: the gap is the price of the depth slots.
+
+# %%
+ablation_path = newest_run(ROOT, lambda rows: any(r["impl"].endswith("_nodepth") for r in rows))
+if ablation_path is None:
+  print("no ablation run under benchmarks/results/")
+else:
+  with open(ablation_path) as f:
+    no_depth = {r["shape"]: r for r in json.load(f)["rows"] if r["impl"] == "pallas_triton_nodepth"}
+  moda = {r["shape"]: r for r in rows if r["impl"] == "pallas_triton"}
+  names = [n for n in no_depth if n in moda]
+  print(os.path.relpath(ablation_path, ROOT), "| shapes in both runs:", names)
+  fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.6), constrained_layout=True)
+  for i, mode in enumerate(("fwd", "fwd_bwd")):
+    ratio = [moda[n].get(f"{mode}_ms", np.nan) / no_depth[n].get(f"{mode}_ms", np.nan) for n in names]
+    bars = ax.barh(np.arange(len(names)) + 0.4 * i, ratio, 0.4, label=mode.replace("_", "+"))
+    ax.bar_label(bars, fmt="%.2fx", fontsize=8, padding=2)
+  ax.axvline(1.0, color="gray", lw=1)
+  ax.set_yticks(np.arange(len(names)) + 0.2, names, fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel("MoDA time / same kernel without depth")
+  ax.set_title("pallas_triton: what the depth part adds")
+  ax.set_xlim(0, ax.get_xlim()[1] * 1.1)  # room for the bar labels
+  ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+  plt.show()
