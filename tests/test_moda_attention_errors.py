@@ -131,8 +131,15 @@ def test_errors_also_raise_under_jit():
     jax.jit(lambda n: moda_attention(**_valid(depth_len=n)))(jnp.float32(1))
 
 
-@pytest.mark.parametrize("name", ["pallas_tpu", "pallas_triton", "pallas_mosaic_gpu"])
+@pytest.mark.parametrize("name", ["pallas_tpu", "pallas_triton"])
 def test_backend_for_another_platform_raises_not_implemented(name):
   # On CPU these need interpret=True; without it the dispatcher must say why it cannot run them.
   with pytest.raises(NotImplementedError, match=rf"{name}.*interpret=True"):
     moda_attention(**_valid(implementation=name))
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+def test_known_but_unbuilt_backend_raises_not_implemented(interpret):
+  # A name in IMPLEMENTATIONS whose kernels do not exist yet says so, and what to use instead.
+  with pytest.raises(NotImplementedError, match=r"pallas_mosaic_gpu.*not built yet.*pallas_triton"):
+    moda_attention(**_valid(implementation="pallas_mosaic_gpu", interpret=interpret))
