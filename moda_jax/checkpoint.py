@@ -71,6 +71,33 @@ def write_config_json(workdir: str, config: ml_collections.ConfigDict) -> None:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True)
 
 
+def _finished_step(mngr: ocp.CheckpointManager, step: int | None, directory: str) -> int:
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise ValueError(f"step={step} is not a finished checkpoint in {directory}; available: "
+                     f"{list(mngr.all_steps())}.")
+  return step
+
+
+def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise ValueError(f"workdir={workdir!r} has no {CHECKPOINT_DIR}/ directory.")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def _restore_config(mngr: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+
+def load_run_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """(run config, step) of the checkpoint at `step` (default: the latest), reading no arrays."""
+  with _read_only_manager(workdir) as mngr:
+    step = _finished_step(mngr, step, str(mngr.directory))
+    return _restore_config(mngr, step), step
+
+
 def load_checkpoint(workdir: str, step: int | None = None, sharding=None):
   """Returns (config, model, params) of the checkpoint at `step` (default: the latest) in `workdir`.
 
@@ -79,16 +106,9 @@ def load_checkpoint(workdir: str, step: int | None = None, sharding=None):
   """
   from moda_jax import Transformer, ModelConfig  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    raise ValueError(f"workdir={workdir!r} has no {CHECKPOINT_DIR}/ directory.")
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-      raise ValueError(f"step={step} is not a finished checkpoint in {directory}; available: "
-                       f"{list(mngr.all_steps())}.")
-    config = ml_collections.ConfigDict(
-        mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+  with _read_only_manager(workdir) as mngr:
+    step = _finished_step(mngr, step, str(mngr.directory))
+    config = _restore_config(mngr, step)
     model = Transformer(ModelConfig.from_dict(config.model.to_dict()))
     tokens = jax.numpy.zeros((1, min(config.seq_len, 8)), jax.numpy.int32)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
@@ -99,4 +119,3 @@ def load_checkpoint(workdir: str, step: int | None = None, sharding=None):
         item={"params": abstract}, restore_args=ocp.checkpoint_utils.construct_restore_args(
             {"params": abstract}), partial_restore=True)))
   return config, model, restored["state"]["params"]
-

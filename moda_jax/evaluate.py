@@ -87,7 +87,7 @@ def evaluate(workdir: str, step: int | None = None, *, data_paths: Sequence[str]
              task_paths: Sequence[str] = (), builtin_examples: int = 64,
              task_limit: int | None = None) -> dict:
   """Restores the checkpoint and returns the report dict (see the module docstring)."""
-  run_config, step = run_config_of(workdir, step)
+  run_config, step = checkpoint.load_run_config(workdir, step)
   mesh = eval_mesh(run_config.batch_size)
   config, model, params = checkpoint.load_checkpoint(workdir, step, sharding=sharding.replicated(mesh))
   tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.tokenizer_path,
@@ -121,23 +121,6 @@ def evaluate(workdir: str, step: int | None = None, *, data_paths: Sequence[str]
       report["tasks"][name] = mc_tasks.evaluate_task(score_rows, params, examples, tokenizer.encode,
                                                      config.seq_len)
   return report
-
-
-def run_config_of(workdir: str, step: int | None) -> tuple[ml_collections.ConfigDict, int]:
-  """(run config, step) of the checkpoint at `step` (default: latest), without reading parameters:
-  the config decides the mesh the parameters are restored onto."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  directory = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    raise ValueError(f"workdir={workdir!r} has no {checkpoint.CHECKPOINT_DIR}/ directory.")
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-      raise ValueError(f"step={step} is not a finished checkpoint in {directory}; available: "
-                       f"{list(mngr.all_steps())}.")
-    restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored["config"]), step
 
 
 def format_table(report: dict) -> str:
