@@ -26,6 +26,34 @@ def remat_policy(name: str) -> Callable | None:
   }[name]
 
 
+def attention_residual(norm: str, x_BTM, attend: Callable, attn_norm, mlp_norm):
+  """The attention half of a block for each norm placement (shared with `decode.CachedBlock`).
+
+  `attend(h_BTM) -> (out_BTM, *extras)`. Returns (h_BTM, ffn_in_BTM, extras), where `ffn_in` is
+  exactly what the FFN consumes (the FFN-KV projection reads the same tensor).
+  """
+  if norm == "pre":
+    attn_out, *extras = attend(attn_norm(x_BTM))
+    h_BTM = x_BTM + attn_out
+    return h_BTM, mlp_norm(h_BTM), extras
+  if norm == "post":
+    attn_out, *extras = attend(x_BTM)
+    h_BTM = attn_norm(x_BTM + attn_out)
+    return h_BTM, h_BTM, extras
+  attn_out, *extras = attend(x_BTM)  # reordered (OLMo2)
+  h_BTM = x_BTM + attn_norm(attn_out)
+  return h_BTM, h_BTM, extras
+
+
+def ffn_residual(norm: str, h_BTM, ffn_out_BTM, mlp_norm):
+  """The FFN half of a block: combines its output with the residual stream per norm placement."""
+  if norm == "pre":
+    return h_BTM + ffn_out_BTM
+  if norm == "post":
+    return mlp_norm(h_BTM + ffn_out_BTM)
+  return h_BTM + mlp_norm(ffn_out_BTM)
+
+
 class Block(nn.Module):
   """x -> attention sublayer -> FFN sublayer, with the configured norm placement.
 
@@ -66,31 +94,13 @@ class Block(nn.Module):
                                  segment_ids_BT)
     x_BTM = nn.with_logical_constraint(x_BTM, _ACT)
 
-    # Attention sublayer. `ffn_in` is exactly what the FFN consumes: the FFN-KV projection reads it.
-    if cfg.norm == "pre":
-      attn_out, attn_slot = attend(attn_norm(x_BTM))
-      h_BTM = x_BTM + attn_out
-      ffn_in = mlp_norm(h_BTM)
-    elif cfg.norm == "post":
-      attn_out, attn_slot = attend(x_BTM)
-      h_BTM = attn_norm(x_BTM + attn_out)
-      ffn_in = h_BTM
-    else:  # reordered (OLMo2)
-      attn_out, attn_slot = attend(x_BTM)
-      h_BTM = x_BTM + attn_norm(attn_out)
-      ffn_in = h_BTM
+    h_BTM, ffn_in, (attn_slot,) = attention_residual(cfg.norm, x_BTM, attend, attn_norm, mlp_norm)
     h_BTM = nn.with_logical_constraint(h_BTM, _ACT)
 
     slots = [attn_slot] if write else []
     if write and cfg.ffn_writes_depth:
       slots.append(DepthKVProjection(cfg, name="ffn_depth_kv")(ffn_in))
 
-    ffn_out = mlp(ffn_in)
-    if cfg.norm == "pre":
-      out_BTM = h_BTM + ffn_out
-    elif cfg.norm == "post":
-      out_BTM = mlp_norm(h_BTM + ffn_out)
-    else:
-      out_BTM = h_BTM + mlp_norm(ffn_out)
+    out_BTM = ffn_residual(cfg.norm, h_BTM, mlp(ffn_in), mlp_norm)
     out_BTM = nn.with_logical_constraint(out_BTM, _ACT)
     return out_BTM, (depth.stack_slots(slots) if slots else None)

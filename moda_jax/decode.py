@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moda_jax import block
 from moda_jax import depth
 from moda_jax.config import ModelConfig
 from moda_jax.layers import DepthKVProjection, Embedding, RMSNorm, SwiGLU, dtype_of, projection
@@ -148,29 +149,13 @@ class CachedBlock(nn.Module):
     def attend_fn(h_BTM):
       return attention(h_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length, positions_BT, kv_cache)
 
-    # Mirrors `Block.sublayers`; tests/test_generate.py checks the two agree for every placement.
-    if cfg.norm == "pre":
-      attn_out, attn_slot, kv_cache, probs = attend_fn(attn_norm(x_BTM))
-      h_BTM = x_BTM + attn_out
-      ffn_in = mlp_norm(h_BTM)
-    elif cfg.norm == "post":
-      attn_out, attn_slot, kv_cache, probs = attend_fn(x_BTM)
-      h_BTM = attn_norm(x_BTM + attn_out)
-      ffn_in = h_BTM
-    else:  # reordered (OLMo2)
-      attn_out, attn_slot, kv_cache, probs = attend_fn(x_BTM)
-      h_BTM = x_BTM + attn_norm(attn_out)
-      ffn_in = h_BTM
+    # The same residual wiring as `Block.sublayers` (tests/test_generate.py checks they agree).
+    h_BTM, ffn_in, (attn_slot, kv_cache, probs) = block.attention_residual(
+        cfg.norm, x_BTM, attend_fn, attn_norm, mlp_norm)
     slots = [attn_slot] if write else []
     if write and cfg.ffn_writes_depth:
       slots.append(DepthKVProjection(cfg, name="ffn_depth_kv")(ffn_in))
-    ffn_out = mlp(ffn_in)
-    if cfg.norm == "pre":
-      out_BTM = h_BTM + ffn_out
-    elif cfg.norm == "post":
-      out_BTM = mlp_norm(h_BTM + ffn_out)
-    else:
-      out_BTM = h_BTM + mlp_norm(ffn_out)
+    out_BTM = block.ffn_residual(cfg.norm, h_BTM, mlp(ffn_in), mlp_norm)
     if slots:
       stream = depth.write(stream, *depth.stack_slots(slots))
     return (out_BTM, stream), (kv_cache[0], kv_cache[1], probs)
