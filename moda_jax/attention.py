@@ -14,6 +14,39 @@ from moda_jax.rope import apply_rope
 ATTENTION_OUT_NAME = "attention_out"
 
 
+def project_inputs(cfg: ModelConfig, x_BTM, depth_k_BTLKD, positions_BT, writes_depth: bool):
+  """Everything an attention sublayer computes before attending (shared with decoding).
+
+  Call it inside a compact method: the projections and norms become the caller's submodules
+  ("query", "key", "value", "depth_kv", "query_norm", "key_norm").
+  Returns (q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD as the reader sees it, depth_slot or None).
+  """
+  q_BTHD = projection(cfg, (cfg.num_heads, cfg.head_dim), -1, ("embed", "q_heads", "head_dim"),
+                      "query")(x_BTM)
+  k_BTKD = projection(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
+                      "key")(x_BTM)
+  v_BTKD = projection(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
+                      "value")(x_BTM)
+
+  depth_slot = None
+  if writes_depth and cfg.uses_depth:
+    if cfg.separate_attn_depth_proj:
+      depth_slot = DepthKVProjection(cfg, name="depth_kv")(x_BTM)
+    else:
+      # Raw K/V, before QK-norm and RoPE: each reader applies its own k-norm (official code).
+      depth_slot = (k_BTKD, v_BTKD)
+
+  if cfg.qk_norm:
+    q_norm, k_norm = RMSNorm(cfg, name="query_norm"), RMSNorm(cfg, name="key_norm")
+    q_BTHD, k_BTKD = q_norm(q_BTHD), k_norm(k_BTKD)
+    if depth_k_BTLKD is not None:
+      # Depth keys get the reader's k-norm and no RoPE (their logit is position-free).
+      depth_k_BTLKD = k_norm(depth_k_BTLKD)
+  q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
+  k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+  return q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_slot
+
+
 class MoDAAttention(nn.Module):
   """Projections -> (QK-norm, RoPE) -> `moda_attention` over sequence + depth -> output projection.
 
@@ -32,30 +65,8 @@ class MoDAAttention(nn.Module):
     cfg = self.config
     heads = ("act_batch", "act_len", "act_heads", None)
     kv_heads = ("act_batch", "act_len", "act_kv_heads", None)
-    q_BTHD = projection(cfg, (cfg.num_heads, cfg.head_dim), -1, ("embed", "q_heads", "head_dim"),
-                        "query")(x_BTM)
-    k_BTKD = projection(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
-                        "key")(x_BTM)
-    v_BTKD = projection(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
-                        "value")(x_BTM)
-
-    depth_slot = None
-    if self.writes_depth and cfg.uses_depth:
-      if cfg.separate_attn_depth_proj:
-        depth_slot = DepthKVProjection(cfg, name="depth_kv")(x_BTM)
-      else:
-        # Raw K/V, before QK-norm and RoPE: each reader applies its own k-norm (official code).
-        depth_slot = (k_BTKD, v_BTKD)
-
-    if cfg.qk_norm:
-      q_norm, k_norm = RMSNorm(cfg, name="query_norm"), RMSNorm(cfg, name="key_norm")
-      q_BTHD, k_BTKD = q_norm(q_BTHD), k_norm(k_BTKD)
-      if depth_k_BTLKD is not None:
-        # Depth keys get the reader's k-norm and no RoPE (their logit is position-free).
-        depth_k_BTLKD = k_norm(depth_k_BTLKD)
-    q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
-    k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
-
+    q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_slot = project_inputs(
+        cfg, x_BTM, depth_k_BTLKD, positions_BT, self.writes_depth)
     q_BTHD = nn.with_logical_constraint(q_BTHD, heads)
     k_BTKD = nn.with_logical_constraint(k_BTKD, kv_heads)
     v_BTKD = nn.with_logical_constraint(v_BTKD, kv_heads)

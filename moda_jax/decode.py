@@ -28,9 +28,9 @@ import jax.numpy as jnp
 
 from moda_jax import block
 from moda_jax import depth
+from moda_jax.attention import project_inputs
 from moda_jax.config import ModelConfig
 from moda_jax.layers import DepthKVProjection, Embedding, RMSNorm, SwiGLU, dtype_of, projection
-from moda_jax.rope import apply_rope
 
 
 class Cache(NamedTuple):
@@ -101,23 +101,8 @@ class CachedAttention(nn.Module):
   def __call__(self, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, kv_cache):
     """Returns (out_BTM, depth_slot or None, updated (k_BSKD, v_BSKD), probs_BTHC)."""
     cfg = self.config
-    q_BTHD = projection(cfg, (cfg.num_heads, cfg.head_dim), -1, ("embed", "q_heads", "head_dim"),
-                        "query")(x_BTM)
-    k_BTKD = projection(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
-                        "key")(x_BTM)
-    v_BTKD = projection(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
-                        "value")(x_BTM)
-    depth_slot = None
-    if self.writes_depth and cfg.uses_depth:
-      depth_slot = (DepthKVProjection(cfg, name="depth_kv")(x_BTM) if cfg.separate_attn_depth_proj
-                    else (k_BTKD, v_BTKD))
-    if cfg.qk_norm:
-      q_norm, k_norm = RMSNorm(cfg, name="query_norm"), RMSNorm(cfg, name="key_norm")
-      q_BTHD, k_BTKD = q_norm(q_BTHD), k_norm(k_BTKD)
-      if depth_k_BTLKD is not None:
-        depth_k_BTLKD = k_norm(depth_k_BTLKD)
-    q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
-    k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+    q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_slot = project_inputs(
+        cfg, x_BTM, depth_k_BTLKD, positions_BT, self.writes_depth)
 
     # All rows advance together, so row 0's first position is where the new tokens go.
     start = (0, positions_BT[0, 0], 0, 0)
