@@ -65,11 +65,8 @@ def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
   def row_map(bi, h, i, j, depth_len_ref):
     return bi, h, 0, i, 0
 
-  def kv_index(i, j):
-    return jnp.minimum(j, tiles.last_k_block(cfg, i))
-
   def kv_map(bi, h, i, j, depth_len_ref):
-    return bi, h, kv_index(i, j), 0
+    return bi, h, tiles.fetched_k_block(cfg, i, j), 0
 
   def depth_in_map(bi, h, i, j, depth_len_ref):
     return bi, h, jnp.clip(j - num_seq, 0, tiles.last_depth_block(cfg, depth_len_ref[0])), i, 0
@@ -93,7 +90,7 @@ def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, b.block_q, tiles.LANES), lambda bi, h, i, j, dl: (bi, i, 0)),
                  pl.BlockSpec((None, tiles.SUBLANES, b.block_k),
-                              lambda bi, h, i, j, dl: (bi, 0, kv_index(i, j)))]
+                              lambda bi, h, i, j, dl: (bi, 0, tiles.fetched_k_block(cfg, i, j)))]
     inputs += [ops.q_seg, ops.kv_seg]
 
   results = pl.pallas_call(

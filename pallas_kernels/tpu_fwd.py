@@ -33,11 +33,8 @@ def forward(q_BKGTD, k_BKTD, v_BKTD, depth_k_BKLTD, depth_v_BKLTD, depth_len_1, 
   def q_map(b, h, i, j, depth_len_ref):
     return b, h, 0, i, 0
 
-  def kv_index(i, j):
-    return jnp.minimum(j, tiles.last_k_block(cfg, i))
-
   def kv_map(b, h, i, j, depth_len_ref):
-    return b, h, kv_index(i, j), 0
+    return b, h, tiles.fetched_k_block(cfg, i, j), 0
 
   def depth_map(b, h, i, j, depth_len_ref):
     last = tiles.last_depth_block(cfg, depth_len_ref[0])
@@ -52,7 +49,7 @@ def forward(q_BKGTD, k_BKTD, v_BKTD, depth_k_BKLTD, depth_v_BKLTD, depth_len_1, 
     inputs += [depth_k_BKLTD, depth_v_BKLTD]
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, bq, tiles.LANES), lambda b, h, i, j, dl: (b, i, 0)),
-                 pl.BlockSpec((None, tiles.SUBLANES, bk), lambda b, h, i, j, dl: (b, 0, kv_index(i, j)))]
+                 pl.BlockSpec((None, tiles.SUBLANES, bk), lambda b, h, i, j, dl: (b, 0, tiles.fetched_k_block(cfg, i, j)))]
     inputs += [q_seg_BT128, kv_seg_B8T]
 
   out_specs = [pl.BlockSpec((None, None, group, bq, head_dim), q_map),

@@ -67,6 +67,12 @@ def last_k_block(cfg: KernelConfig, q_block):
   return lax.div((q_block + 1) * cfg.blocks.block_q - 1, cfg.blocks.block_k)
 
 
+def fetched_k_block(cfg: KernelConfig, q_block, step):
+  """The key block fetched at sequence step `step` of query block `q_block`: clamped to the last
+  visible one, so steps above the causal diagonal re-use the resident block instead of a DMA."""
+  return jnp.minimum(step, last_k_block(cfg, q_block))
+
+
 def first_q_block(cfg: KernelConfig, k_block):
   """First query tile that sees a key block (causal: the one holding the block's first token)."""
   if not cfg.causal:

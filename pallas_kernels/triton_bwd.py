@@ -74,12 +74,7 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
     return dq + tt.dot(ds.astype(k.dtype), k)
 
   dq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
-  if causal:
-    num_free = first_token // geom.block_k
-    last_token = jnp.minimum(first_token + geom.tokens_per_tile, geom.seq_len)
-    num_blocks = (last_token + geom.block_k - 1) // geom.block_k
-  else:
-    num_free, num_blocks = geom.seq_len // geom.block_k, pl.cdiv(geom.seq_len, geom.block_k)
+  num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
   if sequence:
     dq = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), dq)
     dq = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), dq)

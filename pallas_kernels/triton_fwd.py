@@ -77,13 +77,7 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   carry = (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
            jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
            jnp.zeros((geom.block_q,), jnp.float32))
-  num_k_blocks = pl.cdiv(geom.seq_len, geom.block_k)
-  if causal:
-    num_free = first_token // geom.block_k
-    last_token = jnp.minimum(first_token + geom.tokens_per_tile, geom.seq_len)
-    num_blocks = (last_token + geom.block_k - 1) // geom.block_k
-  else:
-    num_free, num_blocks = geom.seq_len // geom.block_k, num_k_blocks
+  num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
   carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
   carry = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
 

@@ -100,6 +100,15 @@ def store_row_stat(ref, rows: Rows, value):
   plgpu.store(ref.at[rows.token, rows.head], value, mask=rows.valid)
 
 
+def key_block_range(first_token, causal: bool, geom: Geometry):
+  """(num_free, num_blocks) for the query tile starting at `first_token`: key blocks [0, num_free)
+  need no mask; [num_free, num_blocks) need the causal / padding mask; later ones are invisible."""
+  if causal:
+    last_token = jnp.minimum(first_token + geom.tokens_per_tile, geom.seq_len)
+    return first_token // geom.block_k, (last_token + geom.block_k - 1) // geom.block_k
+  return geom.seq_len // geom.block_k, pl.cdiv(geom.seq_len, geom.block_k)
+
+
 def load_keys(ref, start, geom: Geometry, *, bounded: bool):
   """[block_k, D] contiguous keys (or values) from `start`; `bounded` zero-fills keys >= T."""
   if not bounded and geom.block_k <= geom.seq_len:
