@@ -28,13 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 500              # 0 disables evaluation
   c.eval_batches = 4              # fixed held-out batches per evaluation
-  c.checkpoint_every = 500
+  c.checkpoint_every = 500         # and at the last step; 0: never (benchmarks; SIGTERM still saves)
   c.keep_checkpoints = 3
   c.checkpoint_async = True
   c.progress_bar = True
   c.peak_flops_per_device = 0.0   # bf16 FLOP/s for MFU; 0 = look up the device kind (CPU: no MFU)
 
-  # Device mesh: data * fsdp * tensor = number of devices; data=-1 takes the rest.
+  # Device mesh: data * fsdp * tensor = number of devices; one axis may be -1 (takes the rest).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1

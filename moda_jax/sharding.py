@@ -37,21 +37,27 @@ LOGICAL_AXIS_RULES = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all); `data=-1` takes what is left."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all). One axis may be -1: it takes the
+  devices the others leave (`data=-1` by default; `data=1, fsdp=-1` is FSDP over every device)."""
   devices = list(jax.devices() if devices is None else devices)
-  for name, size in (("fsdp", fsdp), ("tensor", tensor)):
-    if size < 1:
-      raise ValueError(f"mesh.{name}={size}; expected a positive int.")
-  if data == -1:
-    if len(devices) % (fsdp * tensor):
-      raise ValueError(f"mesh.fsdp * mesh.tensor = {fsdp * tensor} does not divide the "
-                       f"{len(devices)} devices.")
-    data = len(devices) // (fsdp * tensor)
-  if data < 1 or data * fsdp * tensor != len(devices):
-    raise ValueError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) needs "
-                     f"{data * fsdp * tensor} devices; {len(devices)} are available.")
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  for name, size in sizes.items():
+    if size != -1 and size < 1:
+      raise ValueError(f"mesh.{name}={size}; expected a positive int or -1 (the devices left).")
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh {sizes}: at most one axis may be -1; {free} are.")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if len(devices) % fixed:
+      raise ValueError(f"the mesh axes other than {free[0]} hold {fixed} devices, which does not "
+                       f"divide the {len(devices)} devices.")
+    sizes[free[0]] = len(devices) // fixed
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(f"mesh (data={sizes['data']}, fsdp={sizes['fsdp']}, tensor={sizes['tensor']}) "
+                     f"needs {math.prod(sizes.values())} devices; {len(devices)} are available.")
   auto = (jax.sharding.AxisType.Auto,) * 3  # GSPMD propagation; logical constraints steer it.
-  return jax.make_mesh((data, fsdp, tensor), MESH_AXES, auto, devices=devices)
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, auto, devices=devices)
 
 
 def mesh_from_config(config, devices=None) -> jax.sharding.Mesh:

@@ -56,10 +56,12 @@ class _StopRequest:
 
 
 def _validate(config, model_cfg: ModelConfig, mesh, vocab_needed: int) -> None:
-  for name in ("total_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
-               "grad_accum_steps"):
+  for name in ("total_steps", "batch_size", "seq_len", "log_every", "grad_accum_steps"):
     if config[name] < 1:
       raise ValueError(f"{name}={config[name]}; expected a positive int.")
+  if config.checkpoint_every < 0:
+    raise ValueError(f"checkpoint_every={config.checkpoint_every}; expected a positive int, or 0 "
+                     "for no checkpoints (benchmark runs).")
   if model_cfg.vocab_size < vocab_needed:
     raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"{vocab_needed} ids; set --config.model.vocab_size>={vocab_needed}.")
@@ -207,7 +209,7 @@ def _loop(run: _Run, state, step: int, train_iter, writer, stop: _StopRequest) -
     stopping = stop.agreed() if (poll or jax.process_count() == 1) else False
     due_log = poll
     due_eval = bool(run.val_batches) and cfg.eval_every > 0 and (last or step % cfg.eval_every == 0)
-    due_ckpt = last or stopping or step % cfg.checkpoint_every == 0
+    due_ckpt = stopping or (cfg.checkpoint_every > 0 and (last or step % cfg.checkpoint_every == 0))
     if not (due_log or due_eval or due_ckpt):
       deferred = (step, device_metrics)
       writer.advance()

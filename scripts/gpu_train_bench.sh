@@ -17,18 +17,8 @@ run() {  # name config [extra flags...]: trains, then prints the last logged ste
   local name=$1 config=$2; shift 2
   local workdir=/dev/shm/bench_$name
   rm -rf "$workdir"
-  timeout 280 python3 - "$config" "$workdir" "$@" <<'PY'
-import runpy, sys
-config, workdir, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
-sys.argv = ["train.py", f"--config={config}", f"--workdir={workdir}", *extra]
-try:
-  runpy.run_path("train.py", run_name="__main__")
-except SystemExit:
-  pass
-import jax
-stats = jax.devices()[0].memory_stats() or {}
-print(f"PEAK_GIB {stats.get('peak_bytes_in_use', 0) / 2**30:.2f}")
-PY
+  timeout 280 python3 scripts/train_and_report_memory.py --config="$config" --workdir="$workdir" "$@" \
+    | grep PEAK_GIB
   cp "$workdir/metrics.jsonl" "$out/$name.jsonl" 2>/dev/null
   echo "== $name"; tail -n 1 "$workdir/metrics.jsonl"
   rm -rf "$workdir"

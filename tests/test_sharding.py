@@ -23,6 +23,12 @@ def test_make_mesh_axes_and_errors():
     sharding.make_mesh(3, 2, 2)
   with pytest.raises(ValueError, match="does not divide"):
     sharding.make_mesh(-1, 3, 1)
+  fsdp_mesh = sharding.make_mesh(1, -1, 2)
+  assert dict(fsdp_mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    sharding.make_mesh(-1, -1, 1)
+  with pytest.raises(ValueError, match="mesh.tensor=0"):
+    sharding.make_mesh(-1, 1, 0)
 
 
 def test_parameter_shardings_follow_the_rules():

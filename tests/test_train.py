@@ -114,3 +114,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp
   assert good and f"last good checkpoint (step {max(good)})" in proc.stderr
   _, _, params = checkpoint.load_checkpoint(str(tmp_path))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_checkpoint_every_zero_trains_without_saving(cache_dir, tmp_path):
+  proc = subprocess.run(train_command(tmp_path, "--config.checkpoint_every=0",
+                                      "--config.total_steps=3", "--config.log_every=1"),
+                        env=train_env(cache_dir), capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
+  assert not finished_steps(tmp_path)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base, baseline_700m, micro, moda_700m, tiny, width384
+from configs import base, baseline_700m, micro, moda_15b_fsdp, moda_700m, tiny, width384
 from moda_jax import ModelConfig, Transformer
 
 
@@ -49,3 +49,12 @@ def test_width384_arguments_and_shapes():
   assert width384.get_config().model.num_layers == 24
   with pytest.raises(ValueError, match="width384"):
     width384.get_config("depth=3")
+
+
+def test_fsdp_config_state_exceeds_one_h200():
+  config = moda_15b_fsdp.get_config()
+  counts = _num_params(ModelConfig.from_dict(config.model.to_dict()))
+  # float32 parameters + AdamW's two float32 moments = 12 bytes per parameter.
+  state_gib = 12 * counts["total"] / 2**30
+  assert state_gib > 141  # one H200: 143771 MiB, of which XLA can use a little less
+  assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, -1, 1)
