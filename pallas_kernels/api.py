@@ -3,13 +3,15 @@
 Every backend module exposes one function with the *normalized* signature
 
     attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret) -> (out_BTHD, lse_BTH)
+              *, causal: bool, scale: float, interpret, depth_q_BTHD=None) -> (out_BTHD, lse_BTH)
 
 where the depth pair is either both arrays with L >= 1 or both None (then `depth_len` is None too),
 `depth_len` is an int32 scalar array (possibly traced) in [0, L], `segment_ids_BT` is int32 or None,
-`out` has q's dtype and `lse` is float32 in natural log. The function is differentiable in q, k, v and
-the depth pair (a cotangent on `lse` included) and owns its own `custom_vjp`. A backend that cannot
-handle a combination raises `NotImplementedError` saying why.
+`depth_q_BTHD` is None (score the depth keys with q) or an array like q (only with a depth pair),
+`out` has q's dtype and `lse` is float32 in natural log. The function is differentiable in q, k, v,
+depth_q and the depth pair (a cotangent on `lse` included) and owns its own `custom_vjp`; its
+backward returns the sequence part of dq and d(depth_q) separately (depth_q = q then simply sums the
+two). A backend that cannot handle a combination raises `NotImplementedError` saying why.
 """
 
 from __future__ import annotations
@@ -64,13 +66,15 @@ def moda_attention(
     return_lse: bool = False,
     implementation: str | None = None,
     interpret: Any = False,
+    depth_q: jax.Array | None = None,
 ):
   """Mixture-of-Depths attention: one softmax over the sequence K/V and the token's own depth K/V.
 
   For query head h at token t (kv head h // G, G = Hq / Hk):
 
       out_t = (sum_s e^{a_s} v_s + sum_{l < depth_len} e^{c_l} depth_v[t, l]) / Z
-      a_s = scale * q_t . k_s  (s <= t if causal, same segment if segment_ids),  c_l = scale * q_t . depth_k[t, l]
+      a_s = scale * q_t . k_s  (s <= t if causal, same segment if segment_ids)
+      c_l = scale * depth_q_t . depth_k[t, l]  (depth_q = q unless given)
       lse_t = log Z
 
   Args:
@@ -85,12 +89,18 @@ def moda_attention(
     return_lse: also return the float32 log-sum-exp [B, T, Hq] (natural log, differentiable).
     implementation: None for the best on this platform, or one of `IMPLEMENTATIONS`.
     interpret: run a Pallas backend in interpret mode (True, or a backend's interpret params).
+    depth_q: [B, T, Hq, D] the queries scored against depth keys (default: q). A model whose depth
+      keys are stored RMS-normalized without the reader's k-norm gain passes q * gain here, so the
+      reader never rewrites the [B, T, L, Hk, D] depth buffer. Needs depth_k / depth_v.
 
   Returns:
     out [B, T, Hq, D] in q's dtype, or (out, lse) when return_lse.
   """
   _validate_arrays(q, k, v, depth_k, depth_v, segment_ids)
+  _validate_depth_q(q, depth_k, depth_q)
   depth_k, depth_v, depth_len = _normalize_depth(depth_k, depth_v, depth_len)
+  if depth_k is None:
+    depth_q = None  # L = 0: nothing is scored against depth keys
   if scale is None:
     scale = q.shape[-1] ** -0.5
   elif (isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating))
@@ -102,8 +112,10 @@ def moda_attention(
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
 
+  # depth_q=None reaches the backends as None: each scores depth with q itself, one code path.
   call = lambda fn: fn(q, k, v, depth_k, depth_v, depth_len, segment_ids,
-                       causal=bool(causal), scale=float(scale), interpret=interpret)
+                       causal=bool(causal), scale=float(scale), interpret=interpret,
+                       depth_q_BTHD=depth_q)
   out, lse = _dispatch(implementation, interpret, call)
   return (out, lse) if return_lse else out
 
@@ -214,6 +226,19 @@ def _validate_arrays(q, k, v, depth_k, depth_v, segment_ids) -> None:
       raise ValueError(f"segment_ids.shape={seg_shape}: expected [B={batch}, T={seq_len}].")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise ValueError(f"segment_ids.dtype={segment_ids.dtype}: expected an integer dtype.")
+
+
+def _validate_depth_q(q, depth_k, depth_q) -> None:
+  if depth_q is None:
+    return
+  shape = _shape_of("depth_q", depth_q)
+  if depth_k is None:
+    raise ValueError(f"depth_q has shape {shape} but depth_k / depth_v are None: depth_q only scores "
+                     "depth keys; pass the depth arrays or drop depth_q.")
+  if shape != tuple(q.shape):
+    raise ValueError(f"depth_q.shape={shape}: expected q's shape {tuple(q.shape)} [B, T, Hq, D].")
+  if depth_q.dtype != q.dtype:
+    raise ValueError(f"depth_q.dtype={depth_q.dtype}: expected q's dtype {q.dtype}.")
 
 
 def _normalize_depth(depth_k, depth_v, depth_len):

@@ -13,7 +13,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret=False):
+              *, causal: bool, scale: float, interpret=False, depth_q_BTHD=None):
   """See `pallas_kernels.api` for the normalized backend signature. `interpret` is ignored."""
   del interpret
   batch, seq_len, num_q_heads, head_dim = q_BTHD.shape
@@ -39,8 +39,10 @@ def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
     logits, values = seq_logits, None
   else:
     num_slots = depth_k_BTLKD.shape[2]
+    depth_q_BTKGD = q_BTKGD if depth_q_BTHD is None else depth_q_BTHD.astype(jnp.float32).reshape(
+        q_BTKGD.shape)
     # Depth logits [B, Hk, G, T, L]: each token only sees its own slots l < depth_len.
-    depth_logits = scale * jnp.einsum("btkgd,btlkd->bkgtl", q_BTKGD,
+    depth_logits = scale * jnp.einsum("btkgd,btlkd->bkgtl", depth_q_BTKGD,
                                       depth_k_BTLKD.astype(jnp.float32), precision=_HIGHEST)
     slot_valid_L = jnp.arange(num_slots) < depth_len
     depth_logits = jnp.where(slot_valid_L, depth_logits, -jnp.inf)

@@ -28,7 +28,8 @@ _VMEM_BUDGET_BYTES = 14 * 2**20
 
 
 def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret=False, block_sizes: TPUBlockSizes | None = None):
+              *, causal: bool, scale: float, interpret=False, block_sizes: TPUBlockSizes | None = None,
+              depth_q_BTHD=None):
   """See `pallas_kernels.api` for the normalized backend signature. Returns (out_BTHD, lse_BTH)."""
   block_sizes = TPUBlockSizes() if block_sizes is None else block_sizes
   batch, seq_len, num_q_heads, head_dim = q_BTHD.shape
@@ -41,8 +42,12 @@ def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
   _check_supported(cfg, q_BTHD.dtype, interpret)
   if depth_len is None:
     depth_len = jnp.zeros((), jnp.int32)
-  return _differentiable(cfg, interpret)(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
-                                         depth_len, segment_ids_BT)
+  if cfg.has_depth and depth_q_BTHD is None:
+    depth_q_BTHD = q_BTHD  # the same array twice: JAX sums its two cotangents
+  elif not cfg.has_depth:
+    depth_q_BTHD = None
+  return _differentiable(cfg, interpret)(q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD,
+                                         depth_v_BTLKD, depth_len, segment_ids_BT)
 
 
 def _check_supported(cfg: tiles.KernelConfig, dtype, interpret) -> None:
@@ -60,29 +65,29 @@ def _check_supported(cfg: tiles.KernelConfig, dtype, interpret) -> None:
 def _differentiable(cfg: tiles.KernelConfig, interpret):
   """The custom_vjp op for one static configuration (built per call: `interpret` may be unhashable)."""
 
-  def run_forward(q, k, v, depth_k, depth_v, depth_len, segment_ids):
+  def run_forward(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids):
     num_kv_heads, padded_len = k.shape[2], cfg.blocks.padded_len
     q_seg, kv_seg = layout.segments_to_kernel(segment_ids, padded_len)
     out_k, lse_k = tpu_fwd.forward(
         layout.queries_to_kernel(q, num_kv_heads, padded_len),
         layout.keys_to_kernel(k, padded_len), layout.keys_to_kernel(v, padded_len),
-        *_depth_to_kernel(cfg, depth_k, depth_v), _depth_len_operand(depth_len), q_seg, kv_seg,
+        *_depth_to_kernel(cfg, depth_q, depth_k, depth_v), _depth_len_operand(depth_len), q_seg, kv_seg,
         cfg=cfg, interpret=interpret)
     return (layout.queries_from_kernel(out_k, cfg.seq_len),
             layout.row_stat_from_kernel(lse_k, cfg.seq_len))
 
   @jax.custom_vjp
-  def moda(q, k, v, depth_k, depth_v, depth_len, segment_ids):
-    return run_forward(q, k, v, depth_k, depth_v, depth_len, segment_ids)
+  def moda(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids):
+    return run_forward(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids)
 
-  def moda_fwd(q, k, v, depth_k, depth_v, depth_len, segment_ids):
-    out, lse = run_forward(q, k, v, depth_k, depth_v, depth_len, segment_ids)
+  def moda_fwd(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids):
+    out, lse = run_forward(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids)
     # Residuals are the caller's own arrays (not kernel-layout copies): a layer stack that shares one
     # depth buffer across layers then keeps one buffer, not one transposed copy per layer.
-    return (out, lse), (q, k, v, depth_k, depth_v, depth_len, segment_ids, out, lse)
+    return (out, lse), (q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, out, lse)
 
   def moda_bwd(residuals, cotangents):
-    q, k, v, depth_k, depth_v, depth_len, segment_ids, out, lse = residuals
+    q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, out, lse = residuals
     d_out, d_lse = cotangents
     num_kv_heads, padded_len = k.shape[2], cfg.blocks.padded_len
     # Delta pre-pass (FA2): rowsum(o * do), minus the lse cotangent since d lse / d logit = p.
@@ -93,34 +98,36 @@ def _differentiable(cfg: tiles.KernelConfig, interpret):
       row_is_pad = jnp.arange(padded_len)[:, None] >= cfg.seq_len
       lse_k = jnp.where(row_is_pad, -tiles.MASK_VALUE, lse_k)
     q_seg, kv_seg = layout.segments_to_kernel(segment_ids, padded_len)
-    depth_k_k, depth_v_k = _depth_to_kernel(cfg, depth_k, depth_v)
+    depth_q_k, depth_k_k, depth_v_k = _depth_to_kernel(cfg, depth_q, depth_k, depth_v)
     operands = tpu_bwd.Operands(
         q=layout.queries_to_kernel(q, num_kv_heads, padded_len),
         k=layout.keys_to_kernel(k, padded_len), v=layout.keys_to_kernel(v, padded_len),
         d_out=layout.queries_to_kernel(d_out, num_kv_heads, padded_len),
         lse=lse_k, delta=layout.row_stat_to_kernel(delta_BTH, num_kv_heads, padded_len),
-        depth_k=depth_k_k, depth_v=depth_v_k, depth_len=_depth_len_operand(depth_len),
+        depth_q=depth_q_k, depth_k=depth_k_k, depth_v=depth_v_k, depth_len=_depth_len_operand(depth_len),
         q_seg=q_seg, kv_seg=kv_seg)
-    dq_k, d_depth_k_k, d_depth_v_k = tpu_bwd.dq_and_depth(operands, cfg=cfg, interpret=interpret)
+    dq_k, d_depth_q_k, d_depth_k_k, d_depth_v_k = tpu_bwd.dq_and_depth(operands, cfg=cfg, interpret=interpret)
     dk_k, dv_k = tpu_bwd.dk_dv(operands, cfg=cfg, interpret=interpret)
     dq = layout.queries_from_kernel(dq_k, cfg.seq_len).astype(q.dtype)
     dk = layout.keys_from_kernel(dk_k, cfg.seq_len).astype(k.dtype)
     dv = layout.keys_from_kernel(dv_k, cfg.seq_len).astype(v.dtype)
-    d_depth_k = d_depth_v = None
+    d_depth_q = d_depth_k = d_depth_v = None
     if cfg.has_depth:
+      d_depth_q = layout.queries_from_kernel(d_depth_q_k, cfg.seq_len).astype(depth_q.dtype)
       num_slots = depth_k.shape[2]
       d_depth_k = layout.depth_from_kernel(d_depth_k_k, cfg.seq_len, num_slots).astype(depth_k.dtype)
       d_depth_v = layout.depth_from_kernel(d_depth_v_k, cfg.seq_len, num_slots).astype(depth_v.dtype)
-    return dq, dk, dv, d_depth_k, d_depth_v, None, None
+    return dq, dk, dv, d_depth_q, d_depth_k, d_depth_v, None, None
 
   moda.defvjp(moda_fwd, moda_bwd)
   return moda
 
 
-def _depth_to_kernel(cfg: tiles.KernelConfig, depth_k, depth_v):
+def _depth_to_kernel(cfg: tiles.KernelConfig, depth_q, depth_k, depth_v):
   if not cfg.has_depth:
-    return None, None
-  return (layout.depth_to_kernel(depth_k, cfg.blocks.padded_len, cfg.blocks.padded_slots),
+    return None, None, None
+  return (layout.queries_to_kernel(depth_q, depth_k.shape[3], cfg.blocks.padded_len),
+          layout.depth_to_kernel(depth_k, cfg.blocks.padded_len, cfg.blocks.padded_slots),
           layout.depth_to_kernel(depth_v, cfg.blocks.padded_len, cfg.blocks.padded_slots))
 
 

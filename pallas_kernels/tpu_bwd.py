@@ -1,7 +1,7 @@
 """Pallas TPU backward kernels of MoDA (FA2 structure; the delta pre-pass runs in XLA in `tpu`).
 
 `dq_and_depth`: query-tile parallel, grid (B, Hk, query tiles, key blocks + depth blocks), like the
-forward. The sequence steps accumulate dq; each depth step owns its (slots x tile tokens) block of the
+forward. The sequence steps accumulate dq, the depth steps d depth_q (a separate output); each depth step owns its (slots x tile tokens) block of the
 depth cotangents outright (a depth key is read by its own token's G query heads only, all in this
 tile), so it writes them directly: computed for slots < depth_len, exactly zero for the rest.
 
@@ -34,6 +34,7 @@ class Operands(NamedTuple):
   d_out: jax.Array      # [B, Hk, G, T, D]
   lse: jax.Array        # [B, Hk, G, T, 128] float32
   delta: jax.Array      # [B, Hk, G, T, 128] float32: rowsum(out * d_out) - d_lse
+  depth_q: jax.Array | None   # [B, Hk, G, T, D]: the queries scored against depth keys
   depth_k: jax.Array | None   # [B, Hk, L, T, D]
   depth_v: jax.Array | None
   depth_len: jax.Array  # int32[1], scalar prefetch
@@ -45,19 +46,21 @@ def vmem_bytes(cfg: KernelConfig, itemsize: int) -> int:
   """Upper estimate of the VMEM the largest kernel (`dq_and_depth`) holds: blocks x2 for pipelining."""
   b = cfg.blocks
   rows = cfg.group * b.block_q
-  blocks = (2 * rows * cfg.head_dim * itemsize            # q, d_out
+  blocks = (3 * rows * cfg.head_dim * itemsize            # q, depth_q, d_out
             + 2 * rows * tiles.LANES * 4                  # lse, delta
             + 2 * b.block_k * cfg.head_dim * itemsize     # k, v
             + 4 * b.block_slots * b.block_q * cfg.head_dim * itemsize  # depth in + cotangents out
-            + rows * cfg.head_dim * itemsize              # dq out
+            + 2 * rows * cfg.head_dim * itemsize          # dq, d depth_q out
             + b.block_q * tiles.LANES * 4 + tiles.SUBLANES * b.block_k * 4)  # segment ids
-  scratch = rows * cfg.head_dim * 4
+  scratch = 2 * rows * cfg.head_dim * 4
   temporaries = 4 * b.block_q * max(b.block_k, cfg.head_dim) * 4
   return 2 * blocks + scratch + temporaries
 
 
 def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
-  """Returns (dq [B, Hk, G, T, D], d_depth_k, d_depth_v [B, Hk, L, T, D] or None), in q's dtype."""
+  """Returns (dq, d_depth_q [B, Hk, G, T, D], d_depth_k, d_depth_v [B, Hk, L, T, D]), in q's dtype.
+
+  dq is the sequence part; the depth cotangents are None without depth."""
   batch, num_kv_heads, group, _, head_dim = ops.q.shape
   b = cfg.blocks
   num_seq = cfg.num_seq_steps
@@ -82,11 +85,14 @@ def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
   inputs = [ops.q, ops.k, ops.v, ops.d_out, ops.lse, ops.delta]
   out_specs = [rows_spec]
   out_shape = [jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)]
+  scratch = [pltpu.VMEM((group, b.block_q, head_dim), jnp.float32)]   # dq accumulator
   if cfg.has_depth:
-    in_specs += [pl.BlockSpec((None, None, b.block_slots, b.block_q, head_dim), depth_in_map)] * 2
-    inputs += [ops.depth_k, ops.depth_v]
-    out_specs += [pl.BlockSpec((None, None, b.block_slots, b.block_q, head_dim), depth_out_map)] * 2
+    in_specs += [rows_spec] + [pl.BlockSpec((None, None, b.block_slots, b.block_q, head_dim), depth_in_map)] * 2
+    inputs += [ops.depth_q, ops.depth_k, ops.depth_v]
+    out_specs += [rows_spec] + [pl.BlockSpec((None, None, b.block_slots, b.block_q, head_dim), depth_out_map)] * 2
+    out_shape += [jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)]
     out_shape += [jax.ShapeDtypeStruct(ops.depth_k.shape, ops.depth_k.dtype)] * 2
+    scratch.append(pltpu.VMEM((group, b.block_q, head_dim), jnp.float32))   # d depth_q accumulator
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, b.block_q, tiles.LANES), lambda bi, h, i, j, dl: (bi, i, 0)),
                  pl.BlockSpec((None, tiles.SUBLANES, b.block_k),
@@ -99,27 +105,30 @@ def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
           num_scalar_prefetch=1,
           grid=(batch, num_kv_heads, b.num_q_blocks, num_seq + cfg.num_depth_steps),
           in_specs=in_specs, out_specs=out_specs,
-          scratch_shapes=[pltpu.VMEM((group, b.block_q, head_dim), jnp.float32)]),
+          scratch_shapes=scratch),
       out_shape=out_shape,
       compiler_params=tiles.compiler_params(),
       interpret=interpret,
       name="moda_tpu_bwd_dq_depth",
   )(ops.depth_len, *inputs)
-  return (results[0], results[1], results[2]) if cfg.has_depth else (results[0], None, None)
+  return tuple(results) if cfg.has_depth else (results[0], None, None, None)
 
 
 def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                cfg: KernelConfig):
   refs = list(refs)
-  dk_ref = dv_ref = q_seg_ref = kv_seg_ref = d_depth_k_ref = d_depth_v_ref = None
+  depth_q_ref = dk_ref = dv_ref = q_seg_ref = kv_seg_ref = None
+  d_depth_q_ref = d_depth_k_ref = d_depth_v_ref = ddq_acc_ref = None
   if cfg.has_depth:
-    dk_ref, dv_ref = refs.pop(0), refs.pop(0)
+    depth_q_ref, dk_ref, dv_ref = refs.pop(0), refs.pop(0), refs.pop(0)
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref = refs.pop(0), refs.pop(0)
   dq_ref = refs.pop(0)
   if cfg.has_depth:
-    d_depth_k_ref, d_depth_v_ref = refs.pop(0), refs.pop(0)
-  (dq_acc_ref,) = refs
+    d_depth_q_ref, d_depth_k_ref, d_depth_v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  dq_acc_ref = refs.pop(0)
+  if cfg.has_depth:
+    (ddq_acc_ref,) = refs
 
   i, j = pl.program_id(2), pl.program_id(3)
   num_seq = cfg.num_seq_steps
@@ -127,6 +136,8 @@ def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
   @pl.when(j == 0)
   def _init():
     dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+    if cfg.has_depth:
+      ddq_acc_ref[...] = jnp.zeros(ddq_acc_ref.shape, jnp.float32)
 
   def sequence_step(masked: bool):
     k, v = k_ref[...], v_ref[...]
@@ -152,8 +163,8 @@ def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
       first_slot = (j - num_seq) * cfg.blocks.block_slots
       num_written = jnp.clip(depth_len_ref[0] - first_slot, 0, cfg.blocks.block_slots)
       tiles.for_each(num_written, functools.partial(
-          _depth_slot_grads, q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref, delta_ref=delta_ref,
-          dk_ref=dk_ref, dv_ref=dv_ref, dq_acc_ref=dq_acc_ref, d_depth_k_ref=d_depth_k_ref,
+          _depth_slot_grads, depth_q_ref=depth_q_ref, do_ref=do_ref, lse_ref=lse_ref, delta_ref=delta_ref,
+          dk_ref=dk_ref, dv_ref=dv_ref, ddq_acc_ref=ddq_acc_ref, d_depth_k_ref=d_depth_k_ref,
           d_depth_v_ref=d_depth_v_ref, cfg=cfg))
 
       # This step owns the block's cotangents: unwritten slots get exact zeros.
@@ -167,23 +178,25 @@ def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
   @pl.when(j == num_seq + cfg.num_depth_steps - 1)
   def _finalize():
     dq_ref[...] = dq_acc_ref[...].astype(dq_ref.dtype)
+    if cfg.has_depth:
+      d_depth_q_ref[...] = ddq_acc_ref[...].astype(d_depth_q_ref.dtype)
 
 
-def _depth_slot_grads(slot_in_block, *, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                      dq_acc_ref, d_depth_k_ref, d_depth_v_ref, cfg: KernelConfig):
-  """One written depth slot: its dq contribution and the slot's whole d_depth_k / d_depth_v rows."""
+def _depth_slot_grads(slot_in_block, *, depth_q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                      ddq_acc_ref, d_depth_k_ref, d_depth_v_ref, cfg: KernelConfig):
+  """One written depth slot: its d depth_q contribution and the slot's whole d_depth_k / d_depth_v rows."""
   depth_k = dk_ref[slot_in_block].astype(jnp.float32)   # [bq, D]: row t is token t's key
   depth_v = dv_ref[slot_in_block].astype(jnp.float32)
 
   def head(g, cotangents):
     d_depth_k, d_depth_v = cotangents
-    q = q_ref[g].astype(jnp.float32)
+    q = depth_q_ref[g].astype(jnp.float32)
     do = do_ref[g].astype(jnp.float32)
     c = jnp.sum(q * depth_k, axis=-1, keepdims=True) * cfg.scale            # [bq, 1]
     p = jnp.exp(c - lse_ref[g][:, :1])
     dp = jnp.sum(do * depth_v, axis=-1, keepdims=True)
     ds_scaled = p * (dp - delta_ref[g][:, :1]) * cfg.scale
-    dq_acc_ref[g] += ds_scaled * depth_k
+    ddq_acc_ref[g] += ds_scaled * depth_k
     return d_depth_k + ds_scaled * q, d_depth_v + p * do
 
   zeros = jnp.zeros(depth_k.shape, jnp.float32)

@@ -5,7 +5,7 @@ the last axis first walks the sequence key blocks (blocks above the causal diago
 not fetched; only diagonal / segment / padding blocks are masked), then walks the depth slots in
 blocks of `block_slots`. Depth step d only runs for slots < depth_len, which is a scalar-prefetch
 argument: the depth index map clamps to the last written block, so unwritten blocks are never copied
-into VMEM. Depth logits are per-row dot products (each query row has its own depth keys), done on the
+into VMEM. Depth logits score `depth_q` (fetched once per query tile, like q) and are per-row dot products (each query row has its own depth keys), done on the
 VPU as multiply + lane reduction; they update the same (max, sum, acc) state as the sequence phase.
 """
 
@@ -22,7 +22,7 @@ from pallas_kernels import tpu_tiles as tiles
 from pallas_kernels.tpu_tiles import KernelConfig
 
 
-def forward(q_BKGTD, k_BKTD, v_BKTD, depth_k_BKLTD, depth_v_BKLTD, depth_len_1, q_seg_BT128,
+def forward(q_BKGTD, k_BKTD, v_BKTD, depth_q_BKGTD, depth_k_BKLTD, depth_v_BKLTD, depth_len_1, q_seg_BT128,
             kv_seg_B8T, *, cfg: KernelConfig, interpret):
   """Returns (out [B, Hk, G, T, D] in q's dtype, lse [B, Hk, G, T, 128] float32 lane-broadcast)."""
   batch, num_kv_heads, group, padded_len, head_dim = q_BKGTD.shape
@@ -45,8 +45,9 @@ def forward(q_BKGTD, k_BKTD, v_BKTD, depth_k_BKLTD, depth_v_BKLTD, depth_len_1, 
               pl.BlockSpec((None, None, bk, head_dim), kv_map)]
   inputs = [q_BKGTD, k_BKTD, v_BKTD]
   if cfg.has_depth:
+    in_specs += [pl.BlockSpec((None, None, group, bq, head_dim), q_map)]
     in_specs += [pl.BlockSpec((None, None, bl, bq, head_dim), depth_map)] * 2
-    inputs += [depth_k_BKLTD, depth_v_BKLTD]
+    inputs += [depth_q_BKGTD, depth_k_BKLTD, depth_v_BKLTD]
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, bq, tiles.LANES), lambda b, h, i, j, dl: (b, i, 0)),
                  pl.BlockSpec((None, tiles.SUBLANES, bk), lambda b, h, i, j, dl: (b, 0, tiles.fetched_k_block(cfg, i, j)))]
@@ -74,9 +75,9 @@ def forward(q_BKGTD, k_BKTD, v_BKTD, depth_k_BKLTD, depth_v_BKLTD, depth_len_1, 
 
 def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
   refs = list(refs)
-  dk_ref = dv_ref = q_seg_ref = kv_seg_ref = None
+  depth_q_ref = dk_ref = dv_ref = q_seg_ref = kv_seg_ref = None
   if cfg.has_depth:
-    dk_ref, dv_ref = refs.pop(0), refs.pop(0)
+    depth_q_ref, dk_ref, dv_ref = refs.pop(0), refs.pop(0), refs.pop(0)
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref = refs.pop(0), refs.pop(0)
   out_ref, lse_ref, m_ref, l_ref, acc_ref = refs
@@ -119,7 +120,7 @@ def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
       first_slot = (j - num_seq) * cfg.blocks.block_slots
       num_written = jnp.clip(depth_len_ref[0] - first_slot, 0, cfg.blocks.block_slots)
       tiles.for_each(num_written, functools.partial(
-          _depth_slot, q_ref=q_ref, dk_ref=dk_ref, dv_ref=dv_ref, m_ref=m_ref, l_ref=l_ref,
+          _depth_slot, depth_q_ref=depth_q_ref, dk_ref=dk_ref, dv_ref=dv_ref, m_ref=m_ref, l_ref=l_ref,
           acc_ref=acc_ref, cfg=cfg))
 
   @pl.when(j == num_seq + cfg.num_depth_steps - 1)
@@ -132,13 +133,13 @@ def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
     tiles.for_each(cfg.group, head)
 
 
-def _depth_slot(slot_in_block, *, q_ref, dk_ref, dv_ref, m_ref, l_ref, acc_ref, cfg: KernelConfig):
+def _depth_slot(slot_in_block, *, depth_q_ref, dk_ref, dv_ref, m_ref, l_ref, acc_ref, cfg: KernelConfig):
   """Merges one depth slot (one key per query row: its own token's) into the softmax state."""
   depth_k = dk_ref[slot_in_block].astype(jnp.float32)   # [bq, D]
   depth_v = dv_ref[slot_in_block].astype(jnp.float32)
 
   def head(g):
-    c = jnp.sum(q_ref[g].astype(jnp.float32) * depth_k, axis=-1, keepdims=True) * cfg.scale  # [bq, 1]
+    c = jnp.sum(depth_q_ref[g].astype(jnp.float32) * depth_k, axis=-1, keepdims=True) * cfg.scale  # [bq, 1]
     m_prev = m_ref[g]
     m_next = jnp.maximum(m_prev, c)                       # [bq, 128]
     alpha = jnp.exp(m_prev - m_next)

@@ -18,7 +18,8 @@ from pallas_kernels.block_sizes import BlockSizes, next_pow2
 
 
 def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret=False, block_sizes: BlockSizes | None = None):
+              *, causal: bool, scale: float, interpret=False, block_sizes: BlockSizes | None = None,
+              depth_q_BTHD=None):
   """See `pallas_kernels.api` for the normalized backend signature.
 
   `block_sizes` overrides the per-device default tiles (benchmarks and tests use it).
@@ -34,7 +35,11 @@ def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
   pad = lambda x: x if padded_dim == head_dim else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_dim - head_dim)])
   q_BTKGD = pad(q_BTHD).reshape(batch, seq_len, num_kv_heads, group, padded_dim)
   has_depth = depth_k_BTLKD is not None
-  depth = (pad(depth_k_BTLKD), pad(depth_v_BTLKD)) if has_depth else (None, None)
+  depth = (None, None, None)
+  if has_depth:
+    # q itself when not given: the same array twice, JAX sums its two cotangents.
+    depth_q_BTKGD = q_BTKGD if depth_q_BTHD is None else pad(depth_q_BTHD).reshape(q_BTKGD.shape)
+    depth = (depth_q_BTKGD, pad(depth_k_BTLKD), pad(depth_v_BTLKD))
   out_BTKGD, lse_BTKG = _moda(q_BTKGD, pad(k_BTKD), pad(v_BTKD), *depth, depth_len, segment_ids_BT,
                               causal, float(scale), block_sizes, interpret)
   out_BTHD = out_BTKGD.reshape(batch, seq_len, num_q_heads, padded_dim)[..., :head_dim]
@@ -52,26 +57,27 @@ def _device_kind() -> str | None:
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _moda(q, k, v, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes, interpret):
-  return triton_fwd.forward(q, k, v, depth_k, depth_v, depth_len, segment_ids, causal=causal, scale=scale,
-                            blocks=block_sizes.fwd, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _moda(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes, interpret):
+  return triton_fwd.forward(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal=causal,
+                            scale=scale, blocks=block_sizes.fwd, interpret=interpret)
 
 
-def _moda_fwd(q, k, v, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes, interpret):
-  out, lse = _moda(q, k, v, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes, interpret)
-  return (out, lse), (q, k, v, depth_k, depth_v, depth_len, segment_ids, out, lse)
+def _moda_fwd(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes, interpret):
+  out, lse = _moda(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes,
+                   interpret)
+  return (out, lse), (q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, out, lse)
 
 
 def _moda_bwd(causal, scale, block_sizes, interpret, residuals, cotangents):
-  q, k, v, depth_k, depth_v, depth_len, segment_ids, out, lse = residuals
+  q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, out, lse = residuals
   d_out, d_lse = cotangents
   # d lse / d logit = p, so an lse cotangent shifts every ds = p * (dp - delta) like a -dlse in delta.
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1) - d_lse
-  dq, dk, dv, ddk, ddv = triton_bwd.backward(
-      q, k, v, depth_k, depth_v, depth_len, segment_ids, d_out.astype(q.dtype), lse, delta,
+  grads = triton_bwd.backward(
+      q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, d_out.astype(q.dtype), lse, delta,
       causal=causal, scale=scale, dq_blocks=block_sizes.dq, dkv_blocks=block_sizes.dkv, interpret=interpret)
-  return dq, dk, dv, ddk, ddv, None, None
+  return (*grads, None, None)
 
 
 _moda.defvjp(_moda_fwd, _moda_bwd)

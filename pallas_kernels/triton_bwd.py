@@ -2,11 +2,12 @@
 
 Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent enters only there):
   * `_dq_kernel`, one program per query tile: recomputes p = exp2(logits - lse) over the same sequence blocks
-    as the forward and accumulates dq; in its depth phase it also writes the depth dk/dv of the tile's own
-    tokens. A tile holds whole tokens, so every depth slot gets its gradient from exactly one program and is
-    stored directly. Slots >= depth_len are not computed, only zero-filled. With
-    `separate_depth_kernel` the same kernel body runs twice: sequence only (float32 dq), then depth only,
-    adding to that dq (the official kernel's split; keeps the depth phase's registers out of the T^2 loop).
+    as the forward and stores dq; then its depth phase (scored with depth_q, whose tile replaces the dead q
+    and dq registers) writes d depth_q and the depth dk/dv of the tile's own tokens. A tile holds whole
+    tokens, so every depth slot gets its gradient from exactly one program and is stored directly. Slots
+    >= depth_len are not computed, only zero-filled. With `separate_depth_kernel` the same kernel body runs
+    twice, sequence only and depth only (the official kernel's split; keeps the depth phase's registers out
+    of the T^2 loop); the two share no output, since d depth_q is its own array.
   * `_dkv_kernel`, one program per key block: loops over the query tiles that see it (causal: from the block's
     first token on), summing over the G heads of the kv head inside the tile rows.
 """
@@ -31,24 +32,22 @@ def _probs(logits, lse2, keep):
 
 
 def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: bool, has_segments: bool,
-               sequence: bool = True, has_dq_in: bool = False):
-  """`sequence=False, has_dq_in=True` is the separate depth kernel: it adds the depth part to a dq_in."""
+               sequence: bool = True):
+  """`sequence=False` is the separate depth kernel: no dq output, only the depth cotangents."""
   refs = list(refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   del refs[:6]
   if has_depth:
-    depth_len_ref, depth_k_ref, depth_v_ref = refs[:3]
-    del refs[:3]
+    depth_len_ref, depth_q_ref, depth_k_ref, depth_v_ref = refs[:4]
+    del refs[:4]
   seg_ref = refs.pop(0) if has_segments else None
-  dq_in_ref = refs.pop(0) if has_dq_in else None
-  dq_ref = refs.pop(0)
+  dq_ref = refs.pop(0) if sequence else None
   if has_depth:
-    ddk_ref, ddv_ref = refs
+    ddq_ref, ddk_ref, ddv_ref = refs
 
   tile = pl.num_programs(0) - 1 - pl.program_id(0)
   first_token = tile * geom.tokens_per_tile
   rows = tt.tile_rows(first_token, geom)
-  q = tt.load_rows(q_ref, rows, geom)
   do = tt.load_rows(do_ref, rows, geom)
   lse2 = (tt.load_row_stat(lse_ref, rows) * tt.LOG2E)[:, None]
   delta = tt.load_row_stat(delta_ref, rows)[:, None]
@@ -73,53 +72,59 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
     ds = p * (tt.dot(do, v, trans_b=True) - delta)
     return dq + tt.dot(ds.astype(k.dtype), k)
 
-  dq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
-  num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
   if sequence:
+    q = tt.load_rows(q_ref, rows, geom)
+    dq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
+    num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
     dq = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), dq)
     dq = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), dq)
+    # Stored before the depth phase: q and dq are dead there, depth_q and d depth_q take their place.
+    tt.store_rows(dq_ref, rows, dq * scale, geom)
 
   if has_depth:
     depth_len = depth_len_ref[0]
     local_token = jnp.arange(geom.block_q) // geom.group_padded
+    depth_q = tt.load_rows(depth_q_ref, rows, geom)
 
-    def depth_step(step, dq):
+    def depth_step(step, ddq):
       cols = tt.depth_cols(first_token, step, depth_len, geom)
       dk = tt.load_depth(depth_k_ref, cols, geom)
       dv = tt.load_depth(depth_v_ref, cols, geom)
-      p = _probs(tt.dot(q, dk, trans_b=True) * qk_scale, lse2, tt.depth_visible(local_token, cols))
+      p = _probs(tt.dot(depth_q, dk, trans_b=True) * qk_scale, lse2, tt.depth_visible(local_token, cols))
       ds = p * (tt.dot(do, dv, trans_b=True) - delta)
       in_range = (cols.token < geom.seq_len) & (cols.slot < geom.num_slots)
-      tt.store_depth(ddk_ref, cols, tt.dot(ds.astype(q.dtype), q, trans_a=True) * scale, geom, in_range=in_range)
+      ddk = tt.dot(ds.astype(depth_q.dtype), depth_q, trans_a=True) * scale
+      tt.store_depth(ddk_ref, cols, ddk, geom, in_range=in_range)
       tt.store_depth(ddv_ref, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom, in_range=in_range)
-      return dq + tt.dot(ds.astype(dk.dtype), dk)
+      return ddq + tt.dot(ds.astype(dk.dtype), dk)
 
     lse2_R, delta_R = lse2[:, 0], delta[:, 0]
 
-    def per_token_step(step, dq):
+    def per_token_step(step, ddq):
       for j in range(geom.per_token_slots):
         slot = step * geom.per_token_slots + j
         dk = tt.load_token_slot(depth_k_ref, rows, slot, depth_len, geom)
         dv = tt.load_token_slot(depth_v_ref, rows, slot, depth_len, geom)
         keep = rows.valid & (slot < depth_len)
-        p = jnp.where(keep, jnp.exp2(tt.row_dot(q, dk) * qk_scale - lse2_R), 0.0)
+        p = jnp.where(keep, jnp.exp2(tt.row_dot(depth_q, dk) * qk_scale - lse2_R), 0.0)
         ds = p * (tt.row_dot(do, dv) - delta_R)
-        dq = dq + ds[:, None] * dk.astype(jnp.float32)
+        ddq = ddq + ds[:, None] * dk.astype(jnp.float32)
         # Rows of one token share its slot: their contributions sum inside the tile, no atomics.
-        ddk = tt.sum_over_group(ds[:, None] * q.astype(jnp.float32), geom) * scale
+        ddk = tt.sum_over_group(ds[:, None] * depth_q.astype(jnp.float32), geom) * scale
         ddv = tt.sum_over_group(p[:, None] * do.astype(jnp.float32), geom)
         tt.store_token_slot(ddk_ref, first_token, slot, ddk, geom)
         tt.store_token_slot(ddv_ref, first_token, slot, ddv, geom)
-      return dq
+      return ddq
 
+    ddq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
     if geom.depth_mode == "per_token":
       per_step = geom.per_token_slots
       num_steps = (depth_len + per_step - 1) // per_step
-      dq = jax.lax.fori_loop(0, num_steps, per_token_step, dq)
+      ddq = jax.lax.fori_loop(0, num_steps, per_token_step, ddq)
     else:
       per_step = geom.slots_per_step
       num_steps = (depth_len + per_step - 1) // per_step
-      dq = jax.lax.fori_loop(0, num_steps, depth_step, dq)
+      ddq = jax.lax.fori_loop(0, num_steps, depth_step, ddq)
 
     # Unwritten slots got no probability mass: their gradient is zero, stored without any math.
     zeros = jnp.zeros((geom.tokens_per_tile, geom.head_dim), jnp.float32)
@@ -130,11 +135,7 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
       return _
 
     jax.lax.fori_loop(jnp.minimum(num_steps * per_step, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
-
-  dq = dq * scale
-  if has_dq_in:
-    dq = dq + tt.load_rows(dq_in_ref, rows, geom).astype(jnp.float32)
-  tt.store_rows(dq_ref, rows, dq, geom)
+    tt.store_rows(ddq_ref, rows, ddq * scale, geom)
 
 
 def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segments: bool):
@@ -189,10 +190,11 @@ def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segmen
   plgpu.store(dv_ref.at[cols[:, None], d], dv.astype(dv_ref.dtype), mask=in_range)
 
 
-def backward(q_BTKGD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
+def backward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
              do_BTKGD, lse_BTKG, delta_BTKG, *, causal: bool, scale: float, dq_blocks: KernelBlocks,
              dkv_blocks: KernelBlocks, interpret):
-  """Returns (dq, dk, dv, d_depth_k, d_depth_v) in the input layouts (depth grads None without depth)."""
+  """Returns (dq, dk, dv, d_depth_q, d_depth_k, d_depth_v) in the input layouts; dq is the sequence part
+  and the depth grads are None without depth."""
   batch, seq_len, num_kv_heads, group, head_dim = q_BTKGD.shape
   has_depth = depth_k_BTLKD is not None
   has_segments = segment_ids_BT is not None
@@ -205,39 +207,42 @@ def backward(q_BTKGD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
   seg_specs = [pl.BlockSpec((None, seq_len), lambda i, b, k: (b, 0))] if has_segments else []
   seg_args = [segment_ids_BT] if has_segments else []
 
-  # dq (+ depth dk/dv): one kernel, or a sequence-only dq kernel (float32 out) plus a depth kernel adding to it.
+  # dq + depth cotangents: one kernel, or a sequence-only dq kernel plus a depth-only kernel.
   geom = tt.make_geometry(q_BTKGD.shape, num_slots, dq_blocks)
   separate = has_depth and dq_blocks.separate_depth_kernel
-  depth_args = [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_k_BTLKD, depth_v_BTLKD] if has_depth else []
+  depth_args = [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_q_BTKGD, depth_k_BTLKD,
+                depth_v_BTLKD] if has_depth else []
   depth_spec = pl.BlockSpec((None, seq_len, num_slots, None, head_dim), lambda i, b, k: (b, 0, 0, k, 0))
-  depth_in_specs = [pl.BlockSpec((1,), lambda i, b, k: (0,)), depth_spec, depth_spec]
-  depth_out_shape = [jax.ShapeDtypeStruct(depth_k_BTLKD.shape, depth_k_BTLKD.dtype)] * 2 if has_depth else []
+  depth_in_specs = [pl.BlockSpec((1,), lambda i, b, k: (0,)), per_head(group, head_dim), depth_spec, depth_spec]
+  depth_out_specs = [per_head(group, head_dim), depth_spec, depth_spec]
+  depth_out_shape = ([jax.ShapeDtypeStruct(q_BTKGD.shape, q_BTKGD.dtype)]
+                     + [jax.ShapeDtypeStruct(depth_k_BTLKD.shape, depth_k_BTLKD.dtype)] * 2 if has_depth else [])
 
-  def dq_call(*, depth: bool, sequence: bool, dq_in=None, dq_dtype=q_BTKGD.dtype):
+  def dq_call(*, depth: bool, sequence: bool):
     segments = has_segments and sequence
     in_specs = common_specs + (depth_in_specs if depth else []) + (seg_specs if segments else [])
     args = common_args + (depth_args if depth else []) + (seg_args if segments else [])
-    if dq_in is not None:
-      in_specs, args = in_specs + [per_head(group, head_dim)], args + [dq_in]
+    out_specs = ([per_head(group, head_dim)] if sequence else []) + (depth_out_specs if depth else [])
+    out_shape = (([jax.ShapeDtypeStruct(q_BTKGD.shape, q_BTKGD.dtype)] if sequence else [])
+                 + (depth_out_shape if depth else []))
     return pl.pallas_call(
         functools.partial(_dq_kernel, geom=geom, causal=causal, scale=scale, has_depth=depth,
-                          has_segments=segments, sequence=sequence, has_dq_in=dq_in is not None),
+                          has_segments=segments, sequence=sequence),
         grid=(geom.num_q_tiles, batch, num_kv_heads),
         in_specs=in_specs,
-        out_specs=[per_head(group, head_dim)] + ([depth_spec, depth_spec] if depth else []),
-        out_shape=[jax.ShapeDtypeStruct(q_BTKGD.shape, dq_dtype)] + (depth_out_shape if depth else []),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages),
         interpret=interpret,
         name="moda_backward_dq" if sequence else "moda_backward_depth",
     )(*args)
 
   if separate:
-    (dq_sequence,) = dq_call(depth=False, sequence=True, dq_dtype=jnp.float32)
-    outs = dq_call(depth=True, sequence=False, dq_in=dq_sequence)
+    outs = dq_call(depth=False, sequence=True) + dq_call(depth=True, sequence=False)
   else:
     outs = dq_call(depth=has_depth, sequence=True)
   dq = outs[0]
-  d_depth_k, d_depth_v = (outs[1], outs[2]) if has_depth else (None, None)
+  d_depth_q, d_depth_k, d_depth_v = outs[1:4] if has_depth else (None, None, None)
 
   # Sequence dk/dv.
   geom = tt.make_geometry(q_BTKGD.shape, num_slots, dkv_blocks)
@@ -251,4 +256,4 @@ def backward(q_BTKGD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
       interpret=interpret,
       name="moda_backward_dkv",
   )(*common_args, *seg_args)
-  return dq, dk, dv, d_depth_k, d_depth_v
+  return dq, dk, dv, d_depth_q, d_depth_k, d_depth_v

@@ -4,7 +4,8 @@ One program = one tile of folded query rows (tokens x the G heads of one kv head
 One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 domain) runs over
   1. the sequence keys: blocks entirely before the tile's first token without any mask, then the blocks
      that overlap the tile's tokens with the causal mask (non-causal: all blocks, the last one bounded);
-  2. the depth slots of the tile's own tokens. "dense": `slots_per_step` slots of every token per step, as
+  2. the depth slots of the tile's own tokens, scored with the tile's `depth_q` rows (loaded after the
+     sequence phase, when q is dead: no extra registers). "dense": `slots_per_step` slots of every token per step, as
      one tensor-core [rows x (tokens * slots)] block whose off-token entries are masked (the official
      block-diagonal layout). "per_token": every row gathers its own token's slot and the logit is a
      row-wise multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
@@ -42,8 +43,8 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   q_ref, k_ref, v_ref = refs[:3]
   del refs[:3]
   if has_depth:
-    depth_len_ref, depth_k_ref, depth_v_ref = refs[:3]
-    del refs[:3]
+    depth_len_ref, depth_q_ref, depth_k_ref, depth_v_ref = refs[:4]
+    del refs[:4]
   seg_ref = refs.pop(0) if has_segments else None
   o_ref, lse_ref = refs
 
@@ -84,12 +85,13 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   if has_depth:
     depth_len = depth_len_ref[0]
     local_token = jnp.arange(geom.block_q) // geom.group_padded
+    depth_q = tt.load_rows(depth_q_ref, rows, geom)
 
     def depth_step(step, carry):
       cols = tt.depth_cols(first_token, step, depth_len, geom)
       dk = tt.load_depth(depth_k_ref, cols, geom)
       dv = tt.load_depth(depth_v_ref, cols, geom)
-      logits = tt.dot(q, dk, trans_b=True) * qk_scale
+      logits = tt.dot(depth_q, dk, trans_b=True) * qk_scale
       logits = jnp.where(tt.depth_visible(local_token, cols), logits, tt.MASK_VALUE)
       return _online_update(carry, logits, dv)
 
@@ -99,7 +101,7 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
       slots = [step * geom.per_token_slots + j for j in range(geom.per_token_slots)]
       dks = [tt.load_token_slot(depth_k_ref, rows, s, depth_len, geom) for s in slots]
       dvs = [tt.load_token_slot(depth_v_ref, rows, s, depth_len, geom) for s in slots]
-      logits = [jnp.where(s < depth_len, tt.row_dot(q, dk) * qk_scale, tt.MASK_VALUE) for s, dk in zip(slots, dks)]
+      logits = [jnp.where(s < depth_len, tt.row_dot(depth_q, dk) * qk_scale, tt.MASK_VALUE) for s, dk in zip(slots, dks)]
       m_next = functools.reduce(jnp.maximum, logits, m_prev)
       correction = jnp.exp2(m_prev - m_next)
       probs = [jnp.exp2(c - m_next) for c in logits]
@@ -121,11 +123,11 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   tt.store_row_stat(lse_ref, rows, (m + jnp.log2(l)) / tt.LOG2E)
 
 
-def forward(q_BTKGD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT, *,
-            causal: bool, scale: float, blocks: KernelBlocks, interpret):
+def forward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
+            *, causal: bool, scale: float, blocks: KernelBlocks, interpret):
   """Returns out [B, T, Hk, G, D] (q's dtype) and lse [B, T, Hk, G] (float32, natural log).
 
-  `q_BTKGD` is q viewed per kv head; D is already a power of two >= 16.
+  `q_BTKGD` / `depth_q_BTKGD` are q / depth_q viewed per kv head; D is already a power of two >= 16.
   """
   batch, seq_len, num_kv_heads, group, head_dim = q_BTKGD.shape
   has_depth = depth_k_BTLKD is not None
@@ -138,8 +140,8 @@ def forward(q_BTKGD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, se
   if has_depth:
     num_slots = geom.num_slots
     depth_spec = pl.BlockSpec((None, seq_len, num_slots, None, head_dim), lambda i, b, k: (b, 0, 0, k, 0))
-    in_specs += [pl.BlockSpec((1,), lambda i, b, k: (0,)), depth_spec, depth_spec]
-    args += [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_k_BTLKD, depth_v_BTLKD]
+    in_specs += [pl.BlockSpec((1,), lambda i, b, k: (0,)), per_head(group, head_dim), depth_spec, depth_spec]
+    args += [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD]
   if has_segments:
     in_specs.append(pl.BlockSpec((None, seq_len), lambda i, b, k: (b, 0)))
     args.append(segment_ids_BT)

@@ -29,7 +29,8 @@ from pallas_kernels.xla_blocks import (
 
 
 def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret=False, max_block: int | None = None):
+              *, causal: bool, scale: float, interpret=False, max_block: int | None = None,
+              depth_q_BTHD=None):
   """See `pallas_kernels.api` for the normalized backend signature. `interpret` is ignored.
 
   `max_block` caps the tile size; None picks it for the platform and the batch * heads (tests pass
@@ -47,7 +48,12 @@ def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
       batch=batch, seq_len=seq_len, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads,
       head_dim=head_dim, num_slots=0 if depth_k_BTLKD is None else depth_k_BTLKD.shape[2],
       block=block, num_blocks=num_blocks, causal=bool(causal), scale=float(scale))
-  return _moda(geo, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT)
+  if geo.num_slots and depth_q_BTHD is None:
+    depth_q_BTHD = q_BTHD  # the same array twice: JAX sums its two cotangents
+  elif not geo.num_slots:
+    depth_q_BTHD = None
+  return _moda(geo, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD, depth_v_BTLKD, depth_len,
+               segment_ids_BT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,15 +79,16 @@ def _merge(state: _Softmax, logits_BKRN, weighted_values: Callable) -> _Softmax:
                   rescale[..., None] * state.acc_BKRD + weighted_values(probs))
 
 
-def forward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len,
-            segment_ids_BT):
-  """(out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] float32)."""
+def forward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD, depth_v_BTLKD,
+            depth_len, segment_ids_BT):
+  """(out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] float32). depth_q scores the depth keys."""
   dtype = q_BTHD.dtype
   q_NBKRD = to_query_blocks(q_BTHD, geo)
   k_NBKSD, v_NBKSD = to_key_blocks(k_BTKD, geo), to_key_blocks(v_BTKD, geo)
   seg_rows_NBR, seg_keys_NBS = segment_blocks(segment_ids_BT, geo)
   if geo.num_slots:
     depth_k_BTLKD, depth_v_BTLKD = pad_tokens(depth_k_BTLKD, geo), pad_tokens(depth_v_BTLKD, geo)
+    depth_q_NBKRD = to_query_blocks(depth_q_BTHD, geo)
 
   def query_block(i):
     q_BKRD = q_NBKRD[i]
@@ -97,8 +104,8 @@ def forward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
         out = dot("bktgl,btlkd->bktgd", probs.astype(dtype), depth_v_BtLKD)
         return out.reshape(*shape_BKR, geo.head_dim)
 
-      state = _merge(state, depth_logits(q_BKRD, depth_block(depth_k_BTLKD, i, geo), depth_len, geo),
-                     depth_values)
+      logits = depth_logits(depth_q_NBKRD[i], depth_block(depth_k_BTLKD, i, geo), depth_len, geo)
+      state = _merge(state, logits, depth_values)
 
     def step(j, diagonal, state):
       k_BKSD, v_BKSD = k_NBKSD[j], v_NBKSD[j]
@@ -124,13 +131,13 @@ def forward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _moda(geo, q, k, v, depth_k, depth_v, depth_len, segment_ids):
-  return forward(geo, q, k, v, depth_k, depth_v, depth_len, segment_ids)
+def _moda(geo, q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids):
+  return forward(geo, q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids)
 
 
-def _moda_fwd(geo, q, k, v, depth_k, depth_v, depth_len, segment_ids):
-  out, lse = forward(geo, q, k, v, depth_k, depth_v, depth_len, segment_ids)
-  return (out, lse), (q, k, v, depth_k, depth_v, depth_len, segment_ids, out, lse)
+def _moda_fwd(geo, q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids):
+  out, lse = forward(geo, q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids)
+  return (out, lse), (q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, out, lse)
 
 
 def _moda_bwd(geo, residuals, cotangents):

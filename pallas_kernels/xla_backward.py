@@ -5,11 +5,12 @@ With p = exp(logits - lse) recomputed tile by tile, dp = d_out . v and
 (the lse cotangent enters as + p * d_lse because d lse / d logits = p; `out` is the saved output in
 q's dtype, as in flash kernels, so bf16 / f16 delta carries that rounding). Then
     dv += p^T d_out,   dk += scale * d_logits^T q,   dq += scale * d_logits k
-for the sequence tiles and the same with each token's own depth slots.
+for the sequence tiles, and the same with each token's own depth slots and depth_q in place of q
+(the depth part of the query gradient is d depth_q, a separate output).
 
 Loop order: a `lax.scan` over query blocks carries float32 dk / dv accumulators for the whole sequence
 ([B, T, K, D]: O(T * D), smaller than a dq carry whenever G > 1); a query block's dq and its depth
-gradients are complete when its sweep ends (a depth slot belongs to one token), so they are emitted as
+gradients (d depth_q included) are complete when its sweep ends (a depth slot belongs to one token), so they are emitted as
 scan outputs. Slots >= depth_len have p = 0 exactly, hence gradients that are exactly zero.
 """
 
@@ -23,9 +24,11 @@ from pallas_kernels.xla_blocks import (
     masked, pad_tokens, segment_blocks, sweep_key_blocks, to_key_blocks, to_query_blocks)
 
 
-def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len,
-             segment_ids_BT, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH):
-  """Returns (dq, dk, dv, d_depth_k, d_depth_v) in the inputs' dtypes (depth grads None without depth)."""
+def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD, depth_v_BTLKD,
+             depth_len, segment_ids_BT, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH):
+  """Returns (dq, dk, dv, d_depth_q, d_depth_k, d_depth_v) in the inputs' dtypes.
+
+  dq is the sequence part only; the depth grads are None without depth."""
   dtype = q_BTHD.dtype
   q_NBKRD = to_query_blocks(q_BTHD, geo)
   d_out_NBKRD = to_query_blocks(d_out_BTHD.astype(dtype), geo)
@@ -36,11 +39,13 @@ def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD
   lse_NBKR = to_query_blocks(lse_BTH, geo, pad_value=jnp.inf)
   k_NBKSD, v_NBKSD = to_key_blocks(k_BTKD, geo), to_key_blocks(v_BTKD, geo)
   seg_rows_NBR, seg_keys_NBS = segment_blocks(segment_ids_BT, geo)
+  depth_q_NBKRD = None
   if geo.num_slots:
     depth_k_BTLKD, depth_v_BTLKD = pad_tokens(depth_k_BTLKD, geo), pad_tokens(depth_v_BTLKD, geo)
+    depth_q_NBKRD = to_query_blocks(depth_q_BTHD, geo)
 
   def query_block(dkv_acc, xs):
-    i, q_BKRD, d_out_BKRD, lse_BKR, delta_BKR = xs
+    i, q_BKRD, depth_q_BKRD, d_out_BKRD, lse_BKR, delta_BKR = xs
     seg_rows_BR = None if seg_rows_NBR is None else seg_rows_NBR[i]
 
     def grads_of_logits(logits_BKRN, d_probs_BKRN):
@@ -68,29 +73,30 @@ def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD
       split = lambda x: x.reshape(geo.batch, geo.num_kv_heads, geo.block, geo.group, -1)
       d_out_BKtGD = split(d_out_BKRD)
       d_probs = dot("bktgd,btlkd->bktgl", d_out_BKtGD, depth_v_BtLKD).reshape(lse_BKR.shape + (-1,))
-      probs, d_logits = grads_of_logits(depth_logits(q_BKRD, depth_k_BtLKD, depth_len, geo), d_probs)
+      logits = depth_logits(depth_q_BKRD, depth_k_BtLKD, depth_len, geo)
+      probs, d_logits = grads_of_logits(logits, d_probs)
       probs_BKtGL, d_logits_BKtGL = split(probs).astype(dtype), split(d_logits).astype(dtype)
-      dq_BKRD += geo.scale * dot("bktgl,btlkd->bktgd", d_logits_BKtGL,
-                                 depth_k_BtLKD).reshape(dq_BKRD.shape)
-      d_depth_k = geo.scale * dot("bktgl,bktgd->btlkd", d_logits_BKtGL, split(q_BKRD))
+      d_depth_q = geo.scale * dot("bktgl,btlkd->bktgd", d_logits_BKtGL, depth_k_BtLKD)
+      d_depth_k = geo.scale * dot("bktgl,bktgd->btlkd", d_logits_BKtGL, split(depth_q_BKRD))
       d_depth_v = dot("bktgl,bktgd->btlkd", probs_BKtGL, d_out_BKtGD)
-      depth_grads = (d_depth_k.astype(dtype), d_depth_v.astype(dtype))
+      depth_grads = (d_depth_q.reshape(dq_BKRD.shape).astype(dtype), d_depth_k.astype(dtype),
+                     d_depth_v.astype(dtype))
 
     dq_BKRD, dkv_acc = sweep_key_blocks(i, step, (dq_BKRD, dkv_acc), geo)
     return dkv_acc, (dq_BKRD.astype(dtype), *depth_grads)
 
   shape_NBKSD = (geo.num_blocks, geo.batch, geo.num_kv_heads, geo.block, geo.head_dim)
   dkv_init = (jnp.zeros(shape_NBKSD, jnp.float32), jnp.zeros(shape_NBKSD, jnp.float32))
-  xs = (jnp.arange(geo.num_blocks), q_NBKRD, d_out_NBKRD, lse_NBKR, delta_NBKR)
+  xs = (jnp.arange(geo.num_blocks), q_NBKRD, depth_q_NBKRD, d_out_NBKRD, lse_NBKR, delta_NBKR)
   (dk_NBKSD, dv_NBKSD), per_block = jax.lax.scan(query_block, dkv_init, xs)
 
   dq_BTHD = from_query_blocks(per_block[0], geo)
   dk_BTKD = from_key_blocks(dk_NBKSD, geo).astype(k_BTKD.dtype)
   dv_BTKD = from_key_blocks(dv_NBKSD, geo).astype(v_BTKD.dtype)
   if not geo.num_slots:
-    return dq_BTHD, dk_BTKD, dv_BTKD, None, None
-  return (dq_BTHD, dk_BTKD, dv_BTKD, _from_depth_blocks(per_block[1], geo),
-          _from_depth_blocks(per_block[2], geo))
+    return dq_BTHD, dk_BTKD, dv_BTKD, None, None, None
+  return (dq_BTHD, dk_BTKD, dv_BTKD, from_query_blocks(per_block[1], geo),
+          _from_depth_blocks(per_block[2], geo), _from_depth_blocks(per_block[3], geo))
 
 
 def _add_block(acc_NBKSD, j, update_BKSD):

@@ -69,16 +69,17 @@ def forward_and_grads(impl: Impl, arrays, d_out, d_lse, *, depth_len=None, segme
                       **options):
   """(out, lse, grads) of `impl` under one jit; grads of sum(out * d_out) + sum(lse * d_lse).
 
-  `arrays` is (q, k, v, depth_k, depth_v) with the depth pair possibly None. A `depth_len` that is a
-  jax Array becomes a traced argument of the jitted function; a Python int stays static.
+  `arrays` is (q, k, v, depth_k, depth_v) with the depth pair possibly None, optionally followed by
+  depth_q (then passed as `depth_q=` and differentiated too). A `depth_len` that is a jax Array
+  becomes a traced argument of the jitted function; a Python int stays static.
   """
   traced = isinstance(depth_len, jax.Array)
 
   @jitted
   def run(arrays, segment_ids, d_out, d_lse, traced_len):
     length = traced_len if traced else depth_len
-    attend = lambda a: call(impl, *a, depth_len=length, segment_ids=segment_ids, return_lse=True,
-                            **options)
+    attend = lambda a: call(impl, *a[:5], depth_len=length, segment_ids=segment_ids, return_lse=True,
+                            **({"depth_q": a[5]} if len(a) > 5 else {}), **options)
     (out, lse), pullback = jax.vjp(attend, arrays)
     return out, lse, pullback((d_out, d_lse))[0]
 
@@ -103,6 +104,7 @@ class Case:
   garbage: bool = False           # large finite values in slots >= depth_len
   empty_depth: bool = False       # pass depth arrays with L = 0 instead of None
   kernel: bool = False            # part of the reduced spread for Pallas backends
+  depth_q: bool = False           # pass a separate random depth_q (else depth is scored with q)
 
   @property
   def written(self) -> int:
@@ -152,6 +154,16 @@ CASES = (
     Case("t129_g2_l5", seq_len=129, head_dim=64, slots=5, kernel=True),
     Case("bf16_g8_shuffled_traced", batch=2, seq_len=40, q_heads=8, slots=5, depth_len=2, traced=True,
          garbage=True, segments="shuffled", dtype="bfloat16", kernel=True),
+    # depth_q != q: the depth logits score a second query tensor, and its gradient is separate.
+    Case("depth_q_g2_l5_traced_garbage", batch=2, seq_len=19, q_heads=4, kv_heads=2, head_dim=64,
+         slots=5, depth_len=3, traced=True, garbage=True, depth_q=True, kernel=True),
+    Case("depth_q_bf16_g4_l16_noncausal_segments", seq_len=70, q_heads=8, kv_heads=2, slots=16,
+         depth_len=11, garbage=True, causal=False, segments="packed", dtype="bfloat16", depth_q=True,
+         kernel=True),
+    Case("depth_q_f16_g3_l1_d40", seq_len=9, q_heads=3, head_dim=40, slots=1, dtype="float16",
+         depth_q=True),
+    Case("depth_q_len0_traced", seq_len=6, slots=5, depth_len=0, traced=True, garbage=True,
+         depth_q=True),
 )
 
 # (norm-relative, max-abs relative to the oracle's largest magnitude), keyed by input dtype. Observed
@@ -177,6 +189,7 @@ class Inputs(NamedTuple):
   segment_ids: jnp.ndarray | None
   d_out: jnp.ndarray   # cotangent of out, in the input dtype
   d_lse: jnp.ndarray   # cotangent of lse, float32
+  depth_q: jnp.ndarray | None = None  # only for cases with depth_q=True
 
 
 def rng_for(name: str) -> np.random.Generator:
@@ -208,7 +221,8 @@ def make_inputs(case: Case) -> Inputs:
   seg = None if case.segments is None else jnp.asarray(segment_ids(rng, b, t, case.segments))
   d_out = normal(b, t, case.q_heads, d)
   d_lse = jnp.asarray(rng.normal(size=(b, t, case.q_heads)), jnp.float32)
-  return Inputs(q, k, v, depth_k, depth_v, seg, d_out, d_lse)
+  depth_q = normal(b, t, case.q_heads, d) if case.depth_q else None
+  return Inputs(q, k, v, depth_k, depth_v, seg, d_out, d_lse, depth_q)
 
 
 def to_f64(x) -> np.ndarray:

@@ -7,12 +7,13 @@ list. Slow, but every line maps onto the formula, and masking is by *omission*, 
 masked keys cannot leak into the result or receive gradient.
 
 The backward pass is the analytic gradient of `sum(out * d_out) + sum(lse * d_lse)`. For one query
-with visible keys i, logits x_i = scale * q . key_i, p = softmax(x), out = sum_i p_i value_i,
+with visible keys i, logits x_i = scale * query_i . key_i where query_i is q for a sequence key and
+depth_q (q when not given) for a depth key, p = softmax(x), out = sum_i p_i value_i,
 lse = log sum_i e^{x_i}:
-    d value_i = p_i d_out
-    dp_i      = d_out . value_i,   delta = sum_i p_i dp_i = out . d_out
-    dx_i      = p_i (dp_i - delta) + p_i d_lse          (d lse / d x_i = p_i)
-    d q      += scale * sum_i dx_i key_i,    d key_i += scale * dx_i q
+    d value_i  = p_i d_out
+    dp_i       = d_out . value_i,   delta = sum_i p_i dp_i = out . d_out
+    dx_i       = p_i (dp_i - delta) + p_i d_lse          (d lse / d x_i = p_i)
+    d query_i += scale * dx_i key_i  (summed into d q or d depth_q),   d key_i += scale * dx_i query_i
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Grads(NamedTuple):
   v: np.ndarray
   depth_k: np.ndarray | None
   depth_v: np.ndarray | None
+  depth_q: np.ndarray | None = None  # only when depth_q was given; else its part is in q
 
 
 class _Query(NamedTuple):
@@ -74,8 +76,16 @@ def _queries(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, ca
         yield _Query(b, t, h, kv_head, seq_pos, slots, np.concatenate(keys), np.concatenate(values))
 
 
-def _softmax_row(q_D, keys_ND, scale):
-  logits_N = scale * (keys_ND @ q_D)
+def _row_queries(q, depth_q, row: _Query):
+  """[S' + L', D]: the query that scores each visible key (q for sequence keys, depth_q for depth)."""
+  depth_q = q if depth_q is None else depth_q
+  num_seq = len(row.seq_pos)
+  return np.concatenate([np.repeat(q[row.b, row.t, row.h][None], num_seq, axis=0),
+                         np.repeat(depth_q[row.b, row.t, row.h][None], len(row.slots), axis=0)])
+
+
+def _softmax_row(queries_ND, keys_ND, scale):
+  logits_N = scale * np.sum(keys_ND * queries_ND, axis=-1)
   peak = logits_N.max()  # the query always sees itself, so the list is never empty
   weights_N = np.exp(logits_N - peak)
   total = weights_N.sum()
@@ -83,37 +93,42 @@ def _softmax_row(q_D, keys_ND, scale):
 
 
 def forward(q, k, v, depth_k=None, depth_v=None, *, depth_len=None, causal=True, scale=None,
-            segment_ids=None):
+            segment_ids=None, depth_q=None):
   """Returns (out [B,T,Hq,D], lse [B,T,Hq]) in float64. Arguments as in `moda_attention`."""
-  q, k, v, depth_k, depth_v = map(_f64, (q, k, v, depth_k, depth_v))
+  q, k, v, depth_k, depth_v, depth_q = map(_f64, (q, k, v, depth_k, depth_v, depth_q))
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   seg = None if segment_ids is None else np.asarray(segment_ids)
   out = np.zeros_like(q)
   lse = np.zeros(q.shape[:3])
   for row in _queries(q, k, v, depth_k, depth_v, depth_len, causal, seg):
-    p_N, lse[row.b, row.t, row.h] = _softmax_row(q[row.b, row.t, row.h], row.keys_ND, scale)
+    p_N, lse[row.b, row.t, row.h] = _softmax_row(_row_queries(q, depth_q, row), row.keys_ND, scale)
     out[row.b, row.t, row.h] = p_N @ row.values_ND
   return out, lse
 
 
 def backward(q, k, v, depth_k=None, depth_v=None, *, d_out, d_lse, depth_len=None, causal=True,
-             scale=None, segment_ids=None) -> Grads:
-  """Gradients of sum(out * d_out) + sum(lse * d_lse) w.r.t. q, k, v, depth_k, depth_v (float64)."""
-  q, k, v, depth_k, depth_v, d_out, d_lse = map(_f64, (q, k, v, depth_k, depth_v, d_out, d_lse))
+             scale=None, segment_ids=None, depth_q=None) -> Grads:
+  """Gradients of sum(out * d_out) + sum(lse * d_lse) w.r.t. q, k, v, depth_k, depth_v and depth_q
+  when given (float64)."""
+  q, k, v, depth_k, depth_v, depth_q, d_out, d_lse = map(
+      _f64, (q, k, v, depth_k, depth_v, depth_q, d_out, d_lse))
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   seg = None if segment_ids is None else np.asarray(segment_ids)
-  grads = Grads(*(None if x is None else np.zeros_like(x) for x in (q, k, v, depth_k, depth_v)))
+  grads = Grads(*(None if x is None else np.zeros_like(x)
+                  for x in (q, k, v, depth_k, depth_v, depth_q)))
+  d_depth_q = grads.q if depth_q is None else grads.depth_q
   for row in _queries(q, k, v, depth_k, depth_v, depth_len, causal, seg):
-    q_D = q[row.b, row.t, row.h]
+    queries_ND = _row_queries(q, depth_q, row)
     do_D = d_out[row.b, row.t, row.h]
-    p_N, _ = _softmax_row(q_D, row.keys_ND, scale)
+    p_N, _ = _softmax_row(queries_ND, row.keys_ND, scale)
     dp_N = row.values_ND @ do_D
     delta = p_N @ dp_N
     dx_N = p_N * (dp_N - delta) + p_N * d_lse[row.b, row.t, row.h]
-    grads.q[row.b, row.t, row.h] += scale * (dx_N @ row.keys_ND)
-    dkey_ND = scale * np.outer(dx_N, q_D)
-    dvalue_ND = np.outer(p_N, do_D)
     num_seq = len(row.seq_pos)
+    grads.q[row.b, row.t, row.h] += scale * (dx_N[:num_seq] @ row.keys_ND[:num_seq])
+    d_depth_q[row.b, row.t, row.h] += scale * (dx_N[num_seq:] @ row.keys_ND[num_seq:])
+    dkey_ND = scale * dx_N[:, None] * queries_ND
+    dvalue_ND = np.outer(p_N, do_D)
     # Positions within one row are distinct, so plain fancy-index += does not drop duplicates.
     grads.k[row.b, row.seq_pos, row.kv_head] += dkey_ND[:num_seq]
     grads.v[row.b, row.seq_pos, row.kv_head] += dvalue_ND[:num_seq]

@@ -1,4 +1,4 @@
-"""`moda_attention` against the float64 oracle: out, lse and all five gradients, per implementation.
+"""`moda_attention` against the float64 oracle: out, lse and all gradients, per implementation.
 
 Each case runs forward + `jax.vjp` under `jit` with random cotangents on both out and lse, and compares
 with `oracle.py` evaluated on the *same* (dtype-rounded) inputs, so bf16 / f16 errors measure the
@@ -15,7 +15,7 @@ import oracle
 from operator_cases import (CASES, IMPLEMENTATIONS, Case, Impl, assert_close, forward_and_grads,
                             impl_marks, make_inputs)
 
-_GRAD_NAMES = ("q", "k", "v", "depth_k", "depth_v")
+_GRAD_NAMES = ("q", "k", "v", "depth_k", "depth_v", "depth_q")
 
 
 def _case_params():
@@ -26,6 +26,8 @@ def _case_params():
 def run_vjp(impl: Impl, case: Case, inputs):
   """Returns (out, lse, grads) of the implementation for one case, computed under jit."""
   arrays = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)
+  if case.depth_q:
+    arrays += (inputs.depth_q,)
   depth_len = jnp.int32(case.written) if case.traced else case.depth_len
   return forward_and_grads(impl, arrays, inputs.d_out, inputs.d_lse, depth_len=depth_len,
                            segment_ids=inputs.segment_ids, causal=case.causal, scale=case.scale)
@@ -38,11 +40,11 @@ def test_forward_and_gradients_match_oracle(impl, case):
 
   expected_out, expected_lse = oracle.forward(
       inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v, depth_len=case.depth_len,
-      causal=case.causal, scale=case.scale, segment_ids=inputs.segment_ids)
+      causal=case.causal, scale=case.scale, segment_ids=inputs.segment_ids, depth_q=inputs.depth_q)
   expected_grads = oracle.backward(
       inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v, d_out=inputs.d_out,
       d_lse=inputs.d_lse, depth_len=case.depth_len, causal=case.causal, scale=case.scale,
-      segment_ids=inputs.segment_ids)
+      segment_ids=inputs.segment_ids, depth_q=inputs.depth_q)
 
   assert out.dtype == inputs.q.dtype and out.shape == inputs.q.shape
   assert lse.dtype == jnp.float32 and lse.shape == inputs.q.shape[:3]
@@ -50,7 +52,8 @@ def test_forward_and_gradients_match_oracle(impl, case):
   # lse is float32 whatever the input dtype, but a backend may legitimately round scale * q to the
   # input dtype before the dot, so its tolerance follows the input dtype too.
   assert_close("lse", lse, expected_lse, case.dtype)
-  primals = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)
+  primals = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v, inputs.depth_q)
+  assert len(grads) == 6 if case.depth_q else len(grads) == 5
   for name, grad, expected, primal in zip(_GRAD_NAMES, grads, expected_grads, primals):
     if primal is None:
       continue
@@ -78,3 +81,6 @@ def test_kernel_spread_is_small_but_covers_every_feature():
   assert {True, False} <= covered("garbage") and {None, "packed", "shuffled"} <= covered("segments")
   assert any(c.slots > c.seq_len for c in kernel_cases) and 1 in covered("seq_len")
   assert max(covered("head_dim")) == 256 and max(covered("seq_len")) > 128
+  # depth_q != q with a traced depth_len over garbage slots, and with several tiles of tokens.
+  assert any(c.depth_q and c.traced and c.garbage for c in kernel_cases)
+  assert any(c.depth_q and c.seq_len > 64 and c.segments for c in kernel_cases)

@@ -58,6 +58,14 @@ _BAD_VALUES = [
     _case("v_bfloat16", dict(v=_zeros(_B, _T, _HK, _D, dtype=jnp.bfloat16)), r"v=bfloat16"),
     _case("depth_k_bfloat16", dict(depth_k=_zeros(_B, _T, _L, _HK, _D, dtype=jnp.bfloat16)),
           r"depth_k\.dtype=bfloat16"),
+    # depth_q: like q, and only with depth
+    _case("depth_q_kv_heads", dict(depth_q=_zeros(_B, _T, _HK, _D)), r"depth_q\.shape=\(2, 5, 2, 8\)"),
+    _case("depth_q_rank5", dict(depth_q=_zeros(_B, _T, 1, _HQ, _D)), r"depth_q\.shape"),
+    _case("depth_q_bfloat16", dict(depth_q=_zeros(_B, _T, _HQ, _D, dtype=jnp.bfloat16)),
+          r"depth_q\.dtype=bfloat16"),
+    _case("depth_q_not_an_array", dict(depth_q=np.zeros((_B, _T, _HQ, _D)).tolist()), r"\bdepth_q\b"),
+    _case("depth_q_without_depth", dict(depth_q=_zeros(_B, _T, _HQ, _D), depth_k=None, depth_v=None,
+                                        depth_len=None), r"depth_q .*depth_k / depth_v are None"),
     _case("depth_v_float16", dict(depth_v=_zeros(_B, _T, _L, _HK, _D, dtype=jnp.float16)),
           r"depth_v\.dtype=float16"),
     # the depth pair

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from operator_cases import (TOLERANCES, Case, assert_close, call, forward_and_grads, impl_params,
-                            jitted, make_inputs, to_f64)
+                            jitted, make_inputs, rng_for, to_f64)
 
 # One small float32 problem with every feature switched on: GQA, segments, garbage in unwritten slots.
 _BASE = Case("properties", batch=2, seq_len=23, q_heads=6, kv_heads=2, slots=6, depth_len=4,
@@ -159,3 +159,28 @@ def test_api_defaults(impl):
   assert isinstance(plain, jax.Array)
   np.testing.assert_array_equal(plain, out)
   assert lse.shape == inputs.q.shape[:3] and lse.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("impl", impl_params(kernel=True))
+def test_depth_q_folds_a_key_gain(impl):
+  # The model's identity: a per-feature gain on the depth keys equals the same gain on the depth
+  # query, q . (gain * k) = (q * gain) . k, with the gradients related by the chain rule
+  # (d depth_k = gain * d(gain * depth_k), dq = dq_sequence + gain * d depth_q). Checks out, lse and
+  # all six gradients of the depth_q path against the plain path, independently of the oracle.
+  inputs = make_inputs(_BASE)
+  gain_111D = jnp.asarray(rng_for("gain").uniform(0.5, 1.5, size=(1, 1, 1, _BASE.head_dim)),
+                          jnp.float32)
+  gain_1111D = gain_111D[None]
+  q, k, v, depth_k, depth_v = _arrays(inputs)
+  out_a, lse_a, grads_a = _run(impl, (q, k, v, depth_k * gain_1111D, depth_v), inputs)
+  out_b, lse_b, grads_b = _run(impl, (q, k, v, depth_k, depth_v, q * gain_111D), inputs)
+  dq_b, dk_b, dv_b, ddepth_k_b, ddepth_v_b, ddepth_q_b = grads_b
+  _assert_all_close(("out", "lse", "dq", "dk", "dv", "ddepth_k", "ddepth_v"),
+                    (out_b, lse_b, dq_b + ddepth_q_b * gain_111D, dk_b, dv_b, ddepth_k_b, ddepth_v_b),
+                    (out_a, lse_a, grads_a[0], grads_a[1], grads_a[2], grads_a[3] * gain_1111D,
+                     grads_a[4]))
+  # depth_q = q is the default: identical outputs, and its gradient is the depth part of dq.
+  out_c, lse_c, grads_c = _run(impl, (q, k, v, depth_k, depth_v, q), inputs)
+  out_d, lse_d, grads_d = _run(impl, (q, k, v, depth_k, depth_v), inputs)
+  _assert_all_close(("out", "lse", "dq", "ddepth_k"),
+                    (out_c, lse_c, grads_c[0] + grads_c[5], grads_c[3]), (out_d, lse_d, grads_d[0], grads_d[3]))

@@ -51,9 +51,9 @@ def test_segments_and_non_causal_by_masking_out_keys():
   np.testing.assert_allclose(out[:, 1], v[:, 1], rtol=1e-13)  # alone in its segment
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_gradients_match_central_differences(causal):
-  rng = np.random.default_rng(2 + causal)
+@pytest.mark.parametrize("causal, with_depth_q", [(True, False), (False, False), (True, True)])
+def test_gradients_match_central_differences(causal, with_depth_q):
+  rng = np.random.default_rng(2 + causal + 2 * with_depth_q)
   batch, seq_len, q_heads, kv_heads, head_dim, slots, depth_len = 1, 3, 4, 2, 3, 3, 2
   arrays = {
       "q": rng.normal(size=(batch, seq_len, q_heads, head_dim)),
@@ -62,6 +62,8 @@ def test_gradients_match_central_differences(causal):
       "depth_k": rng.normal(size=(batch, seq_len, slots, kv_heads, head_dim)),
       "depth_v": rng.normal(size=(batch, seq_len, slots, kv_heads, head_dim)),
   }
+  if with_depth_q:
+    arrays["depth_q"] = rng.normal(size=(batch, seq_len, q_heads, head_dim))
   d_out = rng.normal(size=(batch, seq_len, q_heads, head_dim))
   d_lse = rng.normal(size=(batch, seq_len, q_heads))
   options = dict(depth_len=depth_len, causal=causal, scale=0.8, segment_ids=np.array([[3, 3, 5]]))
@@ -83,3 +85,25 @@ def test_gradients_match_central_differences(causal):
     np.testing.assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)
   # The unwritten slot is omitted from every key list, so its gradient is exactly zero.
   assert not grads["depth_k"][:, :, depth_len:].any() and not grads["depth_v"][:, :, depth_len:].any()
+
+
+def test_depth_q_scores_only_depth_keys():
+  # depth_q equal to q is the default; a different depth_q changes the depth logits only, so with
+  # depth_len=0 it changes nothing, and q's gradient splits into a sequence and a depth part.
+  rng = np.random.default_rng(7)
+  q, k, v = (rng.normal(size=(1, 3, 2, 4)) for _ in range(3))
+  depth_k, depth_v = (rng.normal(size=(1, 3, 2, 2, 4)) for _ in range(2))
+  depth_q = rng.normal(size=q.shape)
+  d_out, d_lse = rng.normal(size=q.shape), rng.normal(size=q.shape[:3])
+  default = oracle.forward(q, k, v, depth_k, depth_v)
+  same = oracle.forward(q, k, v, depth_k, depth_v, depth_q=q)
+  other = oracle.forward(q, k, v, depth_k, depth_v, depth_q=depth_q)
+  np.testing.assert_allclose(same[0], default[0], rtol=1e-14)
+  assert np.abs(other[0] - default[0]).max() > 1e-3
+  unread = oracle.forward(q, k, v, depth_k, depth_v, depth_len=0, depth_q=depth_q)
+  np.testing.assert_allclose(unread[0], oracle.forward(q, k, v)[0], rtol=1e-14)
+  joint = oracle.backward(q, k, v, depth_k, depth_v, d_out=d_out, d_lse=d_lse)
+  split = oracle.backward(q, k, v, depth_k, depth_v, d_out=d_out, d_lse=d_lse, depth_q=q)
+  assert joint.depth_q is None
+  np.testing.assert_allclose(split.q + split.depth_q, joint.q, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(split.depth_k, joint.depth_k, rtol=1e-12)

@@ -34,7 +34,8 @@ def _abstract_tpu_mesh():
 
 def _lower_forward_and_backward(batch, seq_len, group, head_dim, slots, *, dtype=jnp.bfloat16,
                                 causal=True, segments=False, implementation="pallas_tpu"):
-  """StableHLO text of jit(forward) and jit(grad) lowered for TPU."""
+  """StableHLO text of jit(forward) and jit(grad) lowered for TPU (with a separate depth_q when L > 0,
+  the model's path)."""
   kv_heads = 8
   spec = jax.ShapeDtypeStruct
   q = spec((batch, seq_len, kv_heads * group, head_dim), dtype)
@@ -42,16 +43,16 @@ def _lower_forward_and_backward(batch, seq_len, group, head_dim, slots, *, dtype
   depth = spec((batch, seq_len, slots, kv_heads, head_dim), dtype) if slots else None
   seg = spec((batch, seq_len), jnp.int32) if segments else None
 
-  def forward(q, k, v, depth_k, depth_v, depth_len, segment_ids):
+  def forward(q, k, v, depth_k, depth_v, depth_q, depth_len, segment_ids):
     return moda_attention(q, k, v, depth_k, depth_v, depth_len=depth_len if slots else None,
                           causal=causal, segment_ids=segment_ids, return_lse=True,
-                          implementation=implementation)
+                          implementation=implementation, depth_q=depth_q)
 
   def loss(arrays, depth_len, segment_ids):
     out, lse = forward(*arrays, depth_len, segment_ids)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
-  arrays = (q, kv, kv, depth, depth)
+  arrays = (q, kv, kv, depth, depth, q if slots else None)
   depth_len = spec((), jnp.int32)
   with jax.sharding.use_abstract_mesh(_abstract_tpu_mesh()):
     lowered = [jax.jit(forward).trace(*arrays, depth_len, seg),

@@ -24,13 +24,14 @@ def _lowered_text(batch, seq_len, group, head_dim, slots, attend):
   kv_heads = 8
   arrays = [shape(batch, seq_len, kv_heads * group, head_dim), shape(batch, seq_len, kv_heads, head_dim),
             shape(batch, seq_len, kv_heads, head_dim)]
-  depth = [shape(batch, seq_len, slots, kv_heads, head_dim)] * 2 if slots else [None, None]
+  # With depth, a separate depth_q too: the model's path (the kernels then read and write it).
+  depth = ([shape(batch, seq_len, slots, kv_heads, head_dim)] * 2 + [arrays[0]]) if slots else [None, None]
 
   def loss(*a):
     out, lse = attend(*a)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
-  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4) if slots else (0, 1, 2))
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5) if slots else (0, 1, 2))
   with jax.sharding.use_abstract_mesh(_MESH):
     return jax.jit(grad).trace(*arrays, *depth).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -40,7 +41,8 @@ def _lowered_text(batch, seq_len, group, head_dim, slots, attend):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_tiles_lower_for_h200(head_dim, group, slots):
   # The seq_len is not a multiple of any tile, as in the odd-T contract cases.
-  attend = lambda *a: moda_attention(*a, return_lse=True)  # implementation=None picks pallas_triton on cuda
+  # implementation=None picks pallas_triton on cuda.
+  attend = lambda q, k, v, dk=None, dv=None, dq=None: moda_attention(q, k, v, dk, dv, depth_q=dq, return_lse=True)
   text = _lowered_text(2, 1000, group, head_dim, slots, attend)
   assert text.count("__gpu$xla.gpu.triton") == 3
 
@@ -50,7 +52,7 @@ def test_per_token_and_separate_depth_kernel_lower_for_h200(separate):
   base = BlockSizes.get_default(64, 2, jnp.bfloat16)
   sizes = BlockSizes(*(dataclasses.replace(b, depth_mode="per_token") for b in (base.fwd, base.dq, base.dkv)))
   sizes = dataclasses.replace(sizes, dq=dataclasses.replace(sizes.dq, separate_depth_kernel=separate))
-  attend = lambda q, k, v, dk, dv: triton.attention(q, k, v, dk, dv, jnp.int32(5), None, causal=True,
-                                                    scale=0.125, block_sizes=sizes)
+  attend = lambda q, k, v, dk, dv, dq: triton.attention(q, k, v, dk, dv, jnp.int32(5), None, causal=True,
+                                                        scale=0.125, block_sizes=sizes, depth_q_BTHD=dq)
   # forward, dq (+ depth), dk/dv; the separate depth kernel is a fourth.
   assert _lowered_text(1, 4096, 2, 64, 72, attend).count("__gpu$xla.gpu.triton") == 3 + separate

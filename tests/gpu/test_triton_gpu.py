@@ -4,8 +4,8 @@ Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu -q` (
 1. Every case of the shared operator table (the full spread, not the reduced interpret one) against the
    float64 oracle, through the shared suite's own check.
 2. Multi-tile shapes (several query tiles and key blocks, odd T, G = 3, D up to 256, many slots) against
-   the dense `reference` backend on the same GPU: out, lse and all five gradients, for both depth modes
-   and for the separate depth-backward kernel.
+   the dense `reference` backend on the same GPU, with a separate depth_q whenever there is depth: out,
+   lse and all six gradients, for both depth modes and for the separate depth-backward kernel.
 """
 
 import dataclasses
@@ -51,7 +51,8 @@ def test_multi_tile_against_reference(shape, depth_mode):
   q = normal(keys[0], batch, seq_len, kv_heads * group, head_dim)
   k, v = normal(keys[1], batch, seq_len, kv_heads, head_dim), normal(keys[2], batch, seq_len, kv_heads, head_dim)
   depth = (normal(keys[3], batch, seq_len, slots, kv_heads, head_dim),
-           normal(keys[4], batch, seq_len, slots, kv_heads, head_dim)) if slots else (None, None)
+           normal(keys[4], batch, seq_len, slots, kv_heads, head_dim),
+           normal(jax.random.fold_in(keys[0], 1), batch, seq_len, kv_heads * group, head_dim)) if slots else (None, None)
   seg = jnp.sort(jax.random.randint(keys[5], (batch, seq_len), 0, 4), axis=1) if segments else None
   d_out = normal(keys[6], batch, seq_len, kv_heads * group, head_dim)
   d_lse = jax.random.normal(keys[7], (batch, seq_len, kv_heads * group), jnp.float32)
@@ -65,11 +66,13 @@ def test_multi_tile_against_reference(shape, depth_mode):
     @jax.jit
     def f(arrays, length):
       def attend(a):
+        depth_q = a[5] if len(a) > 5 else None
         if impl == "pallas_triton":
           full_len = None if a[3] is None else (jnp.int32(slots) if length is None else length)
-          return triton.attention(*a, full_len, seg, causal=causal, scale=head_dim ** -0.5, block_sizes=blocks)
-        return moda_attention(*a, depth_len=length, causal=causal, segment_ids=seg, return_lse=True,
-                              implementation=impl)
+          return triton.attention(*a[:5], full_len, seg, causal=causal, scale=head_dim ** -0.5,
+                                  block_sizes=blocks, depth_q_BTHD=depth_q)
+        return moda_attention(*a[:5], depth_len=length, causal=causal, segment_ids=seg, return_lse=True,
+                              implementation=impl, depth_q=depth_q)
       (out, lse), pullback = jax.vjp(attend, arrays)
       return out, lse, pullback((d_out, d_lse))[0]
     return f((q, k, v, *depth), None if depth_len is None else jnp.int32(depth_len))
@@ -77,7 +80,7 @@ def test_multi_tile_against_reference(shape, depth_mode):
   got, want = run("pallas_triton"), run("reference")
   assert_close("out", got[0], want[0], dtype)
   assert_close("lse", got[1], want[1], "float32" if dtype == "float32" else dtype)
-  for name, g, w in zip(("dq", "dk", "dv", "ddepth_k", "ddepth_v"), got[2], want[2]):
+  for name, g, w in zip(("dq", "dk", "dv", "ddepth_k", "ddepth_v", "ddepth_q"), got[2], want[2]):
     if w is not None:
       assert_close(name, g, w, dtype)
   if slots and depth_len is not None and depth_len < slots:
