@@ -15,8 +15,9 @@ def get_config():
   c = base.get_config()
   c.seq_len = 4096
   c.batch_size = 4                # one row per GPU on 4 GPUs
-  c.total_steps = 1000
-  c.warmup_steps = 100
+  c.total_steps = 20_000
+  c.learning_rate = 1.5e-4        # wide models need a gentler start than the 700M's 3e-4
+  c.warmup_steps = 2000
   c.eval_every = 0
   c.checkpoint_every = 500
   c.mesh.data = 1
