@@ -6,7 +6,7 @@ With p = exp(logits - lse) recomputed tile by tile, dp = d_out . v and
 q's dtype, as in flash kernels, so bf16 / f16 delta carries that rounding). Then
     dv += p^T d_out,   dk += scale * d_logits^T q,   dq += scale * d_logits k
 for the sequence tiles, and the same with each token's own depth slots and depth_q in place of q
-(the depth part of the query gradient is d depth_q, a separate output).
+(the depth part of the query gradient is d depth_q, a separate output unless depth_q is q itself).
 
 Loop order: a `lax.scan` over query blocks carries float32 dk / dv accumulators for the whole sequence
 ([B, T, K, D]: O(T * D), smaller than a dq carry whenever G > 1); a query block's dq and its depth
@@ -28,7 +28,9 @@ def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD,
              depth_len, segment_ids_BT, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH):
   """Returns (dq, dk, dv, d_depth_q, d_depth_k, d_depth_v) in the inputs' dtypes.
 
-  dq is the sequence part only; the depth grads are None without depth."""
+  depth_q None means the depth keys were scored with q: dq then holds both parts and d_depth_q is
+  None (one query gradient, not two [B, T, Hq, D] arrays and their sum). Otherwise dq is the
+  sequence part only. The depth grads are None without depth."""
   dtype = q_BTHD.dtype
   q_NBKRD = to_query_blocks(q_BTHD, geo)
   d_out_NBKRD = to_query_blocks(d_out_BTHD.astype(dtype), geo)
@@ -39,13 +41,16 @@ def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD,
   lse_NBKR = to_query_blocks(lse_BTH, geo, pad_value=jnp.inf)
   k_NBKSD, v_NBKSD = to_key_blocks(k_BTKD, geo), to_key_blocks(v_BTKD, geo)
   seg_rows_NBR, seg_keys_NBS = segment_blocks(segment_ids_BT, geo)
+  shared_query = depth_q_BTHD is None
   depth_q_NBKRD = None
   if geo.num_slots:
     depth_k_BTLKD, depth_v_BTLKD = pad_tokens(depth_k_BTLKD, geo), pad_tokens(depth_v_BTLKD, geo)
-    depth_q_NBKRD = to_query_blocks(depth_q_BTHD, geo)
+    depth_q_NBKRD = None if shared_query else to_query_blocks(depth_q_BTHD, geo)
 
   def query_block(dkv_acc, xs):
     i, q_BKRD, depth_q_BKRD, d_out_BKRD, lse_BKR, delta_BKR = xs
+    if shared_query:
+      depth_q_BKRD = q_BKRD
     seg_rows_BR = None if seg_rows_NBR is None else seg_rows_NBR[i]
 
     def grads_of_logits(logits_BKRN, d_probs_BKRN):
@@ -68,19 +73,25 @@ def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD,
     dq_BKRD = jnp.zeros(q_BKRD.shape, jnp.float32)
     depth_grads = ()
     if geo.num_slots:
-      depth_k_BtLKD = depth_block(depth_k_BTLKD, i, geo)
-      depth_v_BtLKD = depth_block(depth_v_BTLKD, i, geo)
+      depth_k_BKtLD = depth_block(depth_k_BTLKD, i, geo)
+      depth_v_BKtLD = depth_block(depth_v_BTLKD, i, geo)
       split = lambda x: x.reshape(geo.batch, geo.num_kv_heads, geo.block, geo.group, -1)
       d_out_BKtGD = split(d_out_BKRD)
-      d_probs = dot("bktgd,btlkd->bktgl", d_out_BKtGD, depth_v_BtLKD).reshape(lse_BKR.shape + (-1,))
-      logits = depth_logits(depth_q_BKRD, depth_k_BtLKD, depth_len, geo)
+      d_probs = dot("bktld,bktgd->bktgl", depth_v_BKtLD, d_out_BKtGD).reshape(lse_BKR.shape + (-1,))
+      logits = depth_logits(depth_q_BKRD, depth_k_BKtLD, depth_len, geo)
       probs, d_logits = grads_of_logits(logits, d_probs)
-      probs_BKtGL, d_logits_BKtGL = split(probs).astype(dtype), split(d_logits).astype(dtype)
-      d_depth_q = geo.scale * dot("bktgl,btlkd->bktgd", d_logits_BKtGL, depth_k_BtLKD)
-      d_depth_k = geo.scale * dot("bktgl,bktgd->btlkd", d_logits_BKtGL, split(depth_q_BKRD))
-      d_depth_v = dot("bktgl,bktgd->btlkd", probs_BKtGL, d_out_BKtGD)
-      depth_grads = (d_depth_q.reshape(dq_BKRD.shape).astype(dtype), d_depth_k.astype(dtype),
-                     d_depth_v.astype(dtype))
+      # The scale goes on the logit-sized operand, never on a [B, t, L, K, D] result.
+      probs_BKtGL, d_scores_BKtGL = split(probs).astype(dtype), split(geo.scale * d_logits).astype(dtype)
+      d_depth_q = dot("bktgl,bktld->bktgd", d_scores_BKtGL, depth_k_BKtLD)
+      # [B, K, t, L, D] as the dots produce it, then once into the buffers' [B, t, L, K, D] layout.
+      to_buffer = lambda x_BKtLD: jnp.transpose(x_BKtLD.astype(dtype), (0, 2, 3, 1, 4))
+      d_depth_k = to_buffer(dot("bktgl,bktgd->bktld", d_scores_BKtGL, split(depth_q_BKRD)))
+      d_depth_v = to_buffer(dot("bktgl,bktgd->bktld", probs_BKtGL, d_out_BKtGD))
+      if shared_query:
+        dq_BKRD += d_depth_q.reshape(dq_BKRD.shape)
+        depth_grads = (d_depth_k, d_depth_v)
+      else:
+        depth_grads = (d_depth_q.reshape(dq_BKRD.shape).astype(dtype), d_depth_k, d_depth_v)
 
     dq_BKRD, dkv_acc = sweep_key_blocks(i, step, (dq_BKRD, dkv_acc), geo)
     return dkv_acc, (dq_BKRD.astype(dtype), *depth_grads)
@@ -95,8 +106,10 @@ def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD,
   dv_BTKD = from_key_blocks(dv_NBKSD, geo).astype(v_BTKD.dtype)
   if not geo.num_slots:
     return dq_BTHD, dk_BTKD, dv_BTKD, None, None, None
-  return (dq_BTHD, dk_BTKD, dv_BTKD, from_query_blocks(per_block[1], geo),
-          _from_depth_blocks(per_block[2], geo), _from_depth_blocks(per_block[3], geo))
+  d_depth_q = None if shared_query else from_query_blocks(per_block[1], geo)
+  d_depth_k, d_depth_v = per_block[-2:]
+  return (dq_BTHD, dk_BTKD, dv_BTKD, d_depth_q, _from_depth_blocks(d_depth_k, geo),
+          _from_depth_blocks(d_depth_v, geo))
 
 
 def _add_block(acc_NBKSD, j, update_BKSD):
