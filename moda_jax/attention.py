@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from moda_jax.config import ModelConfig
 from moda_jax.kernel_call import sharded_moda_attention
-from moda_jax.layers import DepthKVProjection, RMSNorm, projection
+from moda_jax.layers import DepthKVProjection, RMSNorm, depth_key, norm_gain, projection
 from moda_jax.rope import apply_rope
 
 # `remat="save_attention_out"` keeps this tensor for the backward pass and recomputes the rest.
 ATTENTION_OUT_NAME = "attention_out"
 
 
-def project_inputs(cfg: ModelConfig, x_BTM, depth_k_BTLKD, positions_BT, writes_depth: bool):
+def project_inputs(cfg: ModelConfig, x_BTM, positions_BT, writes_depth: bool):
   """Everything an attention sublayer computes before attending (shared with decoding).
 
   Call it inside a compact method: the projections and norms become the caller's submodules
   ("query", "key", "value", "depth_kv", "query_norm", "key_norm").
-  Returns (q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD as the reader sees it, depth_slot or None).
+  Returns (q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot or None). depth_q is what scores the
+  depth buffer's keys: None means q (no QK-norm: the buffer holds raw keys, as this reader sees them).
+
+  The depth logit is the same as reading the raw depth key k through this layer's k-norm (no RoPE:
+  depth logits are position-free): q . (rms_normalize(k) * gain) = (q * gain) . rms_normalize(k), and
+  the buffer already holds rms_normalize(k) (`layers.depth_key`). So the [B, T, Hq, D] depth query
+  carries the gain, and the [B, T, L, Hk, D] buffer is read as is: no per-layer copy of it (nor its
+  cotangent) in training memory, no O(L) work per layer outside the kernel.
   """
   q_BTHD = projection(cfg, (cfg.num_heads, cfg.head_dim), -1, ("embed", "q_heads", "head_dim"),
                       "query")(x_BTM)
@@ -33,18 +41,22 @@ def project_inputs(cfg: ModelConfig, x_BTM, depth_k_BTLKD, positions_BT, writes_
     if cfg.separate_attn_depth_proj:
       depth_slot = DepthKVProjection(cfg, name="depth_kv")(x_BTM)
     else:
-      # Raw K/V, before QK-norm and RoPE: each reader applies its own k-norm (official code).
-      depth_slot = (k_BTKD, v_BTKD)
+      # The key before QK-norm and RoPE (official code: each reader applies its own k-norm), stored
+      # normalized without gain, which is the part of every reader's k-norm they share.
+      depth_slot = (depth_key(cfg, k_BTKD), v_BTKD)
 
+  depth_gain_D = None
   if cfg.qk_norm:
     q_norm, k_norm = RMSNorm(cfg, name="query_norm"), RMSNorm(cfg, name="key_norm")
     q_BTHD, k_BTKD = q_norm(q_BTHD), k_norm(k_BTKD)
-    if depth_k_BTLKD is not None:
-      # Depth keys get the reader's k-norm and no RoPE (their logit is position-free).
-      depth_k_BTLKD = k_norm(depth_k_BTLKD)
+    depth_gain_D = norm_gain(k_norm)
   q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
   k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
-  return q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_slot
+  depth_q_BTHD = None
+  if depth_gain_D is not None and cfg.uses_depth:
+    gain_111D = jnp.reshape(depth_gain_D.astype(jnp.float32), (1, 1, 1, -1))
+    depth_q_BTHD = (q_BTHD.astype(jnp.float32) * gain_111D).astype(q_BTHD.dtype)
+  return q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot
 
 
 class MoDAAttention(nn.Module):
@@ -65,14 +77,18 @@ class MoDAAttention(nn.Module):
     cfg = self.config
     heads = ("act_batch", "act_len", "act_heads", None)
     kv_heads = ("act_batch", "act_len", "act_kv_heads", None)
-    q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_slot = project_inputs(
-        cfg, x_BTM, depth_k_BTLKD, positions_BT, self.writes_depth)
+    q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot = project_inputs(
+        cfg, x_BTM, positions_BT, self.writes_depth)
+    if depth_k_BTLKD is None:
+      depth_q_BTHD = None
     q_BTHD = nn.with_logical_constraint(q_BTHD, heads)
+    if depth_q_BTHD is not None:
+      depth_q_BTHD = nn.with_logical_constraint(depth_q_BTHD, heads)
     k_BTKD = nn.with_logical_constraint(k_BTKD, kv_heads)
     v_BTKD = nn.with_logical_constraint(v_BTKD, kv_heads)
     out_BTHD = sharded_moda_attention(
         q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len=depth_len,
-        segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl)
+        segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl, depth_q_BTHD=depth_q_BTHD)
     out_BTHD = checkpoint_name(out_BTHD, ATTENTION_OUT_NAME)
     out_BTHD = nn.with_logical_constraint(out_BTHD, heads)
     out_BTM = projection(cfg, cfg.d_model, (-2, -1), ("q_heads", "head_dim", "embed"), "out")(out_BTHD)

@@ -58,11 +58,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
   return Cache(blocks, blocks, last, last, jnp.zeros((), jnp.int32))
 
 
-def attend(q_BTHD, k_BSKD, v_BSKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT):
+def attend(q_BTHD, k_BSKD, v_BSKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT,
+           depth_q_BTHD=None):
   """Dense MoDA attention of T queries over S cached keys and each query's own depth slots.
 
   Key s is visible to the query at position p iff s <= p (causal over the cache); depth slot l iff
-  l < depth_len. Returns (out_BTHD in q's dtype, probs_BTHC float32) with C = S + L columns ordered
+  l < depth_len. Depth slots are scored with depth_q (None: q), as in `moda_attention`. Returns
+  (out_BTHD in q's dtype, probs_BTHC float32) with C = S + L columns ordered
   [sequence | depth] (L = 0 without depth buffers).
   """
   batch, seq_len, num_heads, head_dim = q_BTHD.shape
@@ -76,7 +78,9 @@ def attend(q_BTHD, k_BSKD, v_BSKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, posi
   logits = jnp.where(visible_BTS[:, :, None, None, :], logits, -jnp.inf)
   num_seq = logits.shape[-1]
   if depth_k_BTLKD is not None:
-    depth_logits = jnp.einsum("btkgd,btlkd->btkgl", q_BTKGD,
+    depth_q_BTKGD = q_BTKGD if depth_q_BTHD is None else (
+        depth_q_BTHD.astype(jnp.float32).reshape(q_BTKGD.shape))
+    depth_logits = jnp.einsum("btkgd,btlkd->btkgl", depth_q_BTKGD,
                               depth_k_BTLKD.astype(jnp.float32)) * scale
     written_L = jnp.arange(depth_k_BTLKD.shape[2]) < depth_len
     depth_logits = jnp.where(written_L.reshape(1, 1, 1, 1, -1), depth_logits, -jnp.inf)
@@ -101,8 +105,8 @@ class CachedAttention(nn.Module):
   def __call__(self, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, kv_cache):
     """Returns (out_BTM, depth_slot or None, updated (k_BSKD, v_BSKD), probs_BTHC)."""
     cfg = self.config
-    q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_slot = project_inputs(
-        cfg, x_BTM, depth_k_BTLKD, positions_BT, self.writes_depth)
+    q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot = project_inputs(
+        cfg, x_BTM, positions_BT, self.writes_depth)
 
     # All rows advance together, so row 0's first position is where the new tokens go.
     start = (0, positions_BT[0, 0], 0, 0)
@@ -110,7 +114,7 @@ class CachedAttention(nn.Module):
     k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKD.astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKD.astype(v_cache.dtype), start)
     out_BTHD, probs_BTHC = attend(q_BTHD, k_cache, v_cache, depth_k_BTLKD, depth_v_BTLKD,
-                                  depth_len, positions_BT)
+                                  depth_len, positions_BT, depth_q_BTHD)
     out_BTM = projection(cfg, cfg.d_model, (-2, -1), ("q_heads", "head_dim", "embed"), "out")(out_BTHD)
     return out_BTM, depth_slot, (k_cache, v_cache), probs_BTHC
 

@@ -4,6 +4,9 @@ Buffers are allocated once at their final size L_max = `config.num_depth_slots` 
 carry has a fixed shape; slot `l` is written exactly once (block b writes slots
 [b * S, (b + 1) * S), S = `config.slots_per_block`: its attention's slot, then its FFN's). A
 reader passes `length` as `depth_len`, so slots not yet written are ignored by the kernel.
+
+With QK-norm the keys are stored RMS-normalized without gain (`layers.depth_key`); each reader
+scores them with its depth query q * (its k-norm gain) and never rewrites the buffer.
 """
 
 from __future__ import annotations

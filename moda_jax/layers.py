@@ -52,6 +52,13 @@ def projection(config: ModelConfig, features, axis, names: Sequence[str], name: 
   return Projection(config, features, tuple(names), len(axes), name=name)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis (no gain), computed in float32, in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+  return (x32 * jax.lax.rsqrt(mean_square + eps)).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
   """x / rms(x) * scale over the last axis, computed in float32."""
 
@@ -66,6 +73,21 @@ class RMSNorm(nn.Module):
     normed = x32 * jax.lax.rsqrt(mean_square + self.config.norm_eps)
     scale = jnp.reshape(scale.astype(jnp.float32), (1,) * (x.ndim - 1) + (-1,))
     return (normed * scale).astype(x.dtype)
+
+
+def norm_gain(norm: RMSNorm) -> jax.Array:
+  """The [D] `scale` of an RMSNorm submodule that has already been called (so it is initialized)."""
+  return nn.meta.unbox(norm.variables["params"]["scale"])
+
+
+def depth_key(config: ModelConfig, k_BTKD: jax.Array) -> jax.Array:
+  """A key as the depth buffer stores it: with QK-norm, RMS-normalized but without any gain.
+
+  Every reader's k-norm is rms_normalize(k) * gain_reader with the same eps, so the normalization is
+  done once here and each reader folds its gain into its depth query instead (q . (gain * k_hat) =
+  (q * gain) . k_hat): readers never rewrite the [B, T, L, Hk, D] buffer.
+  """
+  return rms_normalize(k_BTKD, config.norm_eps) if config.qk_norm else k_BTKD
 
 
 class SwiGLU(nn.Module):
@@ -83,7 +105,9 @@ class SwiGLU(nn.Module):
 
 
 class DepthKVProjection(nn.Module):
-  """The light K/V projection d_model -> 2 * Hk * D whose output becomes one depth slot."""
+  """The light K/V projection d_model -> 2 * Hk * D whose output becomes one depth slot.
+
+  The key comes out as the buffer stores it (`depth_key`: gain-free RMS-normalized with QK-norm)."""
 
   config: ModelConfig
 
@@ -92,7 +116,7 @@ class DepthKVProjection(nn.Module):
     cfg = self.config
     features = (cfg.num_kv_heads, cfg.head_dim)
     names = ("embed", "kv_heads", "head_dim")
-    return (projection(cfg, features, -1, names, "key")(x_BTM),
+    return (depth_key(cfg, projection(cfg, features, -1, names, "key")(x_BTM)),
             projection(cfg, features, -1, names, "value")(x_BTM))
 
 

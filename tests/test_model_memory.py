@@ -62,12 +62,15 @@ def test_train_step_memory_is_linear_in_depth():
           f"{depth_part / pair:.2f}")
   for (_, small, *_), (_, large, *_) in zip(rows, rows[1:]):
     assert large / small <= 2.2, rows
-  # A constant number of buffer pairs at every depth (the naive scan would need ~N of them). It is
-  # ~4.5, above the ~3 hoped for: final buffers + the reverse pass's cotangent carry (2 pairs, the
-  # design's floor) plus one layer's transient read cotangent (1 pair) and the reader's k-norm copy
-  # of the depth keys and its cotangent (~0.75 pair; measured 3.8 pairs with qk_norm=False).
+  # A constant number of buffer pairs at every depth (the naive scan would need ~N of them). Measured
+  # 3.21 / 3.09 / 3.36 pairs at 8 / 16 / 32 layers (3.62 at 64): the final buffers + the reverse
+  # pass's cotangent carry (2 pairs, the design's floor), one layer's read cotangent as the `xla`
+  # backend's dots produce it (1 pair), and, transiently, that backend's head-major copy of the
+  # buffers for its dots (XLA:CPU needs one), partly overlapping the baseline's own peak. It was
+  # 4.40 / 4.53 / 4.80 while readers applied their k-norm to the whole depth key buffer and the depth
+  # dots relaid the buffer out per dot; the bound has ~7% headroom over the largest measured value.
   ratios = [depth_part / pair for _, _, _, depth_part, pair in rows]
-  assert max(ratios) <= 5.0, ratios
+  assert max(ratios) <= 3.6, ratios
   assert ratios[-1] <= 1.15 * ratios[0], ratios
 
 
