@@ -24,12 +24,16 @@ from pallas_kernels.tpu_block_sizes import TPUBlockSizes
 _SMALL_BLOCKS = TPUBlockSizes(block_q=16, block_k=128, block_slots=2)
 
 
-def _inputs(rng, batch, seq_len, q_heads, kv_heads, head_dim, slots, dtype=jnp.float32):
+def _inputs(rng, batch, seq_len, q_heads, kv_heads, head_dim, slots, dtype=jnp.float32,
+            depth_q=False):
+  """(q, k, v, depth_k, depth_v[, depth_q]), (d_out, d_lse)."""
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
   arrays = (normal(batch, seq_len, q_heads, head_dim), normal(batch, seq_len, kv_heads, head_dim),
             normal(batch, seq_len, kv_heads, head_dim),
             normal(batch, seq_len, slots, kv_heads, head_dim),
             normal(batch, seq_len, slots, kv_heads, head_dim))
+  if depth_q:
+    arrays += (normal(batch, seq_len, q_heads, head_dim),)
   cotangents = (normal(batch, seq_len, q_heads, head_dim),
                 jnp.asarray(rng.normal(size=(batch, seq_len, q_heads)), jnp.float32))
   return arrays, cotangents
@@ -38,8 +42,9 @@ def _inputs(rng, batch, seq_len, q_heads, kv_heads, head_dim, slots, dtype=jnp.f
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "interpret", "block_sizes"))
 def _forward_and_grads(arrays, cotangents, depth_len, segment_ids_BT, *, causal, scale, interpret,
                        block_sizes):
-  attend = lambda a: tpu.attention(*a, depth_len, segment_ids_BT, causal=causal, scale=scale,
-                                   interpret=interpret, block_sizes=block_sizes)
+  attend = lambda a: tpu.attention(*a[:5], depth_len, segment_ids_BT, causal=causal, scale=scale,
+                                   interpret=interpret, block_sizes=block_sizes,
+                                   depth_q_BTHD=(a + (None,))[5])
   (out, lse), pullback = jax.vjp(attend, arrays)
   return out, lse, pullback(cotangents)[0]
 
@@ -48,26 +53,31 @@ def _check_against_oracle(arrays, cotangents, depth_len, seg, *, causal, scale, 
                           block_sizes):
   out, lse, grads = _forward_and_grads(arrays, cotangents, jnp.int32(depth_len), seg, causal=causal,
                                        scale=scale, interpret=interpret, block_sizes=block_sizes)
-  expected_out, expected_lse = oracle.forward(*arrays, depth_len=depth_len, causal=causal,
-                                              scale=scale, segment_ids=seg)
-  expected_grads = oracle.backward(*arrays, d_out=cotangents[0], d_lse=cotangents[1],
-                                   depth_len=depth_len, causal=causal, scale=scale, segment_ids=seg)
+  depth_q = (arrays + (None,))[5]
+  expected_out, expected_lse = oracle.forward(*arrays[:5], depth_len=depth_len, causal=causal,
+                                              scale=scale, segment_ids=seg, depth_q=depth_q)
+  expected_grads = oracle.backward(*arrays[:5], d_out=cotangents[0], d_lse=cotangents[1],
+                                   depth_len=depth_len, causal=causal, scale=scale, segment_ids=seg,
+                                   depth_q=depth_q)
   assert_close("out", out, expected_out, "float32")
   assert_close("lse", lse, expected_lse, "float32")
-  for name, grad, expected in zip(("dq", "dk", "dv", "ddepth_k", "ddepth_v"), grads, expected_grads):
+  assert len(grads) == len(arrays)
+  for name, grad, expected in zip(("dq", "dk", "dv", "ddepth_k", "ddepth_v", "ddepth_q"), grads,
+                                  expected_grads):
     assert_close(name, grad, expected, "float32")
   for name, grad in (("ddepth_k", grads[3]), ("ddepth_v", grads[4])):
     assert not np.asarray(grad[:, :, depth_len:]).any(), f"{name}: unwritten slots got gradient"
 
 
-@pytest.mark.parametrize("causal, segmented", [(True, True), (False, False)])
-def test_many_tiles_match_oracle(causal, segmented):
+@pytest.mark.parametrize("causal, segmented, depth_q", [(True, True, False), (False, False, False),
+                                                       (True, False, True)])
+def test_many_tiles_match_oracle(causal, segmented, depth_q):
   # T = 150 pads to 256: 16 query tiles x 2 key blocks. Causal skips the upper blocks; non-causal
   # must mask the 106 padded keys. L = 5 in steps of 2 with depth_len = 3: a full, a half-written
   # and an unwritten depth step. G = 3 query heads share the kv head.
   rng = np.random.default_rng(7)
   arrays, cotangents = _inputs(rng, batch=1, seq_len=150, q_heads=3, kv_heads=1, head_dim=32,
-                               slots=5)
+                               slots=5, depth_q=depth_q)
   seg = jnp.asarray(segment_ids(rng, 1, 150, "packed")) if segmented else None
   _check_against_oracle(arrays, cotangents, 3, seg, causal=causal, scale=0.3, interpret=True,
                         block_sizes=_SMALL_BLOCKS)
@@ -77,14 +87,17 @@ def test_tpu_simulator_finds_no_races_or_unwritten_output():
   # pltpu.InterpretParams simulates TPU memory: out-of-bounds reads raise, fresh buffers are NaN (so
   # an output block the kernels forget to write shows up in the oracle check), and with two
   # simulated cores the "parallel" grid axes run concurrently while races are recorded.
-  # The race record is reset per kernel, so the forward is checked on its own first.
+  # The race record is reset per kernel, so the forward is checked on its own first. A separate
+  # depth_q: its input block, and the d depth_q output and accumulator, are simulated too.
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as simulator  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(11)
-  arrays, cotangents = _inputs(rng, batch=1, seq_len=20, q_heads=2, kv_heads=1, head_dim=32, slots=3)
+  arrays, cotangents = _inputs(rng, batch=1, seq_len=20, q_heads=2, kv_heads=1, head_dim=32, slots=3,
+                               depth_q=True)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
   blocks = TPUBlockSizes(block_q=16, block_slots=2)
-  out, _ = jax.jit(lambda a: tpu.attention(*a, jnp.int32(2), None, causal=True, scale=0.2,
-                                           interpret=params, block_sizes=blocks))(arrays)
+  out, _ = jax.jit(lambda a: tpu.attention(*a[:5], jnp.int32(2), None, causal=True, scale=0.2,
+                                           interpret=params, block_sizes=blocks,
+                                           depth_q_BTHD=a[5]))(arrays)
   assert not simulator.races.races_found
   assert np.isfinite(np.asarray(out)).all()
   _check_against_oracle(arrays, cotangents, 2, None, causal=True, scale=0.2, interpret=params,

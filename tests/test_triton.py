@@ -39,16 +39,19 @@ def _small_tiles(depth_mode, separate_depth_kernel=False):
 
 
 def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
+  """`arrays` may carry a sixth entry, depth_q (passed as depth_q_BTHD and differentiated too)."""
   def attend(a):
-    return fn(*a, depth_len, segment_ids, causal=causal, scale=0.3)
+    return fn(*a[:5], depth_len, segment_ids, causal=causal, scale=0.3, depth_q_BTHD=(a + (None,))[5])
   (out, lse), pullback = jax.vjp(attend, arrays)
   return out, lse, pullback((d_out, jnp.cos(lse)))[0]
 
 
-# The fused depth backward is what the shared suite runs (default tiles); here the separate depth kernel.
-@pytest.mark.parametrize("depth_mode, causal, segments, separate",
-                         [("dense", False, True, True), ("per_token", True, False, True)])
-def test_multi_tile_matches_reference(depth_mode, causal, segments, separate):
+# The fused dense depth backward is what the shared suite runs (default tiles, depth_q or not); here the
+# separate depth kernel and the per-token mode, each with depth_q = q and with its own depth_q.
+@pytest.mark.parametrize("depth_mode, causal, segments, separate, with_depth_q",
+                         [("dense", False, True, True, False), ("per_token", True, False, True, False),
+                          ("dense", True, True, True, True), ("per_token", False, False, False, True)])
+def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, with_depth_q):
   # G = 3 pads to 4 rows per token: 4 tokens per 16-row tile, T = 19 ends mid-tile and mid key block.
   arrays, d_out = _inputs(batch=1, seq_len=19, kv_heads=2, group=3, head_dim=16, slots=5)
   segment_ids = jnp.asarray([[0] * 7 + [1] * 9 + [2] * 3]) if segments else None
@@ -56,6 +59,9 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate):
   # NaN in the unwritten slot: a kernel that loads it (even to mask it afterwards) returns NaN.
   q, k, v, dk, dv = arrays
   poisoned = (q, k, v, dk.at[:, :, 4:].set(jnp.nan), dv.at[:, :, 4:].set(jnp.nan))
+  if with_depth_q:
+    depth_q = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
+    arrays, poisoned = arrays + (depth_q,), poisoned + (depth_q,)
   tiles = _small_tiles(depth_mode, separate)
   kernel = lambda *a, **kw: triton.attention(*a, **kw, interpret=True, block_sizes=tiles)
   got = _out_lse_grads(kernel, poisoned, d_out, depth_len, segment_ids, causal)
@@ -63,7 +69,7 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate):
   for name, g, w in zip(("out", "lse", "grads"), got, want):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
       np.testing.assert_allclose(a, b, atol=_ATOL, rtol=_ATOL, err_msg=name)
-  unwritten_grads = [np.asarray(g[:, :, 4:]) for g in got[2][3:]]
+  unwritten_grads = [np.asarray(g[:, :, 4:]) for g in got[2][3:5]]
   assert all(not g.any() for g in unwritten_grads)
 
 
