@@ -10,8 +10,10 @@ where the depth pair is either both arrays with L >= 1 or both None (then `depth
 `depth_q_BTHD` is None (score the depth keys with q) or an array like q (only with a depth pair),
 `out` has q's dtype and `lse` is float32 in natural log. The function is differentiable in q, k, v,
 depth_q and the depth pair (a cotangent on `lse` included) and owns its own `custom_vjp`; its
-backward returns the sequence part of dq and d(depth_q) separately (depth_q = q then simply sums the
-two). A backend that cannot handle a combination raises `NotImplementedError` saying why.
+backward returns the sequence part of dq and d(depth_q) separately. With depth_q None a backend may
+pass q as depth_q (JAX then sums the two cotangents: one code path per kernel, as the Pallas backends
+do) or keep a single dq (as `xla` does, which saves its second [B, T, Hq, D] gradient). A backend
+that cannot handle a combination raises `NotImplementedError` saying why.
 """
 
 from __future__ import annotations
