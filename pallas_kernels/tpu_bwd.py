@@ -1,9 +1,10 @@
 """Pallas TPU backward kernels of MoDA (FA2 structure; the delta pre-pass runs in XLA in `tpu`).
 
 `dq_and_depth`: query-tile parallel, grid (B, Hk, query tiles, key blocks + depth blocks), like the
-forward. The sequence steps accumulate dq, the depth steps d depth_q (a separate output); each depth step owns its (slots x tile tokens) block of the
-depth cotangents outright (a depth key is read by its own token's G query heads only, all in this
-tile), so it writes them directly: computed for slots < depth_len, exactly zero for the rest.
+forward. The sequence steps accumulate dq, the depth steps d depth_q (a separate output); each depth
+step owns its (slots x tile tokens) block of the depth cotangents outright (a depth key is read by its
+own token's G query heads only, all in this tile), so it writes them directly: computed for slots
+< depth_len, exactly zero for the rest.
 
 `dk_dv`: key-block parallel, grid (B, Hk, key blocks, query tiles); sums over the G query heads of the
 kv head in VMEM, so no per-head partial cotangents reach HBM. Causal tiles before the block are skipped.

@@ -5,8 +5,9 @@ the last axis first walks the sequence key blocks (blocks above the causal diago
 not fetched; only diagonal / segment / padding blocks are masked), then walks the depth slots in
 blocks of `block_slots`. Depth step d only runs for slots < depth_len, which is a scalar-prefetch
 argument: the depth index map clamps to the last written block, so unwritten blocks are never copied
-into VMEM. Depth logits score `depth_q` (fetched once per query tile, like q) and are per-row dot products (each query row has its own depth keys), done on the
-VPU as multiply + lane reduction; they update the same (max, sum, acc) state as the sequence phase.
+into VMEM. Depth logits score `depth_q` (fetched once per query tile, like q) and are per-row dot
+products (each query row has its own depth keys), done on the VPU as multiply + lane reduction; they
+update the same (max, sum, acc) state as the sequence phase.
 """
 
 from __future__ import annotations

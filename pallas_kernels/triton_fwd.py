@@ -101,7 +101,8 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
       slots = [step * geom.per_token_slots + j for j in range(geom.per_token_slots)]
       dks = [tt.load_token_slot(depth_k_ref, rows, s, depth_len, geom) for s in slots]
       dvs = [tt.load_token_slot(depth_v_ref, rows, s, depth_len, geom) for s in slots]
-      logits = [jnp.where(s < depth_len, tt.row_dot(depth_q, dk) * qk_scale, tt.MASK_VALUE) for s, dk in zip(slots, dks)]
+      logits = [jnp.where(s < depth_len, tt.row_dot(depth_q, dk) * qk_scale, tt.MASK_VALUE)
+                for s, dk in zip(slots, dks)]
       m_next = functools.reduce(jnp.maximum, logits, m_prev)
       correction = jnp.exp2(m_prev - m_next)
       probs = [jnp.exp2(c - m_next) for c in logits]

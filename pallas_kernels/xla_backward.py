@@ -10,8 +10,9 @@ for the sequence tiles, and the same with each token's own depth slots and depth
 
 Loop order: a `lax.scan` over query blocks carries float32 dk / dv accumulators for the whole sequence
 ([B, T, K, D]: O(T * D), smaller than a dq carry whenever G > 1); a query block's dq and its depth
-gradients (d depth_q included) are complete when its sweep ends (a depth slot belongs to one token), so they are emitted as
-scan outputs. Slots >= depth_len have p = 0 exactly, hence gradients that are exactly zero.
+gradients (d depth_q included) are complete when its sweep ends (a depth slot belongs to one token),
+so they are emitted as scan outputs. Slots >= depth_len have p = 0 exactly, hence gradients that are
+exactly zero.
 """
 
 from __future__ import annotations

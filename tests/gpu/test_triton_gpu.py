@@ -52,7 +52,8 @@ def test_multi_tile_against_reference(shape, depth_mode):
   k, v = normal(keys[1], batch, seq_len, kv_heads, head_dim), normal(keys[2], batch, seq_len, kv_heads, head_dim)
   depth = (normal(keys[3], batch, seq_len, slots, kv_heads, head_dim),
            normal(keys[4], batch, seq_len, slots, kv_heads, head_dim),
-           normal(jax.random.fold_in(keys[0], 1), batch, seq_len, kv_heads * group, head_dim)) if slots else (None, None)
+           normal(jax.random.fold_in(keys[0], 1), batch, seq_len, kv_heads * group, head_dim),
+           ) if slots else (None, None)
   seg = jnp.sort(jax.random.randint(keys[5], (batch, seq_len), 0, 4), axis=1) if segments else None
   d_out = normal(keys[6], batch, seq_len, kv_heads * group, head_dim)
   d_lse = jax.random.normal(keys[7], (batch, seq_len, kv_heads * group), jnp.float32)
