@@ -197,7 +197,7 @@ def ablate(iters: int) -> list[dict]:
   for shape in shapes:
     rows.append(measure(shape, "pallas_triton_nodepth", iters=iters))
     print(json.dumps(rows[-1]), flush=True)
-    base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16, seq_len=shape.seq_len)
+    base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
     for separate in (False, True):
       sizes = dataclasses.replace(base, dq=dataclasses.replace(base.dq, separate_depth_kernel=separate))
       row = measure(shape, "pallas_triton", iters=iters, block_sizes=sizes, modes=("fwd_bwd",))

@@ -66,14 +66,6 @@ class KernelBlocks:
       raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
 
 
-# Sequence length from which the depth backward leaves the dq kernel. Fused, its depth work lengthens
-# every step of the dq kernel's O(T^2) loop; separate, it costs a float32 dq round trip, O(T). Measured
-# on the H200 (BENCHMARKS.md §1, fwd+bwd G8 L64): T4K 2.90 ms fused vs 3.07 separate, T64K 448 vs 403.
-# Fitting a*T^2 - c*T through both puts the break-even near 7.5K tokens; 16K keeps a margin (the
-# predicted gain at 8K is ~1%, inside run-to-run noise).
-SEPARATE_DEPTH_BACKWARD_FROM = 16_384
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiles of the forward, the dq (+ depth dk/dv) and the sequence dk/dv kernels."""
@@ -82,13 +74,11 @@ class BlockSizes:
   dkv: KernelBlocks
 
   @classmethod
-  def get_default(cls, head_dim: int, group: int, dtype, device_kind: str | None = None, *,
-                  seq_len: int | None = None) -> "BlockSizes":
+  def get_default(cls, head_dim: int, group: int, dtype, device_kind: str | None = None) -> "BlockSizes":
     """Defaults for Hopper-class GPUs (tuned on an H200); other GPUs get the same tiles.
 
     Register pressure grows with head_dim, so larger heads get shorter tiles and more warps; fp32 tiles
-    are halved because every operand takes twice the registers. From `seq_len` on
-    `SEPARATE_DEPTH_BACKWARD_FROM` tokens the depth backward runs as its own kernel (see there).
+    are halved because every operand takes twice the registers.
     """
     del device_kind  # One table today; the argument keeps the call sites ready for per-device tables.
     group_padded = next_pow2(group)
@@ -97,7 +87,11 @@ class BlockSizes:
     # phase costs tokens_per_tile x the useful FLOPs, and halving the tile halves that waste.
     if head_dim <= 64:
       fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=3)
-      dq = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
+      # The depth backward as its own kernel (fwd+bwd ms, H200, BENCHMARKS.md §1): T4K G8 2.77 vs 2.96
+      # fused, T64K 388 vs 444, B8 T4K G2 L72 8.49 vs 8.42. Fused, its depth work lengthens every step
+      # of the dq kernel's O(T^2) loop; separate, it re-reads q / do once. Not yet measured at D > 64.
+      dq = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
+                        separate_depth_kernel=True)
       dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
     elif head_dim <= 128:
       fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
@@ -109,8 +103,6 @@ class BlockSizes:
       dkv = KernelBlocks(block_q=32, block_k=32, depth_cols=32, num_warps=8, num_stages=1)
     if jax.numpy.dtype(dtype).itemsize == 4:
       fwd, dq, dkv = (dataclasses.replace(b, block_q=max(16, b.block_q // 2)) for b in (fwd, dq, dkv))
-    if seq_len is not None and seq_len >= SEPARATE_DEPTH_BACKWARD_FROM:
-      dq = dataclasses.replace(dq, separate_depth_kernel=True)
     # A tile must hold at least one whole token of Gp folded rows.
     fix = lambda b: dataclasses.replace(b, block_q=max(b.block_q, group_padded))
     return cls(fwd=fix(fwd), dq=fix(dq), dkv=fix(dkv))

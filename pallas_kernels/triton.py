@@ -29,7 +29,7 @@ def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
   group = num_q_heads // num_kv_heads
   padded_dim = max(16, next_pow2(head_dim))
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(padded_dim, group, q_BTHD.dtype, _device_kind(), seq_len=seq_len)
+    block_sizes = BlockSizes.get_default(padded_dim, group, q_BTHD.dtype, _device_kind())
   block_sizes.validate(group)
 
   pad = lambda x: x if padded_dim == head_dim else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_dim - head_dim)])

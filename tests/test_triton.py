@@ -93,14 +93,6 @@ def test_defaults_hold_a_whole_token_per_tile():
       assert sizes.fwd.block_q >= group
 
 
-def test_long_sequences_default_to_the_separate_depth_backward():
-  from pallas_kernels.block_sizes import SEPARATE_DEPTH_BACKWARD_FROM
-  short = BlockSizes.get_default(64, 8, jnp.bfloat16, seq_len=SEPARATE_DEPTH_BACKWARD_FROM - 1)
-  long = BlockSizes.get_default(64, 8, jnp.bfloat16, seq_len=SEPARATE_DEPTH_BACKWARD_FROM)
-  assert not short.dq.separate_depth_kernel and long.dq.separate_depth_kernel
-  assert dataclasses.replace(long.dq, separate_depth_kernel=False) == short.dq
-
-
 def test_inside_shard_map_equals_unsharded():
   # 8 fake CPU devices: batch over 2, kv heads (and their query heads) over 4.
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
