@@ -15,8 +15,9 @@
 # # 03 · Kernel benchmarks
 #
 # Plots of the JSON that `python -m pallas_kernels.benchmark --json PATH` writes (on a GPU). This
-# notebook only reads JSON, so it runs anywhere: by default the newest shape-table run committed under
-# `benchmarks/results/` (measured on one NVIDIA H200); point `RESULTS` at your own file instead.
+# notebook only reads JSON, so it runs anywhere: by default the most complete shape-table run committed
+# under `benchmarks/results/` (measured on one NVIDIA H200; the newest among equally complete ones);
+# point `RESULTS` at your own file instead.
 #
 # Each row is one (shape, implementation): forward and forward+backward milliseconds (median of timed
 # calls), TFLOP/s over the visible logits, and the fraction of the roofline (max of FLOPs / 790 TFLOP/s
@@ -40,21 +41,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(moda_jax.__file__)))
 RESULTS = os.environ.get("MODA_BENCHMARK_JSON", "")
 
 
-def newest_run(root, wanted):
-  """The newest benchmark JSON under benchmarks/results/ whose rows satisfy `wanted`, or None."""
+def most_complete_run(root, wanted):
+  """The benchmark JSON under benchmarks/results/ whose rows satisfy `wanted` and cover the most shapes
+  (a `--quick` run covers 3), the newest among those; or None."""
   runs = []
   for path in glob.glob(os.path.join(root, "benchmarks", "results", "*.json")):
     with open(path) as f:
       run = json.load(f)
-    if run.get("rows") and wanted(run["rows"]):
-      runs.append((run["meta"].get("date", ""), path))
-  return max(runs)[1] if runs else None
+    if isinstance(run, dict) and run.get("rows") and wanted(run["rows"]):
+      shapes = len({r["shape"] for r in run["rows"]})
+      runs.append((shapes, run["meta"].get("date", ""), path))
+  return max(runs)[2] if runs else None
 
 
 # The shape table compares backends against cuDNN; tuning runs (tile variants) and ablations are
 # other kinds of runs in the same folder.
 is_shape_table = lambda rows: any(r["impl"] == "cudnn" for r in rows) and not any("tune" in r for r in rows)
-path = RESULTS or newest_run(ROOT, is_shape_table)
+path = RESULTS or most_complete_run(ROOT, is_shape_table)
 if path is None:
   raise FileNotFoundError(f"no benchmark JSON under {ROOT}/benchmarks/results/; run "
                           "`python -m pallas_kernels.benchmark --json PATH` on a GPU first.")
@@ -153,7 +156,7 @@ plt.show()
 # an ablation run) next to full MoDA from the shape table: the gap is the price of the depth slots.
 
 # %%
-ablation_path = newest_run(ROOT, lambda rows: any(r["impl"].endswith("_nodepth") for r in rows))
+ablation_path = most_complete_run(ROOT, lambda rows: any(r["impl"].endswith("_nodepth") for r in rows))
 if ablation_path is None:
   print("no ablation run under benchmarks/results/")
 else:
