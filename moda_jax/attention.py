@@ -79,8 +79,6 @@ class MoDAAttention(nn.Module):
     kv_heads = ("act_batch", "act_len", "act_kv_heads", None)
     q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot = project_inputs(
         cfg, x_BTM, positions_BT, self.writes_depth)
-    if depth_k_BTLKD is None:
-      depth_q_BTHD = None
     q_BTHD = nn.with_logical_constraint(q_BTHD, heads)
     if depth_q_BTHD is not None:
       depth_q_BTHD = nn.with_logical_constraint(depth_q_BTHD, heads)

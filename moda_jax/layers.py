@@ -52,11 +52,16 @@ def projection(config: ModelConfig, features, axis, names: Sequence[str], name: 
   return Projection(config, features, tuple(names), len(axes), name=name)
 
 
-def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
-  """x / rms(x) over the last axis (no gain), computed in float32, in x's dtype."""
+def _rms_normalize_f32(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis (no gain), in float32."""
   x32 = x.astype(jnp.float32)
   mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-  return (x32 * jax.lax.rsqrt(mean_square + eps)).astype(x.dtype)
+  return x32 * jax.lax.rsqrt(mean_square + eps)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis (no gain), computed in float32, in x's dtype."""
+  return _rms_normalize_f32(x, eps).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +73,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), dtype_of(self.config.param_dtype))
-    x32 = x.astype(jnp.float32)
-    mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    normed = x32 * jax.lax.rsqrt(mean_square + self.config.norm_eps)
+    normed = _rms_normalize_f32(x, self.config.norm_eps)
     scale = jnp.reshape(scale.astype(jnp.float32), (1,) * (x.ndim - 1) + (-1,))
     return (normed * scale).astype(x.dtype)
 

@@ -50,8 +50,7 @@ def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, s
       block=block, num_blocks=num_blocks, causal=bool(causal), scale=float(scale))
   # depth_q None stays None (the depth keys are scored with q): the backward then accumulates one
   # dq instead of returning two [B, T, Hq, D] gradients for JAX to add (-23% op temp memory, CPU).
-  if not geo.num_slots:
-    depth_q_BTHD = None
+  # (The api never passes a depth_q without depth arrays.)
   return _moda(geo, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD, depth_v_BTLKD, depth_len,
                segment_ids_BT)
 
