@@ -201,21 +201,54 @@ def tune(iters: int) -> list[dict]:
   return rows
 
 
+# (kernel, field) of each optional kernel feature that `--ablate` times flipped against the defaults.
+_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("fwd", "interleave_depth", "fwd"),
+            ("dkv", "per_query_head", "fwd_bwd"))
+
+
+def _mgpu_forward(shape: Shape, iters: int) -> list[dict]:
+  """JAX's own Pallas Mosaic GPU flash attention (sequence only; its causal backward is not implemented):
+  what a wgmma/TMA kernel reaches on this shape, against the Triton lowering of ours."""
+  from jax.experimental.pallas.ops.gpu import attention_mgpu
+  (q, k, v, _, _), _ = make_inputs(shape, depth=False)
+  rows = []
+  for block_kv in (64, 128):
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+    row = dict(shape=shape.name, impl=f"jax_mgpu_kv{block_kv}", **dataclasses.asdict(shape))
+    try:
+      ms = time_ms(jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, config)), q, k, v, warmup=2,
+                   iters=iters)
+      f = flops(shape, False, False)
+      row.update(fwd_ms=ms, fwd_tflops=f / ms / 1e9, fwd_gbps=bytes_moved(shape, False, False) / ms / 1e6,
+                 fwd_roofline_fraction=f / PEAK_FLOPS * 1e3 / ms)
+    except Exception as e:  # noqa: BLE001  (reported, not fatal: this is a probe of another kernel)
+      row["fwd_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    rows.append(row)
+  return rows
+
+
 def ablate(iters: int) -> list[dict]:
-  """Where the time goes: the kernels without depth; the depth backward fused into dq vs its own kernel."""
+  """Where the time goes: cuDNN, the kernels without depth, JAX's Mosaic GPU forward, the defaults, and
+  each optional kernel feature flipped (`_TOGGLES`)."""
   rows = []
   shapes = [Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table2_T64K_G8_L64", 1, 65536, 8, 64),
             Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
   for shape in shapes:
-    rows.append(measure(shape, "pallas_triton_nodepth", iters=iters))
-    print(json.dumps(rows[-1]), flush=True)
+    for impl in ("cudnn", "pallas_triton_nodepth", "pallas_triton"):
+      rows.append(measure(shape, impl, iters=iters))
+      print(json.dumps(rows[-1]), flush=True)
+    rows += _mgpu_forward(shape, iters)
+    print(json.dumps(rows[-2:]), flush=True)
     base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
-    for separate in (False, True):
-      sizes = dataclasses.replace(base, dq=dataclasses.replace(base.dq, separate_depth_kernel=separate))
-      row = measure(shape, "pallas_triton", iters=iters, block_sizes=sizes, modes=("fwd_bwd",))
-      rows.append(dict(row, tune="dq", blocks=dataclasses.asdict(sizes.dq)))
-      print(f"ablate separate_depth_kernel={separate} {shape.name}: {row.get('fwd_bwd_ms', row.get('fwd_bwd_error'))}",
-            flush=True)
+    for kernel, field, mode in _TOGGLES:
+      blocks = getattr(base, kernel)
+      flipped = dataclasses.replace(blocks, **{field: not getattr(blocks, field)})
+      row = measure(shape, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, **{kernel: flipped}),
+                    modes=(mode,))
+      rows.append(dict(row, tune=kernel, toggled=f"{field}={not getattr(blocks, field)}",
+                       blocks=dataclasses.asdict(flipped)))
+      print(f"ablate {kernel}.{field}={not getattr(blocks, field)} {shape.name} {mode}: "
+            f"{row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
   return rows
 
 
@@ -241,7 +274,8 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="a ~1-minute subset")
   parser.add_argument("--json", default=None, help="write every measurement here")
   parser.add_argument("--tune", action="store_true", help="time tile variants instead of the shape table")
-  parser.add_argument("--ablate", action="store_true", help="time the kernels without depth and the fused vs separate depth backward")
+  parser.add_argument("--ablate", action="store_true",
+                      help="time the kernels without depth, JAX's Mosaic GPU forward and each kernel option flipped")
   parser.add_argument("--iters", type=int, default=None)
   args = parser.parse_args()
   iters = args.iters or (5 if args.quick else 10)

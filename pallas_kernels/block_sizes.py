@@ -35,7 +35,13 @@ class KernelBlocks:
       no wasted FLOPs, but ~12x lower peak rate. Wins once a tile holds many tokens (small G).
   per_token_slots: slots gathered per step in "per_token" mode (loads in flight per rescale).
   separate_depth_kernel: (dq kernel only) run the depth backward as its own kernel instead of fused into
-    the dq kernel; costs one float32 dq round trip through memory.
+    the dq kernel.
+  interleave_depth: (forward only, "dense") take one depth step beside each unmasked sequence block, under
+    one softmax rescale, instead of all depth steps after the sequence: the gathered depth loads are then
+    in flight while the tensor cores work on the sequence block.
+  per_query_head: (dk/dv kernel only) one program per key block and *query* head instead of per kv head;
+    the G float32 partial dk/dv are summed outside the kernel. G times the programs, for short sequences
+    whose few key blocks leave the GPU part idle.
   """
   block_q: int
   block_k: int
@@ -45,6 +51,8 @@ class KernelBlocks:
   depth_mode: str = "dense"
   per_token_slots: int = 2
   separate_depth_kernel: bool = False
+  interleave_depth: bool = False
+  per_query_head: bool = False
 
   def validate(self, name: str, group_padded: int) -> None:
     for field in ("block_q", "block_k", "depth_cols"):
@@ -60,8 +68,12 @@ class KernelBlocks:
       raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
     if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
       raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
-    if not isinstance(self.separate_depth_kernel, bool):
-      raise ValueError(f"{name}.separate_depth_kernel={self.separate_depth_kernel!r}: expected a bool.")
+    for field in ("separate_depth_kernel", "interleave_depth", "per_query_head"):
+      if not isinstance(getattr(self, field), bool):
+        raise ValueError(f"{name}.{field}={getattr(self, field)!r}: expected a bool.")
+    if self.interleave_depth and self.depth_mode != "dense":
+      raise NotImplementedError(f"{name}.interleave_depth=True with depth_mode={self.depth_mode!r}: only the "
+                                "'dense' depth phase interleaves with the sequence blocks.")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
 

@@ -9,7 +9,8 @@ Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent e
     twice, sequence only and depth only (the official kernel's split; keeps the depth phase's registers out
     of the T^2 loop); the two share no output, since d depth_q is its own array.
   * `_dkv_kernel`, one program per key block: loops over the query tiles that see it (causal: from the block's
-    first token on), summing over the G heads of the kv head inside the tile rows.
+    first token on), summing over the G heads of the kv head inside the tile rows (or, `per_query_head`,
+    one program per query head whose G float32 partials `_sequence_dkv` sums).
 """
 
 from __future__ import annotations
@@ -244,16 +245,48 @@ def backward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLK
   dq = outs[0]
   d_depth_q, d_depth_k, d_depth_v = outs[1:4] if has_depth else (None, None, None)
 
-  # Sequence dk/dv.
-  geom = tt.make_geometry(q_BTKGD.shape, num_slots, dkv_blocks)
+  dk, dv = _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segment_ids_BT, causal=causal,
+                         scale=scale, blocks=dkv_blocks, interpret=interpret)
+  return dq, dk, dv, d_depth_q, d_depth_k, d_depth_v
+
+
+def _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segment_ids_BT, *, causal: bool,
+                  scale: float, blocks: KernelBlocks, interpret):
+  """Sequence dk, dv [B, T, Hk, D]: one program per key block and kv head (its G heads folded into the
+  query tiles), or with `blocks.per_query_head` per key block and query head, summing the G float32
+  partials here."""
+  batch, seq_len, num_kv_heads, group, head_dim = q_BTKGD.shape
+  has_segments = segment_ids_BT is not None
+  split = blocks.per_query_head and group > 1
+  # Grid (key block, batch, head): head is the kv head, or the query head h = k * G + g when split.
+  kv_head = (lambda h: h // group) if split else (lambda h: h)
+  rows_of = lambda *shape: pl.BlockSpec((None, seq_len, None, *shape),
+                                        lambda i, b, h: (b, 0, kv_head(h)) + ((h % group,) if split else (0,))
+                                        + (0,) * (len(shape) - 1))
+  row_group = 1 if split else group
+  keys = pl.BlockSpec((None, seq_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h), 0))
+  in_specs = [rows_of(row_group, head_dim), keys, keys, rows_of(row_group, head_dim), rows_of(row_group),
+              rows_of(row_group)]
+  args = [q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG]
+  if has_segments:
+    in_specs.append(pl.BlockSpec((None, seq_len), lambda i, b, h: (b, 0)))
+    args.append(segment_ids_BT)
+  if split:
+    out_spec = pl.BlockSpec((None, seq_len, None, None, head_dim), lambda i, b, h: (b, 0, h // group, h % group, 0))
+    out_shape = jax.ShapeDtypeStruct(q_BTKGD.shape, jnp.float32)
+  else:
+    out_spec, out_shape = keys, jax.ShapeDtypeStruct(k_BTKD.shape, k_BTKD.dtype)
+  geom = tt.make_geometry((batch, seq_len, num_kv_heads, row_group, head_dim), 0, blocks)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, geom=geom, causal=causal, scale=scale, has_segments=has_segments),
-      grid=(pl.cdiv(seq_len, geom.block_k), batch, num_kv_heads),
-      in_specs=common_specs + seg_specs,
-      out_specs=[per_head(head_dim), per_head(head_dim)],
-      out_shape=[jax.ShapeDtypeStruct(k_BTKD.shape, k_BTKD.dtype)] * 2,
-      compiler_params=plgpu.CompilerParams(num_warps=dkv_blocks.num_warps, num_stages=dkv_blocks.num_stages),
+      grid=(pl.cdiv(seq_len, geom.block_k), batch, num_kv_heads * (group if split else 1)),
+      in_specs=in_specs,
+      out_specs=[out_spec, out_spec],
+      out_shape=[out_shape, out_shape],
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="moda_backward_dkv",
-  )(*common_args, *seg_args)
-  return dq, dk, dv, d_depth_q, d_depth_k, d_depth_v
+  )(*args)
+  if split:
+    dk, dv = (jnp.sum(x, axis=3).astype(k_BTKD.dtype) for x in (dk, dv))
+  return dk, dv

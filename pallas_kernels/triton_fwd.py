@@ -5,7 +5,8 @@ One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 do
   1. the sequence keys: blocks entirely before the tile's first token without any mask, then the blocks
      that overlap the tile's tokens with the causal mask (non-causal: all blocks, the last one bounded);
   2. the depth slots of the tile's own tokens, scored with the tile's `depth_q` rows (loaded after the
-     sequence phase, when q is dead: no extra registers). "dense": `slots_per_step` slots of every token per step, as
+     sequence phase, when q is dead: no extra registers; with `interleave_depth` one depth step runs
+     beside each unmasked sequence block instead, the rest after). "dense": `slots_per_step` slots of every token per step, as
      one tensor-core [rows x (tokens * slots)] block whose off-token entries are masked (the official
      block-diagonal layout). "per_token": every row gathers its own token's slot and the logit is a
      row-wise multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
@@ -27,14 +28,16 @@ from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import KernelBlocks
 
 
-def _online_update(carry, logits, values):
-  """Folds one block of base-2 logits [R, C] and its values [C, D] into (acc, m, l)."""
+def _online_update(carry, *blocks):
+  """Folds blocks of base-2 logits [R, C_i] and their values [C_i, D] into (acc, m, l) with one rescale."""
   acc, m_prev, l_prev = carry
-  m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+  m_next = functools.reduce(jnp.maximum, [jnp.max(logits, axis=1) for logits, _ in blocks], m_prev)
   correction = jnp.exp2(m_prev - m_next)
-  p = jnp.exp2(logits - m_next[:, None])
-  l_next = l_prev * correction + jnp.sum(p, axis=1)
-  acc = acc * correction[:, None] + tt.dot(p.astype(values.dtype), values)
+  acc, l_next = acc * correction[:, None], l_prev * correction
+  for logits, values in blocks:
+    p = jnp.exp2(logits - m_next[:, None])
+    l_next = l_next + jnp.sum(p, axis=1)
+    acc = acc + tt.dot(p.astype(values.dtype), values)
   return acc, m_next, l_next
 
 
@@ -56,7 +59,8 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   qk_scale = scale * tt.LOG2E
   q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1) if has_segments else None
 
-  def seq_step(j, carry, *, masked: bool):
+  def seq_block(j, *, masked: bool):
+    """(base-2 logits [block_q, block_k], values) of sequence key block j."""
     start = pl.multiple_of(j * geom.block_k, geom.block_k)
     k = tt.load_keys(k_ref, start, geom, bounded=masked)
     v = tt.load_keys(v_ref, start, geom, bounded=masked)
@@ -73,29 +77,35 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
       keep = same if keep is None else keep & same
     if keep is not None:
       logits = jnp.where(keep, logits, tt.MASK_VALUE)
-    return _online_update(carry, logits, v)
+    return logits, v
+
+  def seq_step(j, carry, *, masked: bool):
+    return _online_update(carry, seq_block(j, masked=masked))
 
   carry = (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
            jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
            jnp.zeros((geom.block_q,), jnp.float32))
   num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
-  carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
-  carry = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
-
+  num_paired = 0  # unmasked sequence blocks that run beside a depth step (`interleave_depth`)
   if has_depth:
     depth_len = depth_len_ref[0]
     local_token = jnp.arange(geom.block_q) // geom.group_padded
-    depth_q = tt.load_rows(depth_q_ref, rows, geom)
 
-    def depth_step(step, carry):
+    def depth_block(step, depth_q):
+      """(base-2 logits [block_q, depth_cols], values) of depth step `step` ("dense")."""
       cols = tt.depth_cols(first_token, step, depth_len, geom)
       dk = tt.load_depth(depth_k_ref, cols, geom)
       dv = tt.load_depth(depth_v_ref, cols, geom)
       logits = tt.dot(depth_q, dk, trans_b=True) * qk_scale
-      logits = jnp.where(tt.depth_visible(local_token, cols), logits, tt.MASK_VALUE)
-      return _online_update(carry, logits, dv)
+      return jnp.where(tt.depth_visible(local_token, cols), logits, tt.MASK_VALUE), dv
 
-    def per_token_step(step, carry):
+    def depth_step(step, carry, depth_q):
+      return _online_update(carry, depth_block(step, depth_q))
+
+    def seq_and_depth_step(j, carry, depth_q):
+      return _online_update(carry, seq_block(j, masked=False), depth_block(j, depth_q))
+
+    def per_token_step(step, carry, depth_q):
       # Every load of the step is issued before the first use; one rescale serves all its slots.
       acc, m_prev, l_prev = carry
       slots = [step * geom.per_token_slots + j for j in range(geom.per_token_slots)]
@@ -112,12 +122,23 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
         acc = acc + p[:, None] * dv.astype(jnp.float32)
       return acc, m_next, l_next
 
-    if geom.depth_mode == "per_token":
-      num_steps = (depth_len + geom.per_token_slots - 1) // geom.per_token_slots
-      carry = jax.lax.fori_loop(0, num_steps, per_token_step, carry)
-    else:
-      num_steps = (depth_len + geom.slots_per_step - 1) // geom.slots_per_step
-      carry = jax.lax.fori_loop(0, num_steps, depth_step, carry)
+    # The online softmax is order-free: the depth steps may run after the sequence or beside it.
+    per_token = geom.depth_mode == "per_token"
+    per_step = geom.per_token_slots if per_token else geom.slots_per_step
+    num_depth_steps = (depth_len + per_step - 1) // per_step
+    if geom.interleave_depth:
+      depth_q = tt.load_rows(depth_q_ref, rows, geom)
+      num_paired = jnp.minimum(num_free, num_depth_steps)
+      carry = jax.lax.fori_loop(0, num_paired, functools.partial(seq_and_depth_step, depth_q=depth_q), carry)
+
+  carry = jax.lax.fori_loop(num_paired, num_free, functools.partial(seq_step, masked=False), carry)
+  carry = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
+  if has_depth:
+    if not geom.interleave_depth:
+      # Loaded only now, when q is dead: depth_q takes its registers.
+      depth_q = tt.load_rows(depth_q_ref, rows, geom)
+    depth_loop = per_token_step if per_token else depth_step
+    carry = jax.lax.fori_loop(num_paired, num_depth_steps, functools.partial(depth_loop, depth_q=depth_q), carry)
 
   acc, m, l = carry
   tt.store_rows(o_ref, rows, acc / l[:, None], geom)

@@ -42,6 +42,7 @@ class Geometry:
   depth_cols: int     # depth columns per depth step ("dense" mode)
   depth_mode: str = "dense"
   per_token_slots: int = 2
+  interleave_depth: bool = False
 
   @property
   def tokens_per_tile(self) -> int:
@@ -61,7 +62,7 @@ def make_geometry(q_shape_BTKGD, num_slots: int, blocks) -> Geometry:
   return Geometry(seq_len=seq_len, num_slots=num_slots, group=group, group_padded=next_pow2(group),
                   head_dim=head_dim, block_q=blocks.block_q, block_k=blocks.block_k,
                   depth_cols=blocks.depth_cols, depth_mode=blocks.depth_mode,
-                  per_token_slots=blocks.per_token_slots)
+                  per_token_slots=blocks.per_token_slots, interleave_depth=blocks.interleave_depth)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,10 +32,11 @@ def _inputs(batch, seq_len, kv_heads, group, head_dim, slots, seed=0):
   return (q, k, v, dk, dv), d_out
 
 
-def _small_tiles(depth_mode, separate_depth_kernel=False):
+def _small_tiles(depth_mode, separate_depth_kernel=False, interleave_depth=False, per_query_head=False):
   blocks = KernelBlocks(block_q=16, block_k=16, depth_cols=16, depth_mode=depth_mode, per_token_slots=2)
-  return BlockSizes(fwd=blocks, dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
-                    dkv=blocks)
+  return BlockSizes(fwd=dataclasses.replace(blocks, interleave_depth=interleave_depth),
+                    dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
+                    dkv=dataclasses.replace(blocks, per_query_head=per_query_head))
 
 
 def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
@@ -46,12 +47,17 @@ def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
   return out, lse, pullback((d_out, jnp.cos(lse)))[0]
 
 
-# The fused dense depth backward is what the shared suite runs (default tiles, depth_q or not); here the
-# separate depth kernel and the per-token mode, each with depth_q = q and with its own depth_q.
-@pytest.mark.parametrize("depth_mode, causal, segments, separate, with_depth_q",
-                         [("dense", False, True, True, False), ("per_token", True, False, True, False),
-                          ("dense", True, True, True, True), ("per_token", False, False, False, True)])
-def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, with_depth_q):
+# The default tiles are what the shared suite runs (depth_q or not); here the separate and fused depth
+# backward, the per-token mode, the forward's interleaved depth steps and the per-query-head dk/dv kernel,
+# with depth_q = q and with a depth_q of its own.
+@pytest.mark.parametrize("depth_mode, causal, segments, separate, with_depth_q, interleave, per_query_head",
+                         [("dense", False, True, True, False, False, False),
+                          ("per_token", True, False, True, False, False, True),
+                          ("dense", True, True, True, True, True, True),
+                          ("per_token", False, False, False, True, False, False),
+                          ("dense", True, False, False, True, True, False)])
+def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, with_depth_q, interleave,
+                                      per_query_head):
   # G = 3 pads to 4 rows per token: 4 tokens per 16-row tile, T = 19 ends mid-tile and mid key block.
   arrays, d_out = _inputs(batch=1, seq_len=19, kv_heads=2, group=3, head_dim=16, slots=5)
   segment_ids = jnp.asarray([[0] * 7 + [1] * 9 + [2] * 3]) if segments else None
@@ -62,7 +68,7 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, wi
   if with_depth_q:
     depth_q = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
     arrays, poisoned = arrays + (depth_q,), poisoned + (depth_q,)
-  tiles = _small_tiles(depth_mode, separate)
+  tiles = _small_tiles(depth_mode, separate, interleave, per_query_head)
   kernel = lambda *a, **kw: triton.attention(*a, **kw, interpret=True, block_sizes=tiles)
   got = _out_lse_grads(kernel, poisoned, d_out, depth_len, segment_ids, causal)
   want = _out_lse_grads(reference.attention, arrays, d_out, depth_len, segment_ids, causal)
@@ -76,12 +82,21 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, wi
 @pytest.mark.parametrize("change, match", [
     (dict(block_q=48), "block_q=48"), (dict(block_k=8), "block_k=8"), (dict(depth_cols=24), "depth_cols=24"),
     (dict(block_q=16), "next_pow2"), (dict(num_warps=3), "num_warps=3"), (dict(depth_mode="sparse"), "depth_mode"),
-    (dict(per_token_slots=0), "per_token_slots=0"), (dict(separate_depth_kernel=1), "separate_depth_kernel")])
+    (dict(per_token_slots=0), "per_token_slots=0"), (dict(separate_depth_kernel=1), "separate_depth_kernel"),
+    (dict(per_query_head="yes"), "per_query_head='yes'")])
 def test_block_sizes_are_validated_before_launch(change, match):
   base = BlockSizes.get_default(64, 32, jnp.bfloat16)
   bad = dataclasses.replace(base, dq=dataclasses.replace(base.dq, **change))
   arrays, _ = _inputs(batch=1, seq_len=4, kv_heads=1, group=32, head_dim=64, slots=1)
   with pytest.raises(ValueError, match=match):
+    triton.attention(*arrays, jnp.int32(1), None, causal=True, scale=0.125, interpret=True, block_sizes=bad)
+
+
+def test_interleaving_needs_the_dense_depth_phase():
+  base = BlockSizes.get_default(64, 2, jnp.bfloat16)
+  bad = dataclasses.replace(base, fwd=dataclasses.replace(base.fwd, depth_mode="per_token", interleave_depth=True))
+  arrays, _ = _inputs(batch=1, seq_len=4, kv_heads=1, group=2, head_dim=64, slots=1)
+  with pytest.raises(NotImplementedError, match="interleave_depth=True with depth_mode='per_token'"):
     triton.attention(*arrays, jnp.int32(1), None, causal=True, scale=0.125, interpret=True, block_sizes=bad)
 
 

@@ -42,7 +42,7 @@ _LARGE = [
 ]
 
 
-@pytest.mark.parametrize("depth_mode", ["dense", "per_token", "dense_separate"])
+@pytest.mark.parametrize("depth_mode", ["dense", "per_token", "dense_separate", "dense_interleaved"])
 @pytest.mark.parametrize("shape", _LARGE, ids=[f"T{s[1]}_G{s[3]}_D{s[4]}_L{s[5]}_{s[9]}" for s in _LARGE])
 def test_multi_tile_against_reference(shape, depth_mode):
   batch, seq_len, kv_heads, group, head_dim, slots, depth_len, causal, segments, dtype = shape
@@ -59,9 +59,13 @@ def test_multi_tile_against_reference(shape, depth_mode):
   d_lse = jax.random.normal(keys[7], (batch, seq_len, kv_heads * group), jnp.float32)
 
   blocks = BlockSizes.get_default(max(16, pl_next_pow2(head_dim)), group, dtype)
-  mode, separate = depth_mode.removesuffix("_separate"), depth_mode.endswith("_separate")
-  blocks = BlockSizes(*(dataclasses.replace(b, depth_mode=mode) for b in (blocks.fwd, blocks.dq, blocks.dkv)))
-  blocks = dataclasses.replace(blocks, dq=dataclasses.replace(blocks.dq, separate_depth_kernel=separate))
+  # "_separate": the depth backward as its own kernel; "_interleaved": the forward's depth steps beside the
+  # sequence blocks and the dk/dv kernel per query head.
+  mode, variant = depth_mode.split("_")[0], depth_mode.partition("_")[2]
+  blocks = BlockSizes(
+      fwd=dataclasses.replace(blocks.fwd, depth_mode=mode, interleave_depth=variant == "interleaved"),
+      dq=dataclasses.replace(blocks.dq, depth_mode=mode, separate_depth_kernel=variant == "separate"),
+      dkv=dataclasses.replace(blocks.dkv, depth_mode=mode, per_query_head=variant == "interleaved"))
 
   def run(impl):
     @jax.jit

@@ -1,0 +1,63 @@
+"""Per-kernel view of MoDA forward+backward on the GPU, for Nsight Compute (ncu) to read the counters.
+
+    ncu --clock-control none --csv --page details --section SpeedOfLight --section Occupancy \
+        --section LaunchStats -k 'regex:moda|sdpa|fmha|flash' python3 scripts/gpu_profile_kernels.py run > ncu.csv
+    python3 scripts/gpu_profile_kernels.py summarize ncu.csv
+
+`run` executes each shape's jitted fwd+bwd (default tiles) and cuDNN's on the same sequence shape, once
+each after compilation; `summarize` prints one line per kernel launch: duration, registers per thread,
+theoretical / achieved occupancy, SM and DRAM throughput (% of peak). Timing belongs to the benchmark;
+this answers why a kernel takes the time it does.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import sys
+
+_METRICS = {"Duration": "us", "Registers Per Thread": "regs", "Theoretical Occupancy": "occ_theory%",
+            "Achieved Occupancy": "occ_achieved%", "Compute (SM) Throughput": "sm%", "DRAM Throughput": "dram%",
+            "Grid Size": "grid"}
+
+
+def run(shape_names: list[str]) -> None:
+  import jax
+
+  from pallas_kernels import benchmark
+
+  shapes = {s.name: s for s in benchmark.paper_shapes()}
+  for name in shape_names:
+    for impl in ("cudnn", "pallas_triton"):
+      arrays, do = benchmark.make_inputs(shapes[name], depth=impl != "cudnn")
+      _, forward_backward = benchmark.build(impl)
+      compiled = forward_backward.lower(arrays, do).compile()  # compile outside the profiled launches
+      jax.block_until_ready(compiled(arrays, do))
+      print(f"ran {name} {impl}", file=sys.stderr, flush=True)
+
+
+def summarize(path: str) -> None:
+  launches: dict[str, dict[str, str]] = collections.OrderedDict()
+  with open(path) as f:
+    lines = [line for line in f if line.startswith('"')]  # ncu's own log lines are not CSV
+  for row in csv.DictReader(lines):
+    launch = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"]})
+    if row["Metric Name"] in _METRICS:
+      value = row["Metric Value"].replace(",", "")
+      if row["Metric Name"] == "Duration":  # ncu picks the unit per launch; always microseconds here
+        per_us = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(row["Metric Unit"], 1.0)
+        value = f"{float(value) * per_us:.1f}"
+      launch[_METRICS[row["Metric Name"]]] = value
+  print(f"{'kernel':48s} " + " ".join(f"{v:>13s}" for v in _METRICS.values()))
+  for launch in launches.values():
+    print(f"{launch['kernel'][:48]:48s} " + " ".join(f"{launch.get(v, '-'):>13s}" for v in _METRICS.values()))
+
+
+if __name__ == "__main__":
+  command, args = sys.argv[1], sys.argv[2:]
+  if command == "run":
+    run(args or ["table2_T4K_G8_L64", "train_B8_T4K_G2_L72"])
+  elif command == "summarize":
+    summarize(args[0])
+  else:
+    raise SystemExit(f"command={command!r}: expected 'run' or 'summarize'")
