@@ -201,16 +201,26 @@ def tune(iters: int) -> list[dict]:
   return rows
 
 
-# (kernel, field) of each optional kernel feature that `--ablate` times flipped against the defaults.
-_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("fwd", "interleave_depth", "fwd"),
-            ("dkv", "per_query_head", "fwd_bwd"))
+# (kernel, field, mode) of each kernel option that `--ablate` times flipped against the defaults.
+_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("dkv", "per_query_head", "fwd_bwd"),
+            ("fwd", "depth_rows", "fwd"), ("dq", "depth_rows", "fwd_bwd"))
+
+
+def _flipped(blocks: KernelBlocks, field: str, group: int) -> KernelBlocks:
+  """The option off if on and on if off; depth parts turn on at their smallest size."""
+  value = getattr(blocks, field)
+  if field == "depth_rows":
+    return dataclasses.replace(blocks, depth_rows=0 if value else max(16, 1 << (group - 1).bit_length()))
+  return dataclasses.replace(blocks, **{field: not value})
 
 
 def _mgpu_forward(shape: Shape, iters: int) -> list[dict]:
   """JAX's own Pallas Mosaic GPU flash attention (sequence only; its causal backward is not implemented):
-  what a wgmma/TMA kernel reaches on this shape, against the Triton lowering of ours."""
+  what a wgmma/TMA kernel reaches on this shape, against the Triton lowering of ours. float16 (its
+  shared-memory staging is float16 only): the same tensor-core rate as bfloat16."""
   from jax.experimental.pallas.ops.gpu import attention_mgpu
   (q, k, v, _, _), _ = make_inputs(shape, depth=False)
+  q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
   rows = []
   for block_kv in (64, 128):
     config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
@@ -232,23 +242,22 @@ def ablate(iters: int) -> list[dict]:
   each optional kernel feature flipped (`_TOGGLES`)."""
   rows = []
   shapes = [Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table2_T64K_G8_L64", 1, 65536, 8, 64),
-            Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
+            Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72), Shape("train_B8_T4K_G2_L72_D128", 8, 4096, 2, 72, 128)]
   for shape in shapes:
     for impl in ("cudnn", "pallas_triton_nodepth", "pallas_triton"):
       rows.append(measure(shape, impl, iters=iters))
       print(json.dumps(rows[-1]), flush=True)
-    rows += _mgpu_forward(shape, iters)
-    print(json.dumps(rows[-2:]), flush=True)
+    if shape.head_dim == 64:
+      rows += _mgpu_forward(shape, iters)
+      print(json.dumps(rows[-2:]), flush=True)
     base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
     for kernel, field, mode in _TOGGLES:
-      blocks = getattr(base, kernel)
-      flipped = dataclasses.replace(blocks, **{field: not getattr(blocks, field)})
+      flipped = _flipped(getattr(base, kernel), field, shape.group)
       row = measure(shape, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, **{kernel: flipped}),
                     modes=(mode,))
-      rows.append(dict(row, tune=kernel, toggled=f"{field}={not getattr(blocks, field)}",
-                       blocks=dataclasses.asdict(flipped)))
-      print(f"ablate {kernel}.{field}={not getattr(blocks, field)} {shape.name} {mode}: "
-            f"{row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
+      toggled = f"{kernel}.{field}={getattr(flipped, field)}"
+      rows.append(dict(row, tune=kernel, toggled=toggled, blocks=dataclasses.asdict(flipped)))
+      print(f"ablate {toggled} {shape.name} {mode}: {row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
   return rows
 
 

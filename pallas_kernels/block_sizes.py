@@ -36,9 +36,9 @@ class KernelBlocks:
   per_token_slots: slots gathered per step in "per_token" mode (loads in flight per rescale).
   separate_depth_kernel: (dq kernel only) run the depth backward as its own kernel instead of fused into
     the dq kernel.
-  interleave_depth: (forward only, "dense") take one depth step beside each unmasked sequence block, under
-    one softmax rescale, instead of all depth steps after the sequence: the gathered depth loads are then
-    in flight while the tensor cores work on the sequence block.
+  depth_rows: (forward and dq kernels) rows per part of the depth phase, which splits the tile into parts
+    of whole tokens: a "dense" depth step multiplies a part's rows against its own tokens' slots only, so
+    the masked waste is tokens_per_part x, not tokens_per_tile x. 0 = the whole tile.
   per_query_head: (dk/dv kernel only) one program per key block and *query* head instead of per kv head;
     the G float32 partial dk/dv are summed outside the kernel. G times the programs, for short sequences
     whose few key blocks leave the GPU part idle.
@@ -51,7 +51,7 @@ class KernelBlocks:
   depth_mode: str = "dense"
   per_token_slots: int = 2
   separate_depth_kernel: bool = False
-  interleave_depth: bool = False
+  depth_rows: int = 0
   per_query_head: bool = False
 
   def validate(self, name: str, group_padded: int) -> None:
@@ -68,12 +68,13 @@ class KernelBlocks:
       raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
     if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
       raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
-    for field in ("separate_depth_kernel", "interleave_depth", "per_query_head"):
+    for field in ("separate_depth_kernel", "per_query_head"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"{name}.{field}={getattr(self, field)!r}: expected a bool.")
-    if self.interleave_depth and self.depth_mode != "dense":
-      raise NotImplementedError(f"{name}.interleave_depth=True with depth_mode={self.depth_mode!r}: only the "
-                                "'dense' depth phase interleaves with the sequence blocks.")
+    rows = self.depth_rows
+    if rows != 0 and (not isinstance(rows, int) or not _is_pow2(rows) or not max(16, group_padded) <= rows <= self.block_q):
+      raise ValueError(f"{name}.depth_rows={rows!r}: expected 0 (the whole tile) or a power of two in "
+                       f"[max(16, next_pow2(G)={group_padded}), block_q={self.block_q}].")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
 
@@ -98,13 +99,16 @@ class BlockSizes:
     # T16K G8 (6.5 vs 7.3 ms), T4K G8 (0.66 vs 0.77) and B8 T4K G2 L72 (2.2 vs 2.7): the dense depth
     # phase costs tokens_per_tile x the useful FLOPs, and halving the tile halves that waste.
     if head_dim <= 64:
-      fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=3)
+      # Depth phases in parts of 16 rows: a quarter of the dense depth FLOPs and exps of a 64-row tile.
+      fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=3, depth_rows=16)
       # The depth backward as its own kernel (fwd+bwd ms, H200, BENCHMARKS.md §1): T4K G8 2.77 vs 2.96
       # fused, T64K 388 vs 444, B8 T4K G2 L72 8.49 vs 8.42. Fused, its depth work lengthens every step
       # of the dq kernel's O(T^2) loop; separate, it re-reads q / do once. Not yet measured at D > 64.
       dq = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
-                        separate_depth_kernel=True)
-      dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
+                        separate_depth_kernel=True, depth_rows=16)
+      # dk/dv per query head: T4K G8 fwd+bwd 2.27 vs 2.49 ms (512 kv-head programs leave SMs idle), T64K
+      # and B8 T4K G2 within 1% (BENCHMARKS.md §1).
+      dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2, per_query_head=True)
     elif head_dim <= 128:
       fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
       dq = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=4, num_stages=2)
@@ -115,8 +119,9 @@ class BlockSizes:
       dkv = KernelBlocks(block_q=32, block_k=32, depth_cols=32, num_warps=8, num_stages=1)
     if jax.numpy.dtype(dtype).itemsize == 4:
       fwd, dq, dkv = (dataclasses.replace(b, block_q=max(16, b.block_q // 2)) for b in (fwd, dq, dkv))
-    # A tile must hold at least one whole token of Gp folded rows.
-    fix = lambda b: dataclasses.replace(b, block_q=max(b.block_q, group_padded))
+    # A tile, and a depth part, must hold at least one whole token of Gp folded rows.
+    fix = lambda b: dataclasses.replace(b, block_q=max(b.block_q, group_padded),
+                                        depth_rows=b.depth_rows and max(b.depth_rows, group_padded))
     return cls(fwd=fix(fwd), dq=fix(dq), dkv=fix(dkv))
 
   def validate(self, group: int) -> None:

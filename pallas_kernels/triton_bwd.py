@@ -84,49 +84,13 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
 
   if has_depth:
     depth_len = depth_len_ref[0]
-    local_token = jnp.arange(geom.block_q) // geom.group_padded
-    depth_q = tt.load_rows(depth_q_ref, rows, geom)
-
-    def depth_step(step, ddq):
-      cols = tt.depth_cols(first_token, step, depth_len, geom)
-      dk = tt.load_depth(depth_k_ref, cols, geom)
-      dv = tt.load_depth(depth_v_ref, cols, geom)
-      p = _probs(tt.dot(depth_q, dk, trans_b=True) * qk_scale, lse2, tt.depth_visible(local_token, cols))
-      ds = p * (tt.dot(do, dv, trans_b=True) - delta)
-      in_range = (cols.token < geom.seq_len) & (cols.slot < geom.num_slots)
-      ddk = tt.dot(ds.astype(depth_q.dtype), depth_q, trans_a=True) * scale
-      tt.store_depth(ddk_ref, cols, ddk, geom, in_range=in_range)
-      tt.store_depth(ddv_ref, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom, in_range=in_range)
-      return ddq + tt.dot(ds.astype(dk.dtype), dk)
-
-    lse2_R, delta_R = lse2[:, 0], delta[:, 0]
-
-    def per_token_step(step, ddq):
-      for j in range(geom.per_token_slots):
-        slot = step * geom.per_token_slots + j
-        dk = tt.load_token_slot(depth_k_ref, rows, slot, depth_len, geom)
-        dv = tt.load_token_slot(depth_v_ref, rows, slot, depth_len, geom)
-        keep = rows.valid & (slot < depth_len)
-        p = jnp.where(keep, jnp.exp2(tt.row_dot(depth_q, dk) * qk_scale - lse2_R), 0.0)
-        ds = p * (tt.row_dot(do, dv) - delta_R)
-        ddq = ddq + ds[:, None] * dk.astype(jnp.float32)
-        # Rows of one token share its slot: their contributions sum inside the tile, no atomics.
-        ddk = tt.sum_over_group(ds[:, None] * depth_q.astype(jnp.float32), geom) * scale
-        ddv = tt.sum_over_group(p[:, None] * do.astype(jnp.float32), geom)
-        tt.store_token_slot(ddk_ref, first_token, slot, ddk, geom)
-        tt.store_token_slot(ddv_ref, first_token, slot, ddv, geom)
-      return ddq
-
-    ddq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
-    if geom.depth_mode == "per_token":
-      per_step = geom.per_token_slots
-      num_steps = (depth_len + per_step - 1) // per_step
-      ddq = jax.lax.fori_loop(0, num_steps, per_token_step, ddq)
-    else:
-      per_step = geom.slots_per_step
-      num_steps = (depth_len + per_step - 1) // per_step
-      ddq = jax.lax.fori_loop(0, num_steps, depth_step, ddq)
-
+    depth_refs = (depth_q_ref, depth_k_ref, depth_v_ref, ddq_ref, ddk_ref, ddv_ref)
+    # One part of `depth_rows` rows (whole tokens) at a time: a dense step then multiplies the part's rows
+    # against its own tokens' slots only.
+    for part_first_token, part_geom, (part_do, part_lse2, part_delta) in tt.split_rows(
+        first_token, (do, lse2, delta), geom):
+      num_steps = _depth_backward(depth_refs, depth_len, part_first_token, part_geom, part_do, part_lse2,
+                                  part_delta, scale)
     # Unwritten slots got no probability mass: their gradient is zero, stored without any math.
     zeros = jnp.zeros((geom.tokens_per_tile, geom.head_dim), jnp.float32)
 
@@ -135,8 +99,56 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
       tt.store_token_slot(ddv_ref, first_token, slot, zeros, geom)
       return _
 
+    per_step = geom.per_token_slots if geom.depth_mode == "per_token" else part_geom.slots_per_step
     jax.lax.fori_loop(jnp.minimum(num_steps * per_step, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
-    tt.store_rows(ddq_ref, rows, ddq * scale, geom)
+
+
+def _depth_backward(depth_refs, depth_len, first_token, geom: tt.Geometry, do, lse2, delta, scale):
+  """Writes d depth_q of the rows starting at `first_token` and the depth dk/dv of their tokens' written
+  slots; returns the number of depth steps taken (slots past them are left for the caller to zero)."""
+  depth_q_ref, depth_k_ref, depth_v_ref, ddq_ref, ddk_ref, ddv_ref = depth_refs
+  rows = tt.tile_rows(first_token, geom)
+  qk_scale = scale * tt.LOG2E
+  local_token = jnp.arange(geom.block_q) // geom.group_padded
+  depth_q = tt.load_rows(depth_q_ref, rows, geom)
+
+  def depth_step(step, ddq):
+    cols = tt.depth_cols(first_token, step, depth_len, geom)
+    dk = tt.load_depth(depth_k_ref, cols, geom)
+    dv = tt.load_depth(depth_v_ref, cols, geom)
+    p = _probs(tt.dot(depth_q, dk, trans_b=True) * qk_scale, lse2, tt.depth_visible(local_token, cols))
+    ds = p * (tt.dot(do, dv, trans_b=True) - delta)
+    in_range = (cols.token < geom.seq_len) & (cols.slot < geom.num_slots)
+    ddk = tt.dot(ds.astype(depth_q.dtype), depth_q, trans_a=True) * scale
+    tt.store_depth(ddk_ref, cols, ddk, geom, in_range=in_range)
+    tt.store_depth(ddv_ref, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom, in_range=in_range)
+    return ddq + tt.dot(ds.astype(dk.dtype), dk)
+
+  lse2_R, delta_R = lse2[:, 0], delta[:, 0]
+
+  def per_token_step(step, ddq):
+    for j in range(geom.per_token_slots):
+      slot = step * geom.per_token_slots + j
+      dk = tt.load_token_slot(depth_k_ref, rows, slot, depth_len, geom)
+      dv = tt.load_token_slot(depth_v_ref, rows, slot, depth_len, geom)
+      keep = rows.valid & (slot < depth_len)
+      p = jnp.where(keep, jnp.exp2(tt.row_dot(depth_q, dk) * qk_scale - lse2_R), 0.0)
+      ds = p * (tt.row_dot(do, dv) - delta_R)
+      ddq = ddq + ds[:, None] * dk.astype(jnp.float32)
+      # Rows of one token share its slot: their contributions sum inside the tile, no atomics.
+      ddk = tt.sum_over_group(ds[:, None] * depth_q.astype(jnp.float32), geom) * scale
+      ddv = tt.sum_over_group(p[:, None] * do.astype(jnp.float32), geom)
+      tt.store_token_slot(ddk_ref, first_token, slot, ddk, geom)
+      tt.store_token_slot(ddv_ref, first_token, slot, ddv, geom)
+    return ddq
+
+  ddq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
+  per_token = geom.depth_mode == "per_token"
+  per_step = geom.per_token_slots if per_token else geom.slots_per_step
+  num_steps = (depth_len + per_step - 1) // per_step
+  ddq = jax.lax.fori_loop(0, num_steps, per_token_step if per_token else depth_step, ddq)
+  tt.store_rows(ddq_ref, rows, ddq * scale, geom)
+  return num_steps
 
 
 def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segments: bool):

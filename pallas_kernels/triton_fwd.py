@@ -5,10 +5,11 @@ One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 do
   1. the sequence keys: blocks entirely before the tile's first token without any mask, then the blocks
      that overlap the tile's tokens with the causal mask (non-causal: all blocks, the last one bounded);
   2. the depth slots of the tile's own tokens, scored with the tile's `depth_q` rows (loaded after the
-     sequence phase, when q is dead: no extra registers; with `interleave_depth` one depth step runs
-     beside each unmasked sequence block instead, the rest after). "dense": `slots_per_step` slots of every token per step, as
-     one tensor-core [rows x (tokens * slots)] block whose off-token entries are masked (the official
-     block-diagonal layout). "per_token": every row gathers its own token's slot and the logit is a
+     sequence phase, when q is dead: no extra registers). The state is split into parts of `depth_rows`
+     rows (whole tokens), each finishing its depth phase and storing its rows on its own: the dense
+     block-diagonal logits of a part waste tokens_per_part x the FLOPs and exps, not tokens_per_tile x.
+     "dense": `slots_per_step` slots of every token of the part per step, as one tensor-core
+     [rows x (tokens * slots)] block whose off-token entries are masked (the official block-diagonal layout). "per_token": every row gathers its own token's slot and the logit is a
      row-wise multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
      cdiv(depth_len, slots per step): unwritten slots are never loaded or computed.
      "dense" is the default: on the H200 it beat "per_token" on every benchmark shape, G = 2 included
@@ -28,16 +29,14 @@ from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import KernelBlocks
 
 
-def _online_update(carry, *blocks):
-  """Folds blocks of base-2 logits [R, C_i] and their values [C_i, D] into (acc, m, l) with one rescale."""
+def _online_update(carry, logits, values):
+  """Folds one block of base-2 logits [R, C] and its values [C, D] into (acc, m, l)."""
   acc, m_prev, l_prev = carry
-  m_next = functools.reduce(jnp.maximum, [jnp.max(logits, axis=1) for logits, _ in blocks], m_prev)
+  m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
   correction = jnp.exp2(m_prev - m_next)
-  acc, l_next = acc * correction[:, None], l_prev * correction
-  for logits, values in blocks:
-    p = jnp.exp2(logits - m_next[:, None])
-    l_next = l_next + jnp.sum(p, axis=1)
-    acc = acc + tt.dot(p.astype(values.dtype), values)
+  p = jnp.exp2(logits - m_next[:, None])
+  l_next = l_prev * correction + jnp.sum(p, axis=1)
+  acc = acc * correction[:, None] + tt.dot(p.astype(values.dtype), values)
   return acc, m_next, l_next
 
 
@@ -59,8 +58,7 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   qk_scale = scale * tt.LOG2E
   q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1) if has_segments else None
 
-  def seq_block(j, *, masked: bool):
-    """(base-2 logits [block_q, block_k], values) of sequence key block j."""
+  def seq_step(j, carry, *, masked: bool):
     start = pl.multiple_of(j * geom.block_k, geom.block_k)
     k = tt.load_keys(k_ref, start, geom, bounded=masked)
     v = tt.load_keys(v_ref, start, geom, bounded=masked)
@@ -77,72 +75,64 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
       keep = same if keep is None else keep & same
     if keep is not None:
       logits = jnp.where(keep, logits, tt.MASK_VALUE)
-    return logits, v
-
-  def seq_step(j, carry, *, masked: bool):
-    return _online_update(carry, seq_block(j, masked=masked))
+    return _online_update(carry, logits, v)
 
   carry = (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
            jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
            jnp.zeros((geom.block_q,), jnp.float32))
   num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
-  num_paired = 0  # unmasked sequence blocks that run beside a depth step (`interleave_depth`)
-  if has_depth:
-    depth_len = depth_len_ref[0]
-    local_token = jnp.arange(geom.block_q) // geom.group_padded
-
-    def depth_block(step, depth_q):
-      """(base-2 logits [block_q, depth_cols], values) of depth step `step` ("dense")."""
-      cols = tt.depth_cols(first_token, step, depth_len, geom)
-      dk = tt.load_depth(depth_k_ref, cols, geom)
-      dv = tt.load_depth(depth_v_ref, cols, geom)
-      logits = tt.dot(depth_q, dk, trans_b=True) * qk_scale
-      return jnp.where(tt.depth_visible(local_token, cols), logits, tt.MASK_VALUE), dv
-
-    def depth_step(step, carry, depth_q):
-      return _online_update(carry, depth_block(step, depth_q))
-
-    def seq_and_depth_step(j, carry, depth_q):
-      return _online_update(carry, seq_block(j, masked=False), depth_block(j, depth_q))
-
-    def per_token_step(step, carry, depth_q):
-      # Every load of the step is issued before the first use; one rescale serves all its slots.
-      acc, m_prev, l_prev = carry
-      slots = [step * geom.per_token_slots + j for j in range(geom.per_token_slots)]
-      dks = [tt.load_token_slot(depth_k_ref, rows, s, depth_len, geom) for s in slots]
-      dvs = [tt.load_token_slot(depth_v_ref, rows, s, depth_len, geom) for s in slots]
-      logits = [jnp.where(s < depth_len, tt.row_dot(depth_q, dk) * qk_scale, tt.MASK_VALUE)
-                for s, dk in zip(slots, dks)]
-      m_next = functools.reduce(jnp.maximum, logits, m_prev)
-      correction = jnp.exp2(m_prev - m_next)
-      probs = [jnp.exp2(c - m_next) for c in logits]
-      l_next = l_prev * correction + functools.reduce(jnp.add, probs)
-      acc = acc * correction[:, None]
-      for p, dv in zip(probs, dvs):
-        acc = acc + p[:, None] * dv.astype(jnp.float32)
-      return acc, m_next, l_next
-
-    # The online softmax is order-free: the depth steps may run after the sequence or beside it.
-    per_token = geom.depth_mode == "per_token"
-    per_step = geom.per_token_slots if per_token else geom.slots_per_step
-    num_depth_steps = (depth_len + per_step - 1) // per_step
-    if geom.interleave_depth:
-      depth_q = tt.load_rows(depth_q_ref, rows, geom)
-      num_paired = jnp.minimum(num_free, num_depth_steps)
-      carry = jax.lax.fori_loop(0, num_paired, functools.partial(seq_and_depth_step, depth_q=depth_q), carry)
-
-  carry = jax.lax.fori_loop(num_paired, num_free, functools.partial(seq_step, masked=False), carry)
+  carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
   carry = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
-  if has_depth:
-    if not geom.interleave_depth:
-      # Loaded only now, when q is dead: depth_q takes its registers.
-      depth_q = tt.load_rows(depth_q_ref, rows, geom)
-    depth_loop = per_token_step if per_token else depth_step
-    carry = jax.lax.fori_loop(num_paired, num_depth_steps, functools.partial(depth_loop, depth_q=depth_q), carry)
 
-  acc, m, l = carry
-  tt.store_rows(o_ref, rows, acc / l[:, None], geom)
-  tt.store_row_stat(lse_ref, rows, (m + jnp.log2(l)) / tt.LOG2E)
+  # The depth phase continues the same softmax state, one part of `depth_rows` rows at a time.
+  parts = tt.split_rows(first_token, carry, geom) if has_depth else [(first_token, geom, carry)]
+  for part_first_token, part_geom, part_carry in parts:
+    part_rows = tt.tile_rows(part_first_token, part_geom)
+    if has_depth:
+      part_carry = _depth_phase(part_carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len_ref[0],
+                                part_first_token, part_rows, part_geom, qk_scale)
+    acc, m, l = part_carry
+    tt.store_rows(o_ref, part_rows, acc / l[:, None], part_geom)
+    tt.store_row_stat(lse_ref, part_rows, (m + jnp.log2(l)) / tt.LOG2E)
+
+
+def _depth_phase(carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len, first_token, rows: tt.Rows,
+                 geom: tt.Geometry, qk_scale):
+  """Folds the depth slots of the rows' own tokens into their softmax state (acc, m, l)."""
+  # Loaded only now, when q is dead: depth_q takes its registers.
+  depth_q = tt.load_rows(depth_q_ref, rows, geom)
+  local_token = jnp.arange(geom.block_q) // geom.group_padded
+
+  def depth_step(step, carry):
+    cols = tt.depth_cols(first_token, step, depth_len, geom)
+    dk = tt.load_depth(depth_k_ref, cols, geom)
+    dv = tt.load_depth(depth_v_ref, cols, geom)
+    logits = tt.dot(depth_q, dk, trans_b=True) * qk_scale
+    logits = jnp.where(tt.depth_visible(local_token, cols), logits, tt.MASK_VALUE)
+    return _online_update(carry, logits, dv)
+
+  def per_token_step(step, carry):
+    # Every load of the step is issued before the first use; one rescale serves all its slots.
+    acc, m_prev, l_prev = carry
+    slots = [step * geom.per_token_slots + j for j in range(geom.per_token_slots)]
+    dks = [tt.load_token_slot(depth_k_ref, rows, s, depth_len, geom) for s in slots]
+    dvs = [tt.load_token_slot(depth_v_ref, rows, s, depth_len, geom) for s in slots]
+    logits = [jnp.where(s < depth_len, tt.row_dot(depth_q, dk) * qk_scale, tt.MASK_VALUE)
+              for s, dk in zip(slots, dks)]
+    m_next = functools.reduce(jnp.maximum, logits, m_prev)
+    correction = jnp.exp2(m_prev - m_next)
+    probs = [jnp.exp2(c - m_next) for c in logits]
+    l_next = l_prev * correction + functools.reduce(jnp.add, probs)
+    acc = acc * correction[:, None]
+    for p, dv in zip(probs, dvs):
+      acc = acc + p[:, None] * dv.astype(jnp.float32)
+    return acc, m_next, l_next
+
+  if geom.depth_mode == "per_token":
+    num_steps = (depth_len + geom.per_token_slots - 1) // geom.per_token_slots
+    return jax.lax.fori_loop(0, num_steps, per_token_step, carry)
+  num_steps = (depth_len + geom.slots_per_step - 1) // geom.slots_per_step
+  return jax.lax.fori_loop(0, num_steps, depth_step, carry)
 
 
 def forward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,

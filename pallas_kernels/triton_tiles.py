@@ -42,7 +42,7 @@ class Geometry:
   depth_cols: int     # depth columns per depth step ("dense" mode)
   depth_mode: str = "dense"
   per_token_slots: int = 2
-  interleave_depth: bool = False
+  depth_rows: int = 0  # rows per depth-phase part (0: the whole tile)
 
   @property
   def tokens_per_tile(self) -> int:
@@ -62,7 +62,7 @@ def make_geometry(q_shape_BTKGD, num_slots: int, blocks) -> Geometry:
   return Geometry(seq_len=seq_len, num_slots=num_slots, group=group, group_padded=next_pow2(group),
                   head_dim=head_dim, block_q=blocks.block_q, block_k=blocks.block_k,
                   depth_cols=blocks.depth_cols, depth_mode=blocks.depth_mode,
-                  per_token_slots=blocks.per_token_slots, interleave_depth=blocks.interleave_depth)
+                  per_token_slots=blocks.per_token_slots, depth_rows=blocks.depth_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,23 @@ def tile_rows(first_token, geom: Geometry) -> Rows:
   token = first_token + r // geom.group_padded
   head = r % geom.group_padded
   return Rows(token, head, (head < geom.group) & (token < geom.seq_len))
+
+
+def split_rows(first_token, values, geom: Geometry):
+  """Splits a tile's row-major values (a pytree of [block_q, ...] arrays) into parts of `depth_rows` rows.
+
+  Returns [(first token of the part, the part's geometry (block_q = depth_rows), the part's values)].
+  Parts hold whole tokens (depth_rows >= Gp), so each part's depth slots are its own.
+  """
+  part_rows = geom.depth_rows or geom.block_q
+  num_parts = geom.block_q // part_rows
+  if num_parts == 1:
+    return [(first_token, geom, values)]
+  part_geom = dataclasses.replace(geom, block_q=part_rows)
+  leaves, treedef = jax.tree.flatten(values)
+  split = [jnp.split(leaf, num_parts, axis=0) for leaf in leaves]
+  return [(first_token + i * part_geom.tokens_per_tile, part_geom,
+           jax.tree.unflatten(treedef, [parts[i] for parts in split])) for i in range(num_parts)]
 
 
 def load_rows(ref, rows: Rows, geom: Geometry):

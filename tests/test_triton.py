@@ -32,11 +32,12 @@ def _inputs(batch, seq_len, kv_heads, group, head_dim, slots, seed=0):
   return (q, k, v, dk, dv), d_out
 
 
-def _small_tiles(depth_mode, separate_depth_kernel=False, interleave_depth=False, per_query_head=False):
-  blocks = KernelBlocks(block_q=16, block_k=16, depth_cols=16, depth_mode=depth_mode, per_token_slots=2)
-  return BlockSizes(fwd=dataclasses.replace(blocks, interleave_depth=interleave_depth),
-                    dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
-                    dkv=dataclasses.replace(blocks, per_query_head=per_query_head))
+def _small_tiles(depth_mode, separate_depth_kernel=False, depth_rows=0, per_query_head=False):
+  # With depth parts the tile is 32 rows (8 tokens of G = 3), split into two parts of 16.
+  blocks = KernelBlocks(block_q=32 if depth_rows else 16, block_k=16, depth_cols=16, depth_mode=depth_mode,
+                        per_token_slots=2, depth_rows=depth_rows)
+  return BlockSizes(fwd=blocks, dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
+                    dkv=dataclasses.replace(blocks, depth_rows=0, per_query_head=per_query_head))
 
 
 def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
@@ -48,15 +49,15 @@ def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
 
 
 # The default tiles are what the shared suite runs (depth_q or not); here the separate and fused depth
-# backward, the per-token mode, the forward's interleaved depth steps and the per-query-head dk/dv kernel,
-# with depth_q = q and with a depth_q of its own.
-@pytest.mark.parametrize("depth_mode, causal, segments, separate, with_depth_q, interleave, per_query_head",
-                         [("dense", False, True, True, False, False, False),
-                          ("per_token", True, False, True, False, False, True),
-                          ("dense", True, True, True, True, True, True),
-                          ("per_token", False, False, False, True, False, False),
-                          ("dense", True, False, False, True, True, False)])
-def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, with_depth_q, interleave,
+# backward, the per-token mode, depth phases in parts of 16 rows and the per-query-head dk/dv kernel, with
+# depth_q = q and with a depth_q of its own.
+@pytest.mark.parametrize("depth_mode, causal, segments, separate, with_depth_q, depth_rows, per_query_head",
+                         [("dense", False, True, True, False, 0, False),
+                          ("per_token", True, False, True, False, 16, True),
+                          ("dense", True, True, True, True, 16, True),
+                          ("per_token", False, False, False, True, 0, False),
+                          ("dense", True, False, False, True, 16, False)])
+def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, with_depth_q, depth_rows,
                                       per_query_head):
   # G = 3 pads to 4 rows per token: 4 tokens per 16-row tile, T = 19 ends mid-tile and mid key block.
   arrays, d_out = _inputs(batch=1, seq_len=19, kv_heads=2, group=3, head_dim=16, slots=5)
@@ -68,7 +69,7 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, wi
   if with_depth_q:
     depth_q = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
     arrays, poisoned = arrays + (depth_q,), poisoned + (depth_q,)
-  tiles = _small_tiles(depth_mode, separate, interleave, per_query_head)
+  tiles = _small_tiles(depth_mode, separate, depth_rows, per_query_head)
   kernel = lambda *a, **kw: triton.attention(*a, **kw, interpret=True, block_sizes=tiles)
   got = _out_lse_grads(kernel, poisoned, d_out, depth_len, segment_ids, causal)
   want = _out_lse_grads(reference.attention, arrays, d_out, depth_len, segment_ids, causal)
@@ -83,20 +84,13 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, wi
     (dict(block_q=48), "block_q=48"), (dict(block_k=8), "block_k=8"), (dict(depth_cols=24), "depth_cols=24"),
     (dict(block_q=16), "next_pow2"), (dict(num_warps=3), "num_warps=3"), (dict(depth_mode="sparse"), "depth_mode"),
     (dict(per_token_slots=0), "per_token_slots=0"), (dict(separate_depth_kernel=1), "separate_depth_kernel"),
-    (dict(per_query_head="yes"), "per_query_head='yes'")])
+    (dict(per_query_head="yes"), "per_query_head='yes'"), (dict(depth_rows=16), "depth_rows=16"),
+    (dict(depth_rows=24), "depth_rows=24")])
 def test_block_sizes_are_validated_before_launch(change, match):
   base = BlockSizes.get_default(64, 32, jnp.bfloat16)
   bad = dataclasses.replace(base, dq=dataclasses.replace(base.dq, **change))
   arrays, _ = _inputs(batch=1, seq_len=4, kv_heads=1, group=32, head_dim=64, slots=1)
   with pytest.raises(ValueError, match=match):
-    triton.attention(*arrays, jnp.int32(1), None, causal=True, scale=0.125, interpret=True, block_sizes=bad)
-
-
-def test_interleaving_needs_the_dense_depth_phase():
-  base = BlockSizes.get_default(64, 2, jnp.bfloat16)
-  bad = dataclasses.replace(base, fwd=dataclasses.replace(base.fwd, depth_mode="per_token", interleave_depth=True))
-  arrays, _ = _inputs(batch=1, seq_len=4, kv_heads=1, group=2, head_dim=64, slots=1)
-  with pytest.raises(NotImplementedError, match="interleave_depth=True with depth_mode='per_token'"):
     triton.attention(*arrays, jnp.int32(1), None, causal=True, scale=0.125, interpret=True, block_sizes=bad)
 
 
