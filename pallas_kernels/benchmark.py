@@ -202,15 +202,18 @@ def tune(iters: int) -> list[dict]:
 
 
 # (kernel, field, mode) of each kernel option that `--ablate` times flipped against the defaults.
-_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("dkv", "per_query_head", "fwd_bwd"),
+_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("dkv", "per_query_head_below", "fwd_bwd"),
             ("fwd", "depth_rows", "fwd"), ("dq", "depth_rows", "fwd_bwd"))
 
 
 def _flipped(blocks: KernelBlocks, field: str, group: int) -> KernelBlocks:
-  """The option off if on and on if off; depth parts turn on at their smallest size."""
+  """The option off if on and on if off; depth parts turn on at their smallest size, per-query-head dk/dv
+  for any launch."""
   value = getattr(blocks, field)
   if field == "depth_rows":
     return dataclasses.replace(blocks, depth_rows=0 if value else max(16, 1 << (group - 1).bit_length()))
+  if field == "per_query_head_below":
+    return dataclasses.replace(blocks, per_query_head_below=0 if value else 2 ** 31)
   return dataclasses.replace(blocks, **{field: not value})
 
 

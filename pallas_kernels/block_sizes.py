@@ -39,9 +39,10 @@ class KernelBlocks:
   depth_rows: (forward and dq kernels) rows per part of the depth phase, which splits the tile into parts
     of whole tokens: a "dense" depth step multiplies a part's rows against its own tokens' slots only, so
     the masked waste is tokens_per_part x, not tokens_per_tile x. 0 = the whole tile.
-  per_query_head: (dk/dv kernel only) one program per key block and *query* head instead of per kv head;
-    the G float32 partial dk/dv are summed outside the kernel. G times the programs, for short sequences
-    whose few key blocks leave the GPU part idle.
+  per_query_head_below: (dk/dv kernel only) when the launch would have fewer programs than this (key
+    blocks x batch x kv heads), run one program per key block and *query* head instead of per kv head and
+    sum the G float32 partial dk/dv outside the kernel: G times the programs, for short sequences whose
+    few key blocks leave SMs idle. 0: never.
   """
   block_q: int
   block_k: int
@@ -52,7 +53,7 @@ class KernelBlocks:
   per_token_slots: int = 2
   separate_depth_kernel: bool = False
   depth_rows: int = 0
-  per_query_head: bool = False
+  per_query_head_below: int = 0
 
   def validate(self, name: str, group_padded: int) -> None:
     for field in ("block_q", "block_k", "depth_cols"):
@@ -68,9 +69,10 @@ class KernelBlocks:
       raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
     if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
       raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
-    for field in ("separate_depth_kernel", "per_query_head"):
-      if not isinstance(getattr(self, field), bool):
-        raise ValueError(f"{name}.{field}={getattr(self, field)!r}: expected a bool.")
+    if not isinstance(self.separate_depth_kernel, bool):
+      raise ValueError(f"{name}.separate_depth_kernel={self.separate_depth_kernel!r}: expected a bool.")
+    if not isinstance(self.per_query_head_below, int) or self.per_query_head_below < 0:
+      raise ValueError(f"{name}.per_query_head_below={self.per_query_head_below!r}: expected an int >= 0.")
     rows = self.depth_rows
     if rows != 0 and (not isinstance(rows, int) or not _is_pow2(rows) or not max(16, group_padded) <= rows <= self.block_q):
       raise ValueError(f"{name}.depth_rows={rows!r}: expected 0 (the whole tile) or a power of two in "
@@ -98,20 +100,26 @@ class BlockSizes:
     # Measured on the H200 (benchmark --tune, 2026-11-28): 64-row forward tiles beat 128-row ones on
     # T16K G8 (6.5 vs 7.3 ms), T4K G8 (0.66 vs 0.77) and B8 T4K G2 L72 (2.2 vs 2.7): the dense depth
     # phase costs tokens_per_tile x the useful FLOPs, and halving the tile halves that waste.
+    # Measured on the H200 (fwd+bwd ms, BENCHMARKS.md §1, "Fourth round"):
+    # * dq depth_rows=16 (the depth backward in parts of 16 rows, a quarter of the dense waste of 64):
+    #   B8 T4K G2 L72 7.91 vs 8.47, D128 14.39 vs 16.22; T4K G8 2.30 vs 2.27, T64K 398.8 vs 400.6.
+    #   The forward's depth phase gained nothing from parts (it streams depth K/V at ~HBM bandwidth
+    #   already: 1.92 ms either way at B8 T4K G2), except 1.4% at D128.
+    # * dk/dv per query head below 1024 programs: T4K G8 (512 programs) 2.30 vs 2.53; B8 T4K G2 (4096)
+    #   7.91 vs 7.76 when forced; T64K (8192) even.
     if head_dim <= 64:
-      # Depth phases in parts of 16 rows: a quarter of the dense depth FLOPs and exps of a 64-row tile.
-      fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=3, depth_rows=16)
+      fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=3)
       # The depth backward as its own kernel (fwd+bwd ms, H200, BENCHMARKS.md §1): T4K G8 2.77 vs 2.96
       # fused, T64K 388 vs 444, B8 T4K G2 L72 8.49 vs 8.42. Fused, its depth work lengthens every step
       # of the dq kernel's O(T^2) loop; separate, it re-reads q / do once. Not yet measured at D > 64.
       dq = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
                         separate_depth_kernel=True, depth_rows=16)
-      # dk/dv per query head: T4K G8 fwd+bwd 2.27 vs 2.49 ms (512 kv-head programs leave SMs idle), T64K
-      # and B8 T4K G2 within 1% (BENCHMARKS.md §1).
-      dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2, per_query_head=True)
+      dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
+                         per_query_head_below=1024)
     elif head_dim <= 128:
-      fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2)
-      dq = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=4, num_stages=2)
+      # D128 (B8 T4K G2 L72): fused depth backward 16.22 vs 16.65 separate; dk/dv per query head 16.49.
+      fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2, depth_rows=16)
+      dq = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=4, num_stages=2, depth_rows=16)
       dkv = KernelBlocks(block_q=32, block_k=64, depth_cols=32, num_warps=4, num_stages=2)
     else:
       fwd = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=8, num_stages=2)

@@ -9,8 +9,8 @@ Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent e
     twice, sequence only and depth only (the official kernel's split; keeps the depth phase's registers out
     of the T^2 loop); the two share no output, since d depth_q is its own array.
   * `_dkv_kernel`, one program per key block: loops over the query tiles that see it (causal: from the block's
-    first token on), summing over the G heads of the kv head inside the tile rows (or, `per_query_head`,
-    one program per query head whose G float32 partials `_sequence_dkv` sums).
+    first token on), summing over the G heads of the kv head inside the tile rows (or, for small launches,
+    `per_query_head_below`, one program per query head whose G float32 partials `_sequence_dkv` sums).
 """
 
 from __future__ import annotations
@@ -265,11 +265,12 @@ def backward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLK
 def _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segment_ids_BT, *, causal: bool,
                   scale: float, blocks: KernelBlocks, interpret):
   """Sequence dk, dv [B, T, Hk, D]: one program per key block and kv head (its G heads folded into the
-  query tiles), or with `blocks.per_query_head` per key block and query head, summing the G float32
-  partials here."""
+  query tiles), or, when that launch would have fewer than `blocks.per_query_head_below` programs, per key
+  block and query head, summing the G float32 partials here."""
   batch, seq_len, num_kv_heads, group, head_dim = q_BTKGD.shape
   has_segments = segment_ids_BT is not None
-  split = blocks.per_query_head and group > 1
+  num_programs = pl.cdiv(seq_len, blocks.block_k) * batch * num_kv_heads
+  split = group > 1 and num_programs < blocks.per_query_head_below
   # Grid (key block, batch, head): head is the kv head, or the query head h = k * G + g when split.
   kv_head = (lambda h: h // group) if split else (lambda h: h)
   rows_of = lambda *shape: pl.BlockSpec((None, seq_len, None, *shape),

@@ -1,11 +1,12 @@
 """Per-kernel view of MoDA forward+backward on the GPU, for Nsight Compute (ncu) to read the counters.
 
     ncu --clock-control none --csv --page details --section SpeedOfLight --section Occupancy \
-        --section LaunchStats -k 'regex:moda|sdpa|fmha|flash' python3 scripts/gpu_profile_kernels.py run > ncu.csv
+        --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        -k 'regex:moda|sdpa|fmha|flash' python3 scripts/gpu_profile_kernels.py run [SHAPE ...] > ncu.csv
     python3 scripts/gpu_profile_kernels.py summarize ncu.csv
 
-`run` executes each shape's jitted fwd+bwd (default tiles) and cuDNN's on the same sequence shape, once
-each after compilation; `summarize` prints one line per kernel launch: duration, registers per thread,
+`run` executes each shape's jitted fwd+bwd (default tiles), the same without depth, and cuDNN's on the
+same sequence shape, once each after compilation; `summarize` prints one line per kernel launch: duration, registers per thread,
 theoretical / achieved occupancy, SM and DRAM throughput (% of peak). Timing belongs to the benchmark;
 this answers why a kernel takes the time it does.
 """
@@ -18,7 +19,7 @@ import sys
 
 _METRICS = {"Duration": "us", "Registers Per Thread": "regs", "Theoretical Occupancy": "occ_theory%",
             "Achieved Occupancy": "occ_achieved%", "Compute (SM) Throughput": "sm%", "DRAM Throughput": "dram%",
-            "Grid Size": "grid"}
+            "Issue Slots Busy": "issue%", "L1/TEX Hit Rate": "l1_hit%", "Grid Size": "grid"}
 
 
 def run(shape_names: list[str]) -> None:
@@ -28,8 +29,8 @@ def run(shape_names: list[str]) -> None:
 
   shapes = {s.name: s for s in benchmark.paper_shapes()}
   for name in shape_names:
-    for impl in ("cudnn", "pallas_triton"):
-      arrays, do = benchmark.make_inputs(shapes[name], depth=impl != "cudnn")
+    for impl in ("cudnn", "pallas_triton_nodepth", "pallas_triton"):
+      arrays, do = benchmark.make_inputs(shapes[name], depth=impl == "pallas_triton")
       _, forward_backward = benchmark.build(impl)
       compiled = forward_backward.lower(arrays, do).compile()  # compile outside the profiled launches
       jax.block_until_ready(compiled(arrays, do))

@@ -33,11 +33,13 @@ def _inputs(batch, seq_len, kv_heads, group, head_dim, slots, seed=0):
 
 
 def _small_tiles(depth_mode, separate_depth_kernel=False, depth_rows=0, per_query_head=False):
+  """per_query_head: dk/dv per query head for every launch size."""
   # With depth parts the tile is 32 rows (8 tokens of G = 3), split into two parts of 16.
   blocks = KernelBlocks(block_q=32 if depth_rows else 16, block_k=16, depth_cols=16, depth_mode=depth_mode,
                         per_token_slots=2, depth_rows=depth_rows)
   return BlockSizes(fwd=blocks, dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
-                    dkv=dataclasses.replace(blocks, depth_rows=0, per_query_head=per_query_head))
+                    dkv=dataclasses.replace(blocks, depth_rows=0,
+                                            per_query_head_below=2 ** 31 if per_query_head else 0))
 
 
 def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
@@ -84,7 +86,7 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, wi
     (dict(block_q=48), "block_q=48"), (dict(block_k=8), "block_k=8"), (dict(depth_cols=24), "depth_cols=24"),
     (dict(block_q=16), "next_pow2"), (dict(num_warps=3), "num_warps=3"), (dict(depth_mode="sparse"), "depth_mode"),
     (dict(per_token_slots=0), "per_token_slots=0"), (dict(separate_depth_kernel=1), "separate_depth_kernel"),
-    (dict(per_query_head="yes"), "per_query_head='yes'"), (dict(depth_rows=16), "depth_rows=16"),
+    (dict(per_query_head_below=-1), "per_query_head_below=-1"), (dict(depth_rows=16), "depth_rows=16"),
     (dict(depth_rows=24), "depth_rows=24")])
 def test_block_sizes_are_validated_before_launch(change, match):
   base = BlockSizes.get_default(64, 32, jnp.bfloat16)
