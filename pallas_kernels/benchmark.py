@@ -69,19 +69,21 @@ def flops(shape: Shape, depth: bool, backward: bool) -> float:
   return shape.batch * shape.q_heads * per_head * (3.5 if backward else 1.0)
 
 
-def bytes_moved(shape: Shape, depth: bool, backward: bool) -> float:
+def bytes_moved(shape: Shape, depth: bool, backward: bool, depth_q: bool = False) -> float:
   b, t, d = shape.batch, shape.seq_len, shape.head_dim
   q = b * t * shape.q_heads * d * 2
   kv = 2 * b * t * shape.kv_heads * d * 2
   dep = 2 * b * t * shape.slots * shape.kv_heads * d * 2 if depth else 0
+  dq_in = q if depth_q else 0  # a separate depth_q: read forward and backward, its grad written
   lse = b * t * shape.q_heads * 4
-  fwd = q + kv + dep + q + lse
+  fwd = q + dq_in + kv + dep + q + lse
   # Backward reads q, k, v, depth, o, do, lse and writes dq, dk, dv and the depth grads.
-  return fwd + (3 * q + kv + dep + lse) + (q + kv + dep) if backward else fwd
+  return fwd + (3 * q + 2 * dq_in + kv + dep + lse) + (q + kv + dep) if backward else fwd
 
 
-def make_inputs(shape: Shape, depth: bool, seed: int = 0):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+def make_inputs(shape: Shape, depth: bool, seed: int = 0, depth_q: bool = False):
+  """((q, k, v, depth_k, depth_v[, depth_q]), d_out), bfloat16 normal."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 7)
   b, t, d = shape.batch, shape.seq_len, shape.head_dim
   normal = lambda key, *s: jax.random.normal(key, s, jnp.bfloat16)
   q = normal(keys[0], b, t, shape.q_heads, d)
@@ -89,7 +91,8 @@ def make_inputs(shape: Shape, depth: bool, seed: int = 0):
   dk = normal(keys[3], b, t, shape.slots, shape.kv_heads, d) if depth else None
   dv = normal(keys[4], b, t, shape.slots, shape.kv_heads, d) if depth else None
   do = normal(keys[5], b, t, shape.q_heads, d)
-  return (q, k, v, dk, dv), do
+  extra = (normal(keys[6], b, t, shape.q_heads, d),) if depth_q else ()
+  return (q, k, v, dk, dv) + extra, do
 
 
 def build(impl: str, block_sizes: BlockSizes | None = None):
@@ -98,6 +101,9 @@ def build(impl: str, block_sizes: BlockSizes | None = None):
     attend = lambda q, k, v, dk, dv: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   elif impl == "pallas_triton_nodepth":  # the sequence phase alone: what the depth phase adds is the rest
     attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation="pallas_triton")
+  elif impl == "pallas_triton_depth_q":  # the model's call: depth scored with a depth_q of its own
+    attend = lambda q, k, v, dk, dv, dq: moda_attention(q, k, v, dk, dv, depth_q=dq, causal=True,
+                                                        implementation="pallas_triton")
   elif block_sizes is not None:
     from pallas_kernels import triton
     attend = lambda q, k, v, dk, dv: triton.attention(
@@ -139,7 +145,7 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 25.0) -> 
 
 
 def implementations_for(shape: Shape, quick: bool) -> list[str]:
-  impls = ["pallas_triton"]
+  impls = ["pallas_triton", "pallas_triton_depth_q"] if quick else ["pallas_triton"]
   if shape.batch * shape.seq_len <= 4096 or quick:
     impls.append("xla")
   # The dense reference materializes [B, Hq, T, T] float32 logits: only small shapes.
@@ -150,7 +156,8 @@ def implementations_for(shape: Shape, quick: bool) -> list[str]:
 
 def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd")) -> dict:
   depth = impl not in ("cudnn", "pallas_triton_nodepth")
-  arrays, do = make_inputs(shape, depth)
+  depth_q = impl == "pallas_triton_depth_q"
+  arrays, do = make_inputs(shape, depth, depth_q=depth_q)
   forward, forward_backward = build(impl, block_sizes)
   row = dict(shape=shape.name, impl=impl, **dataclasses.asdict(shape))
   for mode, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
@@ -161,7 +168,7 @@ def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fw
     except Exception as e:  # noqa: BLE001  (an implementation that cannot run a shape is reported, not fatal)
       row[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
       continue
-    f, by = flops(shape, depth, mode == "fwd_bwd"), bytes_moved(shape, depth, mode == "fwd_bwd")
+    f, by = flops(shape, depth, mode == "fwd_bwd"), bytes_moved(shape, depth, mode == "fwd_bwd", depth_q)
     row[f"{mode}_ms"] = ms
     row[f"{mode}_tflops"] = f / ms / 1e9
     row[f"{mode}_gbps"] = by / ms / 1e6

@@ -9,6 +9,10 @@
 same sequence shape, once each after compilation; `summarize` prints one line per kernel launch: duration, registers per thread,
 theoretical / achieved occupancy, SM and DRAM throughput (% of peak). Timing belongs to the benchmark;
 this answers why a kernel takes the time it does.
+
+Cost, seen on the H200 (2026-11-28): with these five sections ncu profiled ~1 kernel per minute under
+XLA (every other launch is instrumented too), so profile one shape with `-c`/`--launch-count` and a
+narrow `-k` regex.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def summarize(path: str) -> None:
     if row["Metric Name"] in _METRICS:
       value = row["Metric Value"].replace(",", "")
       if row["Metric Name"] == "Duration":  # ncu picks the unit per launch; always microseconds here
-        per_us = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(row["Metric Unit"], 1.0)
+        per_us = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+                  "s": 1e6, "second": 1e6}[row["Metric Unit"]]
         value = f"{float(value) * per_us:.1f}"
       launch[_METRICS[row["Metric Name"]]] = value
   print(f"{'kernel':48s} " + " ".join(f"{v:>13s}" for v in _METRICS.values()))

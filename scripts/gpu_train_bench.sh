@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Training throughput of the 700M-shaped MoDA model and its OLMo2 baseline on one GPU (issue 5).
 # Run from the repo root on the GPU machine (device tool; carry .whl). Writes metrics to $OUT.
-# Usage: bash scripts/gpu_train_bench.sh [STEPS]
+# Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both]
 set -uo pipefail
 steps=${1:-30}
+models=${2:-both}
 out=${OUT:-/tmp/train_bench}
 mkdir -p "$out"
 if [[ -d .whl ]]; then
@@ -28,5 +29,5 @@ common=(--config.batch_size=8 --config.grad_accum_steps=1 --config.total_steps="
         --config.warmup_steps=5 --config.log_every=10 --config.eval_every=0
         --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False
         --config.model.remat=full)
-run moda_700m configs/moda_700m.py "${common[@]}"
-run baseline_700m configs/baseline_700m.py "${common[@]}"
+[[ $models == baseline ]] || run moda_700m configs/moda_700m.py "${common[@]}"
+[[ $models == moda ]] || run baseline_700m configs/baseline_700m.py "${common[@]}"
