@@ -39,10 +39,6 @@ class KernelBlocks:
   depth_rows: (forward and dq kernels) rows per part of the depth phase, which splits the tile into parts
     of whole tokens: a "dense" depth step multiplies a part's rows against its own tokens' slots only, so
     the masked waste is tokens_per_part x, not tokens_per_tile x. 0 = the whole tile.
-  sibling_depth_programs: (forward only) run each tile's depth phase in a program of its own, launched
-    beside the tile's sequence program, and merge the two partial softmax results (float32 out and lse)
-    by logsumexp outside the kernel: the memory-bound depth programs then share the SMs with the
-    compute-bound sequence programs instead of following them inside one program.
   per_query_head_below: (dk/dv kernel only) when the launch would have fewer programs than this (key
     blocks x batch x kv heads), run one program per key block and *query* head instead of per kv head and
     sum the G float32 partial dk/dv outside the kernel: G times the programs, for short sequences whose
@@ -57,7 +53,6 @@ class KernelBlocks:
   per_token_slots: int = 2
   separate_depth_kernel: bool = False
   depth_rows: int = 0
-  sibling_depth_programs: bool = False
   per_query_head_below: int = 0
 
   def validate(self, name: str, group_padded: int) -> None:
@@ -74,9 +69,8 @@ class KernelBlocks:
       raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
     if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
       raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
-    for field in ("separate_depth_kernel", "sibling_depth_programs"):
-      if not isinstance(getattr(self, field), bool):
-        raise ValueError(f"{name}.{field}={getattr(self, field)!r}: expected a bool.")
+    if not isinstance(self.separate_depth_kernel, bool):
+      raise ValueError(f"{name}.separate_depth_kernel={self.separate_depth_kernel!r}: expected a bool.")
     if not isinstance(self.per_query_head_below, int) or self.per_query_head_below < 0:
       raise ValueError(f"{name}.per_query_head_below={self.per_query_head_below!r}: expected an int >= 0.")
     rows = self.depth_rows

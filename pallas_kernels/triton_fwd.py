@@ -40,8 +40,7 @@ def _online_update(carry, logits, values):
   return acc, m_next, l_next
 
 
-def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: bool, has_segments: bool,
-            sibling_depth: bool):
+def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: bool, has_segments: bool):
   refs = list(refs)
   q_ref, k_ref, v_ref = refs[:3]
   del refs[:3]
@@ -49,76 +48,52 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
     depth_len_ref, depth_q_ref, depth_k_ref, depth_v_ref = refs[:4]
     del refs[:4]
   seg_ref = refs.pop(0) if has_segments else None
-  o_ref, lse_ref = refs[:2]
+  o_ref, lse_ref = refs
+
+  # Heavy (late) causal tiles first: they start while the short ones fill the tail of the launch.
+  tile = pl.num_programs(0) - 1 - pl.program_id(0)
+  first_token = tile * geom.tokens_per_tile
+  rows = tt.tile_rows(first_token, geom)
+  q = tt.load_rows(q_ref, rows, geom)
   qk_scale = scale * tt.LOG2E
+  q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1) if has_segments else None
 
-  # Heavy (late) causal tiles first: they start while the short ones fill the tail of the launch. With
-  # sibling depth programs, program 2i + 1 is the depth phase of the tile of program 2i.
-  program = pl.program_id(0) // 2 if sibling_depth else pl.program_id(0)
-  first_token = (geom.num_q_tiles - 1 - program) * geom.tokens_per_tile
+  def seq_step(j, carry, *, masked: bool):
+    start = pl.multiple_of(j * geom.block_k, geom.block_k)
+    k = tt.load_keys(k_ref, start, geom, bounded=masked)
+    v = tt.load_keys(v_ref, start, geom, bounded=masked)
+    logits = tt.dot(q, k, trans_b=True) * qk_scale
+    cols = start + jnp.arange(geom.block_k)
+    keep = None
+    if masked:
+      keep = jnp.broadcast_to((cols < geom.seq_len)[None, :], logits.shape)
+      if causal:
+        keep = keep & (cols[None, :] <= rows.token[:, None])
+    if has_segments:
+      k_seg = plgpu.load(seg_ref.at[cols], mask=cols < geom.seq_len, other=-2)
+      same = q_seg[:, None] == k_seg[None, :]
+      keep = same if keep is None else keep & same
+    if keep is not None:
+      logits = jnp.where(keep, logits, tt.MASK_VALUE)
+    return _online_update(carry, logits, v)
 
-  def sequence_phase():
-    rows = tt.tile_rows(first_token, geom)
-    q = tt.load_rows(q_ref, rows, geom)
-    q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1) if has_segments else None
+  carry = (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
+           jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
+           jnp.zeros((geom.block_q,), jnp.float32))
+  num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
+  carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
+  carry = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
 
-    def seq_step(j, carry, *, masked: bool):
-      start = pl.multiple_of(j * geom.block_k, geom.block_k)
-      k = tt.load_keys(k_ref, start, geom, bounded=masked)
-      v = tt.load_keys(v_ref, start, geom, bounded=masked)
-      logits = tt.dot(q, k, trans_b=True) * qk_scale
-      cols = start + jnp.arange(geom.block_k)
-      keep = None
-      if masked:
-        keep = jnp.broadcast_to((cols < geom.seq_len)[None, :], logits.shape)
-        if causal:
-          keep = keep & (cols[None, :] <= rows.token[:, None])
-      if has_segments:
-        k_seg = plgpu.load(seg_ref.at[cols], mask=cols < geom.seq_len, other=-2)
-        same = q_seg[:, None] == k_seg[None, :]
-        keep = same if keep is None else keep & same
-      if keep is not None:
-        logits = jnp.where(keep, logits, tt.MASK_VALUE)
-      return _online_update(carry, logits, v)
-
-    carry = _empty_state(geom)
-    num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
-    carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
-    return jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
-
-  def depth_phase_and_store(carry, o_ref, lse_ref):
-    # One part of `depth_rows` rows at a time, each continuing its rows' softmax state.
-    parts = tt.split_rows(first_token, carry, geom) if has_depth else [(first_token, geom, carry)]
-    for part_first_token, part_geom, part_carry in parts:
-      part_rows = tt.tile_rows(part_first_token, part_geom)
-      if has_depth:
-        part_carry = _depth_phase(part_carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len_ref[0],
-                                  part_first_token, part_rows, part_geom, qk_scale)
-      _store(o_ref, lse_ref, part_rows, part_geom, part_carry)
-
-  if not sibling_depth:
-    depth_phase_and_store(sequence_phase(), o_ref, lse_ref)
-    return
-  depth_o_ref, depth_lse_ref = refs[2:]
-  jax.lax.cond(pl.program_id(0) % 2 == 0,
-               lambda: _store(o_ref, lse_ref, tt.tile_rows(first_token, geom), geom, sequence_phase()),
-               lambda: depth_phase_and_store(_empty_state(geom), depth_o_ref, depth_lse_ref))
-
-
-def _empty_state(geom: tt.Geometry):
-  """(acc, m, l) of rows that have seen nothing yet."""
-  return (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
-          jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
-          jnp.zeros((geom.block_q,), jnp.float32))
-
-
-def _store(o_ref, lse_ref, rows: tt.Rows, geom: tt.Geometry, carry):
-  """Stores out = acc / l and lse (natural log). A row that saw nothing (l = 0: a depth-only part with
-  depth_len = 0) stores out 0 and lse -inf, the identity of the logsumexp merge."""
-  acc, m, l = carry
-  seen = l > 0
-  tt.store_rows(o_ref, rows, jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0), geom)
-  tt.store_row_stat(lse_ref, rows, jnp.where(seen, (m + jnp.log2(l)) / tt.LOG2E, -jnp.inf))
+  # The depth phase continues the same softmax state, one part of `depth_rows` rows at a time.
+  parts = tt.split_rows(first_token, carry, geom) if has_depth else [(first_token, geom, carry)]
+  for part_first_token, part_geom, part_carry in parts:
+    part_rows = tt.tile_rows(part_first_token, part_geom)
+    if has_depth:
+      part_carry = _depth_phase(part_carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len_ref[0],
+                                part_first_token, part_rows, part_geom, qk_scale)
+    acc, m, l = part_carry
+    tt.store_rows(o_ref, part_rows, acc / l[:, None], part_geom)
+    tt.store_row_stat(lse_ref, part_rows, (m + jnp.log2(l)) / tt.LOG2E)
 
 
 def _depth_phase(carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len, first_token, rows: tt.Rows,
@@ -170,6 +145,7 @@ def forward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD
   has_depth = depth_k_BTLKD is not None
   has_segments = segment_ids_BT is not None
   geom = tt.make_geometry(q_BTKGD.shape, depth_k_BTLKD.shape[2] if has_depth else 0, blocks)
+  grid = (geom.num_q_tiles, batch, num_kv_heads)
   per_head = lambda *shape: pl.BlockSpec((None, seq_len, None, *shape), lambda i, b, k: (b, 0, k) + (0,) * len(shape))
   in_specs = [per_head(group, head_dim), per_head(head_dim), per_head(head_dim)]
   args = [q_BTKGD, k_BTKD, v_BTKD]
@@ -181,27 +157,17 @@ def forward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD
   if has_segments:
     in_specs.append(pl.BlockSpec((None, seq_len), lambda i, b, k: (b, 0)))
     args.append(segment_ids_BT)
-  sibling_depth = has_depth and blocks.sibling_depth_programs
   kernel = functools.partial(_kernel, geom=geom, causal=causal, scale=scale, has_depth=has_depth,
-                             has_segments=has_segments, sibling_depth=sibling_depth)
-  # Sibling depth programs write float32 partial outputs, merged below.
-  out_dtype = jnp.float32 if sibling_depth else q_BTKGD.dtype
-  partial = [jax.ShapeDtypeStruct(q_BTKGD.shape, out_dtype), jax.ShapeDtypeStruct(q_BTKGD.shape[:-1], jnp.float32)]
-  outs = pl.pallas_call(
+                             has_segments=has_segments)
+  return pl.pallas_call(
       kernel,
-      grid=(geom.num_q_tiles * (2 if sibling_depth else 1), batch, num_kv_heads),
+      grid=grid,
       in_specs=in_specs,
-      out_specs=[per_head(group, head_dim), per_head(group)] * (2 if sibling_depth else 1),
-      out_shape=partial * (2 if sibling_depth else 1),
+      out_specs=[per_head(group, head_dim), per_head(group)],
+      out_shape=[jax.ShapeDtypeStruct(q_BTKGD.shape, q_BTKGD.dtype),
+                 jax.ShapeDtypeStruct(q_BTKGD.shape[:-1], jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="moda_forward",
   )(*args)
-  if not sibling_depth:
-    return outs
-  # One softmax over both key sets: logsumexp of the two partial lse, outputs weighted by their mass.
-  seq_out, seq_lse, depth_out, depth_lse = outs
-  lse = jnp.logaddexp(seq_lse, depth_lse)
-  out = (jnp.exp(seq_lse - lse)[..., None] * seq_out + jnp.exp(depth_lse - lse)[..., None] * depth_out)
-  return out.astype(q_BTKGD.dtype), lse
 

@@ -32,14 +32,12 @@ def _inputs(batch, seq_len, kv_heads, group, head_dim, slots, seed=0):
   return (q, k, v, dk, dv), d_out
 
 
-def _small_tiles(depth_mode, separate_depth_kernel=False, depth_rows=0, per_query_head=False, sibling=False):
-  """per_query_head: dk/dv per query head for every launch size; sibling: the forward's depth phases in
-  programs of their own."""
+def _small_tiles(depth_mode, separate_depth_kernel=False, depth_rows=0, per_query_head=False):
+  """per_query_head: dk/dv per query head for every launch size."""
   # With depth parts the tile is 32 rows (8 tokens of G = 3), split into two parts of 16.
   blocks = KernelBlocks(block_q=32 if depth_rows else 16, block_k=16, depth_cols=16, depth_mode=depth_mode,
                         per_token_slots=2, depth_rows=depth_rows)
-  return BlockSizes(fwd=dataclasses.replace(blocks, sibling_depth_programs=sibling),
-                    dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
+  return BlockSizes(fwd=blocks, dq=dataclasses.replace(blocks, separate_depth_kernel=separate_depth_kernel),
                     dkv=dataclasses.replace(blocks, depth_rows=0,
                                             per_query_head_below=2 ** 31 if per_query_head else 0))
 
@@ -53,16 +51,16 @@ def _out_lse_grads(fn, arrays, d_out, depth_len, segment_ids, causal):
 
 
 # The default tiles are what the shared suite runs (depth_q or not); here the separate and fused depth
-# backward, the per-token mode, depth phases in parts of 16 rows, the per-query-head dk/dv kernel and the
-# forward's sibling depth programs, with depth_q = q and with a depth_q of its own.
-@pytest.mark.parametrize("depth_mode, causal, segments, separate, with_depth_q, depth_rows, per_query_head, sibling",
-                         [("dense", False, True, True, False, 0, False, False),
-                          ("per_token", True, False, True, False, 16, True, True),
-                          ("dense", True, True, True, True, 16, True, False),
-                          ("per_token", False, False, False, True, 0, False, False),
-                          ("dense", True, False, False, True, 16, False, True)])
+# backward, the per-token mode, depth phases in parts of 16 rows and the per-query-head dk/dv kernel, with
+# depth_q = q and with a depth_q of its own.
+@pytest.mark.parametrize("depth_mode, causal, segments, separate, with_depth_q, depth_rows, per_query_head",
+                         [("dense", False, True, True, False, 0, False),
+                          ("per_token", True, False, True, False, 16, True),
+                          ("dense", True, True, True, True, 16, True),
+                          ("per_token", False, False, False, True, 0, False),
+                          ("dense", True, False, False, True, 16, False)])
 def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, with_depth_q, depth_rows,
-                                      per_query_head, sibling):
+                                      per_query_head):
   # G = 3 pads to 4 rows per token: 4 tokens per 16-row tile, T = 19 ends mid-tile and mid key block.
   arrays, d_out = _inputs(batch=1, seq_len=19, kv_heads=2, group=3, head_dim=16, slots=5)
   segment_ids = jnp.asarray([[0] * 7 + [1] * 9 + [2] * 3]) if segments else None
@@ -73,7 +71,7 @@ def test_multi_tile_matches_reference(depth_mode, causal, segments, separate, wi
   if with_depth_q:
     depth_q = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
     arrays, poisoned = arrays + (depth_q,), poisoned + (depth_q,)
-  tiles = _small_tiles(depth_mode, separate, depth_rows, per_query_head, sibling)
+  tiles = _small_tiles(depth_mode, separate, depth_rows, per_query_head)
   kernel = lambda *a, **kw: triton.attention(*a, **kw, interpret=True, block_sizes=tiles)
   got = _out_lse_grads(kernel, poisoned, d_out, depth_len, segment_ids, causal)
   want = _out_lse_grads(reference.attention, arrays, d_out, depth_len, segment_ids, causal)

@@ -59,12 +59,3 @@ def test_per_token_and_separate_depth_kernel_lower_for_h200(separate):
   # forward, dq (+ depth), dk/dv; the separate depth kernel is a fourth.
   assert _lowered_text(1, 4096, 2, 64, 72, attend).count("__gpu$xla.gpu.triton") == 3 + separate
 
-
-
-def test_sibling_depth_programs_lower_for_h200():
-  base = BlockSizes.get_default(64, 2, jnp.bfloat16)
-  sizes = dataclasses.replace(base, fwd=dataclasses.replace(base.fwd, sibling_depth_programs=True))
-  attend = lambda q, k, v, dk, dv, dq: triton.attention(q, k, v, dk, dv, jnp.int32(5), None, causal=True,
-                                                        scale=0.125, block_sizes=sizes, depth_q_BTHD=dq)
-  text = _lowered_text(1, 4096, 2, 64, 72, attend)
-  assert text.count("__gpu$xla.gpu.triton") == 3 + sizes.dq.separate_depth_kernel

@@ -42,8 +42,7 @@ _LARGE = [
 ]
 
 
-@pytest.mark.parametrize("depth_mode", ["dense", "per_token", "dense_separate", "dense_wholetile",
-                                        "dense_sibling"])
+@pytest.mark.parametrize("depth_mode", ["dense", "per_token", "dense_separate", "dense_wholetile"])
 @pytest.mark.parametrize("shape", _LARGE, ids=[f"T{s[1]}_G{s[3]}_D{s[4]}_L{s[5]}_{s[9]}" for s in _LARGE])
 def test_multi_tile_against_reference(shape, depth_mode):
   batch, seq_len, kv_heads, group, head_dim, slots, depth_len, causal, segments, dtype = shape
@@ -60,14 +59,13 @@ def test_multi_tile_against_reference(shape, depth_mode):
   d_lse = jax.random.normal(keys[7], (batch, seq_len, kv_heads * group), jnp.float32)
 
   blocks = BlockSizes.get_default(max(16, pl_next_pow2(head_dim)), group, dtype)
-  # "_sibling": the forward's depth phases in programs of their own, merged by logsumexp.
   # "_separate": the depth backward as its own kernel; "_wholetile": depth phases over the whole tile (no
   # parts) and dk/dv per kv head, whatever the defaults say (these short shapes launch < 1024 dk/dv
   # programs, so at D <= 64 the other variants run dk/dv per query head).
   mode, variant = depth_mode.split("_")[0], depth_mode.partition("_")[2]
   whole = dict(depth_rows=0) if variant == "wholetile" else {}
   blocks = BlockSizes(
-      fwd=dataclasses.replace(blocks.fwd, depth_mode=mode, sibling_depth_programs=variant == "sibling", **whole),
+      fwd=dataclasses.replace(blocks.fwd, depth_mode=mode, **whole),
       dq=dataclasses.replace(blocks.dq, depth_mode=mode, separate_depth_kernel=variant == "separate", **whole),
       dkv=dataclasses.replace(blocks.dkv, depth_mode=mode,
                               **(dict(per_query_head_below=0) if variant == "wholetile" else {})))
