@@ -74,7 +74,8 @@ class KernelBlocks:
     if not isinstance(self.per_query_head_below, int) or self.per_query_head_below < 0:
       raise ValueError(f"{name}.per_query_head_below={self.per_query_head_below!r}: expected an int >= 0.")
     rows = self.depth_rows
-    if rows != 0 and (not isinstance(rows, int) or not _is_pow2(rows) or not max(16, group_padded) <= rows <= self.block_q):
+    valid_rows = isinstance(rows, int) and _is_pow2(rows) and max(16, group_padded) <= rows <= self.block_q
+    if rows != 0 and not valid_rows:
       raise ValueError(f"{name}.depth_rows={rows!r}: expected 0 (the whole tile) or a power of two in "
                        f"[max(16, next_pow2(G)={group_padded}), block_q={self.block_q}].")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:

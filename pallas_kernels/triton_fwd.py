@@ -9,8 +9,9 @@ One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 do
      rows (whole tokens), each finishing its depth phase and storing its rows on its own: the dense
      block-diagonal logits of a part waste tokens_per_part x the FLOPs and exps, not tokens_per_tile x.
      "dense": `slots_per_step` slots of every token of the part per step, as one tensor-core
-     [rows x (tokens * slots)] block whose off-token entries are masked (the official block-diagonal layout). "per_token": every row gathers its own token's slot and the logit is a
-     row-wise multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
+     [rows x (tokens * slots)] block whose off-token entries are masked (the official block-diagonal
+     layout). "per_token": every row gathers its own token's slot and the logit is a row-wise
+     multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
      cdiv(depth_len, slots per step): unwritten slots are never loaded or computed.
      "dense" is the default: on the H200 it beat "per_token" on every benchmark shape, G = 2 included
      (helper_notes/gpu_results.md; BENCHMARKS.md).

@@ -6,9 +6,9 @@
     python3 scripts/gpu_profile_kernels.py summarize ncu.csv
 
 `run` executes each shape's jitted fwd+bwd (default tiles), the same without depth, and cuDNN's on the
-same sequence shape, once each after compilation; `summarize` prints one line per kernel launch: duration, registers per thread,
-theoretical / achieved occupancy, SM and DRAM throughput (% of peak). Timing belongs to the benchmark;
-this answers why a kernel takes the time it does.
+same sequence shape, once each after compilation. `summarize` prints one line per kernel launch:
+duration, registers per thread, theoretical / achieved occupancy, SM, issue and DRAM throughput (% of
+peak), L1 hit rate. Timing belongs to the benchmark; this answers why a kernel takes the time it does.
 
 Cost, seen on the H200 (2026-11-28): with these five sections ncu profiled ~1 kernel per minute under
 XLA (every other launch is instrumented too), so profile one shape with `-c`/`--launch-count` and a
