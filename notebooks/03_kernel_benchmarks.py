@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -178,3 +180,39 @@ else:
   ax.set_xlim(0, ax.get_xlim()[1] * 1.1)  # room for the bar labels
   ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
   plt.show()
+
+# %% [markdown]
+# ## Kernel options, A/B (the same ablation run)
+# `--ablate` also times each option of `pallas_kernels/block_sizes.py` flipped against the defaults of
+# that run, in the same command: a bar right of zero means the flipped option is slower (the run's
+# default is the better choice there). Defaults chosen after the run differ where a flip won. It also times JAX's own Pallas Mosaic GPU attention forward (sequence only), a preview
+# of what a wgmma/TMA kernel reaches on the same shapes.
+
+# %%
+if ablation_path is not None:
+  with open(ablation_path) as f:
+    ablation = json.load(f)["rows"]
+  default = {r["shape"]: r for r in ablation if r["impl"] == "pallas_triton" and "toggled" not in r}
+  flips = [r for r in ablation if "toggled" in r and r["shape"] in default]
+  labels, change = [], []
+  for r in flips:
+    mode = "fwd" if "fwd_bwd_ms" not in r else "fwd_bwd"
+    if r.get(f"{mode}_ms") and default[r["shape"]].get(f"{mode}_ms"):
+      labels.append(f"{r['shape']} | {r['toggled']} ({mode.replace('_', '+')})")
+      change.append(100 * (r[f"{mode}_ms"] / default[r["shape"]][f"{mode}_ms"] - 1))
+  if labels:
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.4), constrained_layout=True)
+    bars = ax.barh(np.arange(len(labels)), change, color=["tab:red" if c > 0 else "tab:green" for c in change])
+    ax.bar_label(bars, fmt="%+.1f%%", fontsize=7, padding=2)
+    ax.axvline(0.0, color="gray", lw=1)
+    ax.set_xlim(min(0, min(change)) * 1.3 - 1, max(0, max(change)) * 1.3 + 1)  # room for the labels
+    ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time with the option flipped / default time - 1 (%)")
+    ax.set_title("pallas_triton options, flipped one at a time")
+    plt.show()
+  cudnn_fwd = {r["shape"]: r.get("fwd_ms") for r in ablation if r["impl"] == "cudnn"}
+  for r in ablation:
+    if r["impl"].startswith("jax_mgpu") and r.get("fwd_ms") and cudnn_fwd.get(r["shape"]):
+      print(f"{r['shape']:28s} {r['impl']:16s} fwd {r['fwd_ms']:8.3f} ms = "
+            f"{r['fwd_ms'] / cudnn_fwd[r['shape']]:.2f}x cuDNN (sequence only, float16)")
