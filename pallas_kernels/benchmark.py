@@ -4,7 +4,9 @@
 
 Every implementation that runs here is timed on every shape where it fits; cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")`) runs the same sequence shape without depth.
-Each time is the median of `--iters` calls (each ended with block_until_ready) after warm-up calls.
+`--quick` adds the model's call (`pallas_triton_depth_q`: a depth_q of its own). `--ablate` times the
+kernels without depth, JAX's Mosaic GPU attention forward and each kernel option flipped (`_TOGGLES`);
+`--tune` times tile variants. Each time is the median of `--iters` samples (`time_ms`) after warm-up.
 FLOPs count only the visible logits: sequence 4 * B * Hq * D * (T(T+1)/2 causal, T^2 otherwise),
 depth 4 * B * Hq * T * L * D; forward+backward is 3.5x the forward (2 matmuls forward, 5 backward).
 Bytes are every input read once and every output written once. Roofline = max(FLOPs / 790 TFLOP/s,
