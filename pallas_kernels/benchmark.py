@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import moda_attention
-from pallas_kernels.block_sizes import BlockSizes, KernelBlocks
+from pallas_kernels.block_sizes import BlockSizes, KernelBlocks, next_pow2
 
 PEAK_FLOPS = 790e12
 PEAK_BYTES = 4.3e12
@@ -220,7 +220,7 @@ def _flipped(blocks: KernelBlocks, field: str, group: int) -> KernelBlocks:
   for any launch."""
   value = getattr(blocks, field)
   if field == "depth_rows":
-    return dataclasses.replace(blocks, depth_rows=0 if value else max(16, 1 << (group - 1).bit_length()))
+    return dataclasses.replace(blocks, depth_rows=0 if value else max(16, next_pow2(group)))
   if field == "per_query_head_below":
     return dataclasses.replace(blocks, per_query_head_below=0 if value else 2 ** 31)
   return dataclasses.replace(blocks, **{field: not value})

@@ -89,8 +89,9 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
     # against its own tokens' slots only.
     for part_first_token, part_geom, (part_do, part_lse2, part_delta) in tt.split_rows(
         first_token, (do, lse2, delta), geom):
-      num_steps = _depth_backward(depth_refs, depth_len, part_first_token, part_geom, part_do, part_lse2,
-                                  part_delta, scale)
+      # The same for every part: they share the geometry and depth_len.
+      first_unwritten = _depth_backward(depth_refs, depth_len, part_first_token, part_geom, part_do,
+                                        part_lse2, part_delta, scale)
     # Unwritten slots got no probability mass: their gradient is zero, stored without any math.
     zeros = jnp.zeros((geom.tokens_per_tile, geom.head_dim), jnp.float32)
 
@@ -99,13 +100,12 @@ def _dq_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: 
       tt.store_token_slot(ddv_ref, first_token, slot, zeros, geom)
       return _
 
-    per_step = geom.per_token_slots if geom.depth_mode == "per_token" else part_geom.slots_per_step
-    jax.lax.fori_loop(jnp.minimum(num_steps * per_step, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
+    jax.lax.fori_loop(jnp.minimum(first_unwritten, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
 
 
 def _depth_backward(depth_refs, depth_len, first_token, geom: tt.Geometry, do, lse2, delta, scale):
   """Writes d depth_q of the rows starting at `first_token` and the depth dk/dv of their tokens' written
-  slots; returns the number of depth steps taken (slots past them are left for the caller to zero)."""
+  slots; returns the first slot it did not write (the caller zero-fills the slots from there on)."""
   depth_q_ref, depth_k_ref, depth_v_ref, ddq_ref, ddk_ref, ddv_ref = depth_refs
   rows = tt.tile_rows(first_token, geom)
   qk_scale = scale * tt.LOG2E
@@ -148,7 +148,7 @@ def _depth_backward(depth_refs, depth_len, first_token, geom: tt.Geometry, do, l
   num_steps = (depth_len + per_step - 1) // per_step
   ddq = jax.lax.fori_loop(0, num_steps, per_token_step if per_token else depth_step, ddq)
   tt.store_rows(ddq_ref, rows, ddq * scale, geom)
-  return num_steps
+  return num_steps * per_step
 
 
 def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segments: bool):
@@ -271,11 +271,12 @@ def _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segme
   has_segments = segment_ids_BT is not None
   num_programs = pl.cdiv(seq_len, blocks.block_k) * batch * num_kv_heads
   split = group > 1 and num_programs < blocks.per_query_head_below
-  # Grid (key block, batch, head): head is the kv head, or the query head h = k * G + g when split.
+  # Grid (key block, batch, head): head is the kv head, or the query head h = k * G + g when split; the
+  # query-side refs then hold that one head (a block of 1 at g) instead of all G.
   kv_head = (lambda h: h // group) if split else (lambda h: h)
+  head_in_group = (lambda h: h % group) if split else (lambda h: 0)
   rows_of = lambda *shape: pl.BlockSpec((None, seq_len, None, *shape),
-                                        lambda i, b, h: (b, 0, kv_head(h)) + ((h % group,) if split else (0,))
-                                        + (0,) * (len(shape) - 1))
+                                        lambda i, b, h: (b, 0, kv_head(h), head_in_group(h)) + (0,) * (len(shape) - 1))
   row_group = 1 if split else group
   keys = pl.BlockSpec((None, seq_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h), 0))
   in_specs = [rows_of(row_group, head_dim), keys, keys, rows_of(row_group, head_dim), rows_of(row_group),
