@@ -212,7 +212,7 @@ def tune(iters: int) -> list[dict]:
 
 # (kernel, field, mode) of each kernel option that `--ablate` times flipped against the defaults.
 _TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("dkv", "per_query_head_below", "fwd_bwd"),
-            ("fwd", "depth_rows", "fwd"), ("dq", "depth_rows", "fwd_bwd"), ("dkv", "ordered_dq", "fwd_bwd"))
+            ("fwd", "depth_rows", "fwd"), ("dq", "depth_rows", "fwd_bwd"))
 
 
 def _flipped(blocks: KernelBlocks, field: str, group: int) -> KernelBlocks:

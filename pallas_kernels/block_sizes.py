@@ -43,10 +43,6 @@ class KernelBlocks:
     blocks x batch x kv heads), run one program per key block and *query* head instead of per kv head and
     sum the G float32 partial dk/dv outside the kernel: G times the programs, for short sequences whose
     few key blocks leave SMs idle. 0: never.
-  ordered_dq: (dk/dv kernel only) the dk/dv kernel also forms the sequence dq, adding each query tile's
-    part into a float32 dq in a fixed order of key blocks (`triton_ordered_sum`: a turn counter per tile,
-    no float atomics, so still deterministic), and the dq kernel runs its depth phase only: 5 matmuls per
-    sequence block instead of 7 (the dq kernel no longer recomputes p and dp).
   """
   block_q: int
   block_k: int
@@ -58,7 +54,6 @@ class KernelBlocks:
   separate_depth_kernel: bool = False
   depth_rows: int = 0
   per_query_head_below: int = 0
-  ordered_dq: bool = False
 
   def validate(self, name: str, group_padded: int) -> None:
     for field in ("block_q", "block_k", "depth_cols"):
@@ -74,9 +69,8 @@ class KernelBlocks:
       raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
     if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
       raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
-    for field in ("separate_depth_kernel", "ordered_dq"):
-      if not isinstance(getattr(self, field), bool):
-        raise ValueError(f"{name}.{field}={getattr(self, field)!r}: expected a bool.")
+    if not isinstance(self.separate_depth_kernel, bool):
+      raise ValueError(f"{name}.separate_depth_kernel={self.separate_depth_kernel!r}: expected a bool.")
     if not isinstance(self.per_query_head_below, int) or self.per_query_head_below < 0:
       raise ValueError(f"{name}.per_query_head_below={self.per_query_head_below!r}: expected an int >= 0.")
     rows = self.depth_rows

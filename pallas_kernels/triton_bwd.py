@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import triton_ordered_sum as ordered_sum
 from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import KernelBlocks
 
@@ -152,20 +151,12 @@ def _depth_backward(depth_refs, depth_len, first_token, geom: tt.Geometry, do, l
   return num_steps * per_step
 
 
-def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segments: bool, ordered_dq: bool,
-                interpret: bool):
-  """`ordered_dq`: also adds each tile's dq part (unscaled) into a float32 dq, in turn (triton_ordered_sum)."""
+def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segments: bool):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
   seg_ref = refs[6] if has_segments else None
-  if ordered_dq:
-    dk_ref, dv_ref, dq_ref, turn_ref = refs[-4:]
-  else:
-    dk_ref, dv_ref = refs[-2:]
+  dk_ref, dv_ref = refs[-2:]
 
-  num_blocks = pl.num_programs(0)
-  # Launched from the last key block down, so the blocks after this one (which add to a tile's dq first)
-  # are the programs with lower launch indices.
-  block = num_blocks - 1 - pl.program_id(0)
+  block = pl.num_programs(0) - 1 - pl.program_id(0)
   start = block * geom.block_k
   cols = start + jnp.arange(geom.block_k)
   k = tt.load_keys(k_ref, start, geom, bounded=True)
@@ -175,13 +166,7 @@ def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segmen
 
   # Keys as rows: logits_T [block_k, block_q]. Padding query rows carry do = 0 and delta = 0, so they add 0.
   def q_step(i, carry, *, masked: bool):
-    dk, dv, held = carry
-    if ordered_dq:
-      # The part held from the previous step waits for its turn and loads its tile now; the loads' latency
-      # hides behind this step's matmuls. This tile's counter is peeked for the next step likewise.
-      seen = ordered_sum.peek(turn_ref, i)
-      total, held_part = ordered_sum.load_in_turn(dq_ref, turn_ref, held, turn_of(held.tile), geom,
-                                                  interpret=interpret)
+    dk, dv = carry
     rows = tt.tile_rows(i * geom.tokens_per_tile, geom)
     q = tt.load_rows(q_ref, rows, geom)
     do = tt.load_rows(do_ref, rows, geom)
@@ -198,32 +183,20 @@ def _dkv_kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_segmen
     ds_T = p_T * (tt.dot(v, do, trans_b=True) - delta)
     dv = dv + tt.dot(p_T.astype(do.dtype), do)
     dk = dk + tt.dot(ds_T.astype(q.dtype), q)
-    if ordered_dq:
-      ordered_sum.store_and_pass(dq_ref, turn_ref, held, total + held_part, geom, interpret=interpret)
-      held = ordered_sum.hold(i, tt.dot(ds_T.astype(k.dtype), k, trans_a=True), seen, held)
-    return dk, dv, held
-
-  def turn_of(tile):
-    """How many key blocks add to `tile`'s dq before this one: those after it that the tile sees."""
-    last_token = jnp.minimum((tile + 1) * geom.tokens_per_tile, geom.seq_len) - 1
-    return (last_token // geom.block_k if causal else num_blocks - 1) - block
+    return dk, dv
 
   zeros = jnp.zeros((geom.block_k, geom.head_dim), jnp.float32)
-  first_tile = start // geom.tokens_per_tile if causal else 0
-  carry = (zeros, zeros, ordered_sum.nothing_held(first_tile, geom) if ordered_dq else None)
+  carry = (zeros, zeros)
   if causal:
     # Tiles holding tokens of this key block need the causal mask; later tiles see every key of the block.
+    first_tile = start // geom.tokens_per_tile
     last_token = jnp.minimum(start + geom.block_k, geom.seq_len)
     free_tile = (last_token + geom.tokens_per_tile - 1) // geom.tokens_per_tile
     carry = jax.lax.fori_loop(first_tile, free_tile, functools.partial(q_step, masked=True), carry)
     carry = jax.lax.fori_loop(free_tile, geom.num_q_tiles, functools.partial(q_step, masked=False), carry)
   else:
     carry = jax.lax.fori_loop(0, geom.num_q_tiles, functools.partial(q_step, masked=False), carry)
-  dk, dv, held = carry
-  if ordered_dq:  # The last tile's part.
-    total, held_part = ordered_sum.load_in_turn(dq_ref, turn_ref, held, turn_of(held.tile), geom,
-                                                interpret=interpret)
-    ordered_sum.store_and_pass(dq_ref, turn_ref, held, total + held_part, geom, interpret=interpret)
+  dk, dv = carry
   in_range = (cols < geom.seq_len)[:, None]
   d = jnp.arange(geom.head_dim)[None, :]
   plgpu.store(dk_ref.at[cols[:, None], d], (dk * scale).astype(dk_ref.dtype), mask=in_range)
@@ -277,30 +250,23 @@ def backward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLK
         name="moda_backward_dq" if sequence else "moda_backward_depth",
     )(*args)
 
-  if dkv_blocks.ordered_dq:
-    # The dk/dv kernel forms the sequence dq: only the depth part of the dq kernel runs.
-    outs = [None, *(dq_call(depth=True, sequence=False) if has_depth else [])]
-  elif separate:
+  if separate:
     outs = dq_call(depth=False, sequence=True) + dq_call(depth=True, sequence=False)
   else:
     outs = dq_call(depth=has_depth, sequence=True)
   dq = outs[0]
   d_depth_q, d_depth_k, d_depth_v = outs[1:4] if has_depth else (None, None, None)
 
-  dk, dv, dq_sum = _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segment_ids_BT,
-                                 causal=causal, scale=scale, blocks=dkv_blocks, interpret=interpret)
-  if dq_sum is not None:
-    dq = (dq_sum * scale).astype(q_BTKGD.dtype)
+  dk, dv = _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segment_ids_BT, causal=causal,
+                         scale=scale, blocks=dkv_blocks, interpret=interpret)
   return dq, dk, dv, d_depth_q, d_depth_k, d_depth_v
 
 
 def _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segment_ids_BT, *, causal: bool,
                   scale: float, blocks: KernelBlocks, interpret):
-  """Sequence dk, dv [B, T, Hk, D] and, with `blocks.ordered_dq`, the unscaled float32 sequence dq (else None).
-
-  One program per key block and kv head (its G heads folded into the query tiles), or, when that launch
-  would have fewer than `blocks.per_query_head_below` programs, per key block and query head, summing the G
-  float32 partials here."""
+  """Sequence dk, dv [B, T, Hk, D]: one program per key block and kv head (its G heads folded into the
+  query tiles), or, when that launch would have fewer than `blocks.per_query_head_below` programs, per key
+  block and query head, summing the G float32 partials here."""
   batch, seq_len, num_kv_heads, group, head_dim = q_BTKGD.shape
   has_segments = segment_ids_BT is not None
   num_programs = pl.cdiv(seq_len, blocks.block_k) * batch * num_kv_heads
@@ -325,30 +291,16 @@ def _sequence_dkv(q_BTKGD, k_BTKD, v_BTKD, do_BTKGD, lse_BTKG, delta_BTKG, segme
   else:
     out_spec, out_shape = keys, jax.ShapeDtypeStruct(k_BTKD.shape, k_BTKD.dtype)
   geom = tt.make_geometry((batch, seq_len, num_kv_heads, row_group, head_dim), 0, blocks)
-  num_heads = num_kv_heads * (group if split else 1)
-  out_specs, out_shapes, aliases = [out_spec, out_spec], [out_shape, out_shape], {}
-  if blocks.ordered_dq:
-    # Zeroed float32 dq and one turn counter per (batch, head, query tile), updated in place.
-    turns = pl.BlockSpec((None, None, geom.num_q_tiles), lambda i, b, h: (b, h, 0))
-    dq_spec = rows_of(row_group, head_dim)
-    in_specs += [dq_spec, turns]
-    args += [jnp.zeros(q_BTKGD.shape, jnp.float32), jnp.zeros((batch, num_heads, geom.num_q_tiles), jnp.int32)]
-    out_specs += [dq_spec, turns]
-    out_shapes += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args[-2:]]
-    aliases = {len(args) - 2: 2, len(args) - 1: 3}
-  outs = pl.pallas_call(
-      functools.partial(_dkv_kernel, geom=geom, causal=causal, scale=scale, has_segments=has_segments,
-                        ordered_dq=blocks.ordered_dq, interpret=bool(interpret)),
-      grid=(pl.cdiv(seq_len, geom.block_k), batch, num_heads),
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, geom=geom, causal=causal, scale=scale, has_segments=has_segments),
+      grid=(pl.cdiv(seq_len, geom.block_k), batch, num_kv_heads * (group if split else 1)),
       in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shapes,
-      input_output_aliases=aliases,
+      out_specs=[out_spec, out_spec],
+      out_shape=[out_shape, out_shape],
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="moda_backward_dkv",
   )(*args)
-  dk, dv = outs[:2]
   if split:
     dk, dv = (jnp.sum(x, axis=3).astype(k_BTKD.dtype) for x in (dk, dv))
-  return dk, dv, (outs[2] if blocks.ordered_dq else None)
+  return dk, dv

@@ -97,11 +97,10 @@ def split_rows(first_token, values, geom: Geometry):
            jax.tree.unflatten(treedef, [parts[i] for parts in split])) for i in range(num_parts)]
 
 
-def load_rows(ref, rows: Rows, geom: Geometry, volatile: bool = False):
+def load_rows(ref, rows: Rows, geom: Geometry):
   """[block_q, D] rows of a [T, G, D] ref, zero for padding rows."""
   d = jnp.arange(geom.head_dim)[None, :]
-  return plgpu.load(ref.at[rows.token[:, None], rows.head[:, None], d], mask=rows.valid[:, None], other=0.0,
-                    volatile=volatile)
+  return plgpu.load(ref.at[rows.token[:, None], rows.head[:, None], d], mask=rows.valid[:, None], other=0.0)
 
 
 def store_rows(ref, rows: Rows, value, geom: Geometry):

@@ -42,7 +42,7 @@ _LARGE = [
 ]
 
 
-@pytest.mark.parametrize("depth_mode", ["dense", "per_token", "dense_separate", "dense_wholetile", "dense_ordered"])
+@pytest.mark.parametrize("depth_mode", ["dense", "per_token", "dense_separate", "dense_wholetile"])
 @pytest.mark.parametrize("shape", _LARGE, ids=[f"T{s[1]}_G{s[3]}_D{s[4]}_L{s[5]}_{s[9]}" for s in _LARGE])
 def test_multi_tile_against_reference(shape, depth_mode):
   batch, seq_len, kv_heads, group, head_dim, slots, depth_len, causal, segments, dtype = shape
@@ -61,14 +61,13 @@ def test_multi_tile_against_reference(shape, depth_mode):
   blocks = BlockSizes.get_default(max(16, pl_next_pow2(head_dim)), group, dtype)
   # "_separate": the depth backward as its own kernel; "_wholetile": depth phases over the whole tile (no
   # parts) and dk/dv per kv head, whatever the defaults say (these short shapes launch < 1024 dk/dv
-  # programs, so at D <= 64 the other variants run dk/dv per query head); "_ordered": the sequence dq
-  # formed in the dk/dv kernel and summed across its programs in turn.
+  # programs, so at D <= 64 the other variants run dk/dv per query head).
   mode, variant = depth_mode.split("_")[0], depth_mode.partition("_")[2]
   whole = dict(depth_rows=0) if variant == "wholetile" else {}
   blocks = BlockSizes(
       fwd=dataclasses.replace(blocks.fwd, depth_mode=mode, **whole),
       dq=dataclasses.replace(blocks.dq, depth_mode=mode, separate_depth_kernel=variant == "separate", **whole),
-      dkv=dataclasses.replace(blocks.dkv, depth_mode=mode, ordered_dq=variant == "ordered",
+      dkv=dataclasses.replace(blocks.dkv, depth_mode=mode,
                               **(dict(per_query_head_below=0) if variant == "wholetile" else {})))
 
   def run(impl):
@@ -94,32 +93,3 @@ def test_multi_tile_against_reference(shape, depth_mode):
       assert_close(name, g, w, dtype)
   if slots and depth_len is not None and depth_len < slots:
     assert not np.asarray(got[2][3][:, :, depth_len:]).astype(np.float32).any()
-
-
-@pytest.mark.parametrize("per_query_head", [False, True])
-def test_ordered_dq_is_bitwise_reproducible(per_query_head):
-  # Many key blocks add to every dq tile, from programs running concurrently: a race in the turn protocol
-  # (a part added twice, lost, or in another order) changes dq between runs or against the two-kernel dq.
-  batch, seq_len, kv_heads, group, head_dim, slots = 2, 4096, 4, 8, 64, 8
-  keys = jax.random.split(jax.random.PRNGKey(3), 7)
-  normal = lambda key, *s: jax.random.normal(key, s, jnp.bfloat16)
-  arrays = (normal(keys[0], batch, seq_len, kv_heads * group, head_dim),
-            normal(keys[1], batch, seq_len, kv_heads, head_dim), normal(keys[2], batch, seq_len, kv_heads, head_dim),
-            normal(keys[3], batch, seq_len, slots, kv_heads, head_dim),
-            normal(keys[4], batch, seq_len, slots, kv_heads, head_dim))
-  d_out = normal(keys[5], batch, seq_len, kv_heads * group, head_dim)
-  base = BlockSizes.get_default(head_dim, group, jnp.bfloat16)
-  split = dict(per_query_head_below=2 ** 31 if per_query_head else 0)
-
-  def grads(ordered):
-    blocks = dataclasses.replace(base, dkv=dataclasses.replace(base.dkv, ordered_dq=ordered, **split))
-    attend = lambda a: triton.attention(*a, jnp.int32(slots), None, causal=True, scale=head_dim ** -0.5,
-                                        block_sizes=blocks)[0]
-    return jax.jit(lambda a: jax.vjp(attend, a)[1](d_out)[0])(arrays)
-
-  runs = [grads(True) for _ in range(3)]
-  for run in runs[1:]:
-    for got, first in zip(run, runs[0]):
-      np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(first.astype(jnp.float32)))
-  for name, got, want in zip(("dq", "dk", "dv", "ddepth_k", "ddepth_v"), runs[0], grads(False)):
-    assert_close(name, got, want, "bfloat16")
