@@ -39,9 +39,6 @@ class KernelBlocks:
   depth_rows: (forward and dq kernels) rows per part of the depth phase, which splits the tile into parts
     of whole tokens: a "dense" depth step multiplies a part's rows against its own tokens' slots only, so
     the masked waste is tokens_per_part x, not tokens_per_tile x. 0 = the whole tile.
-  depth_order: (forward only) "last": the depth phase after the sequence phase; "first": before it;
-    "alternate": before it in every other tile, so that programs sharing an SM are more often in different
-    phases (memory-bound depth, compute-bound sequence). Needs depth_rows = 0.
   per_query_head_below: (dk/dv kernel only) when the launch would have fewer programs than this (key
     blocks x batch x kv heads), run one program per key block and *query* head instead of per kv head and
     sum the G float32 partial dk/dv outside the kernel: G times the programs, for short sequences whose
@@ -57,7 +54,6 @@ class KernelBlocks:
   separate_depth_kernel: bool = False
   depth_rows: int = 0
   per_query_head_below: int = 0
-  depth_order: str = "last"
 
   def validate(self, name: str, group_padded: int) -> None:
     for field in ("block_q", "block_k", "depth_cols"):
@@ -82,11 +78,6 @@ class KernelBlocks:
     if rows != 0 and not valid_rows:
       raise ValueError(f"{name}.depth_rows={rows!r}: expected 0 (the whole tile) or a power of two in "
                        f"[max(16, next_pow2(G)={group_padded}), block_q={self.block_q}].")
-    if self.depth_order not in ("last", "first", "alternate"):
-      raise ValueError(f"{name}.depth_order={self.depth_order!r}: expected 'last', 'first' or 'alternate'.")
-    if self.depth_order != "last" and self.depth_rows:
-      raise NotImplementedError(f"{name}.depth_order={self.depth_order!r} with depth_rows={self.depth_rows}: "
-                                "the depth phase runs before the sequence only over the whole tile.")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
 

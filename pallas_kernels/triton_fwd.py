@@ -55,19 +55,8 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   tile = pl.num_programs(0) - 1 - pl.program_id(0)
   first_token = tile * geom.tokens_per_tile
   rows = tt.tile_rows(first_token, geom)
-  qk_scale = scale * tt.LOG2E
-  carry = (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
-           jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
-           jnp.zeros((geom.block_q,), jnp.float32))
-  # Depth before the sequence (whole tile only; the softmax state does not care about the order): for
-  # "first" every tile, for "alternate" every other one, so that programs sharing an SM are more often in
-  # different phases (memory-bound depth, compute-bound sequence).
-  depth_len = depth_len_ref[0] if has_depth else None
-  early = {"last": False, "first": True, "alternate": tile % 2 == 0}[geom.depth_order]
-  if has_depth and geom.depth_order != "last":
-    carry = _depth_phase(carry, depth_q_ref, depth_k_ref, depth_v_ref, jnp.where(early, depth_len, 0),
-                         first_token, rows, geom, qk_scale)
   q = tt.load_rows(q_ref, rows, geom)
+  qk_scale = scale * tt.LOG2E
   q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1) if has_segments else None
 
   def seq_step(j, carry, *, masked: bool):
@@ -89,6 +78,9 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
       logits = jnp.where(keep, logits, tt.MASK_VALUE)
     return _online_update(carry, logits, v)
 
+  carry = (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
+           jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
+           jnp.zeros((geom.block_q,), jnp.float32))
   num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
   carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
   carry = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
@@ -98,8 +90,7 @@ def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: boo
   for part_first_token, part_geom, part_carry in parts:
     part_rows = tt.tile_rows(part_first_token, part_geom)
     if has_depth:
-      part_carry = _depth_phase(part_carry, depth_q_ref, depth_k_ref, depth_v_ref,
-                                depth_len if early is False else jnp.where(early, 0, depth_len),
+      part_carry = _depth_phase(part_carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len_ref[0],
                                 part_first_token, part_rows, part_geom, qk_scale)
     acc, m, l = part_carry
     tt.store_rows(o_ref, part_rows, acc / l[:, None], part_geom)

@@ -43,7 +43,6 @@ class Geometry:
   depth_mode: str = "dense"
   per_token_slots: int = 2
   depth_rows: int = 0  # rows per depth-phase part (0: the whole tile)
-  depth_order: str = "last"  # forward: the depth phase after the sequence, before it, or alternating
 
   @property
   def tokens_per_tile(self) -> int:
@@ -63,8 +62,7 @@ def make_geometry(q_shape_BTKGD, num_slots: int, blocks) -> Geometry:
   return Geometry(seq_len=seq_len, num_slots=num_slots, group=group, group_padded=next_pow2(group),
                   head_dim=head_dim, block_q=blocks.block_q, block_k=blocks.block_k,
                   depth_cols=blocks.depth_cols, depth_mode=blocks.depth_mode,
-                  per_token_slots=blocks.per_token_slots, depth_rows=blocks.depth_rows,
-                  depth_order=blocks.depth_order)
+                  per_token_slots=blocks.per_token_slots, depth_rows=blocks.depth_rows)
 
 
 @dataclasses.dataclass(frozen=True)
