@@ -108,6 +108,9 @@ class BlockSizes:
     #   already: 1.92 ms either way at B8 T4K G2), except 1.4% at D128.
     # * dk/dv per query head below 1024 programs: T4K G8 (512 programs) 2.30 vs 2.53; B8 T4K G2 (4096)
     #   7.91 vs 7.76 when forced; T64K (8192) even.
+    # Fifth round (§1): at G >= 8 per query head at any size. T8K G8 (1024 programs) 7.54 vs 7.75/7.78,
+    # T16K G8 (2048) 26.87 vs 27.51/27.33, T16K G16 51.39 vs 55.79/56.17, T64K G8 even (above); but T16K
+    # G2 8.19 vs 8.16 and G4 14.54 vs 14.43. A per-kv-head tile holds only 64/G tokens at G >= 8.
     if head_dim <= 64:
       fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=3)
       # The depth backward as its own kernel (fwd+bwd ms, H200, BENCHMARKS.md §1): T4K G8 2.77 vs 2.96
@@ -116,7 +119,7 @@ class BlockSizes:
       dq = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
                         separate_depth_kernel=True, depth_rows=16)
       dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
-                         per_query_head_below=1024)
+                         per_query_head_below=2 ** 31 if group >= 8 else 1024)
     elif head_dim <= 128:
       # D128 (B8 T4K G2 L72): fused depth backward 16.22 vs 16.65 separate; dk/dv per query head 16.49.
       fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2, depth_rows=16)
