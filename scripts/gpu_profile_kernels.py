@@ -12,7 +12,10 @@ peak), L1 hit rate. Timing belongs to the benchmark; this answers why a kernel t
 
 Cost, seen on the H200 (2026-11-28): with these five sections ncu profiled ~1 kernel per minute under
 XLA (every other launch is instrumented too), so profile one shape with `-c`/`--launch-count` and a
-narrow `-k` regex.
+narrow `-k` regex. `--section LaunchStats --section Occupancy` alone (registers, shared memory,
+theoretical and achieved occupancy) is cheap: both forward kernels of B8 T4K G2 in well under a
+minute (BENCHMARKS.md §1, fifth round). Adding SpeedOfLight made one T4K run spend its 5.5 minutes
+before the first MoDA kernel.
 """
 
 from __future__ import annotations
