@@ -216,3 +216,48 @@ if ablation_path is not None:
     if r["impl"].startswith("jax_mgpu") and r.get("fwd_ms") and cudnn_fwd.get(r["shape"]):
       print(f"{r['shape']:28s} {r['impl']:16s} fwd {r['fwd_ms']:8.3f} ms = "
             f"{r['fwd_ms'] / cudnn_fwd[r['shape']]:.2f}x cuDNN (sequence only, float16)")
+
+# %% [markdown]
+# ## One-off A/B runs of the fifth round
+# Lists of rows, each with a `variant`, timed in one process against the default tiles (`default`).
+# The deterministic 5-matmul backward taken apart (`ordered`: the full turn protocol; `nospin`,
+# `nosync`, `storeonly`: its parts removed, racy, timing only) and the per-query-head dk/dv threshold
+# (BENCHMARKS.md §1, fifth round).
+
+# %%
+def plot_variants(name, title, mode="fwd_bwd"):
+  path = os.path.join(ROOT, "benchmarks", "results", name)
+  if not os.path.exists(path):
+    print("not committed:", name)
+    return
+  with open(path) as f:
+    rows = [r for r in json.load(f) if r.get(f"{mode}_ms")]
+  default = {r["shape"]: r[f"{mode}_ms"] for r in rows if r["variant"] == "default"}
+  rows = [r for r in rows if r["shape"] in default and r["variant"] != "default"]
+  labels = [f"{r['shape']} | {r['variant']}" for r in rows]
+  ratio = [r[f"{mode}_ms"] / default[r["shape"]] for r in rows]
+  fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.4), constrained_layout=True)
+  bars = ax.barh(np.arange(len(rows)), ratio, color=["tab:red" if x > 1 else "tab:green" for x in ratio])
+  ax.bar_label(bars, fmt="%.2fx", fontsize=7, padding=2)
+  ax.axvline(1.0, color="gray", lw=1)
+  ax.set_xlim(0, max(ratio) * 1.15)
+  ax.set_yticks(np.arange(len(rows)), labels, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel(f"{mode.replace('_', '+')} time / default time")
+  ax.set_title(title)
+  plt.show()
+
+
+plot_variants("h200_ordered_dq_diagnosis_2026-11-28.json", "5-matmul backward (ordered_dq) and its parts")
+plot_variants("h200_per_query_head_threshold_2026-11-28.json", "dk/dv per query head vs per kv head")
+
+# %%
+ncu_path = os.path.join(ROOT, "benchmarks", "results", "h200_ncu_launch_stats_round5_2026-11-28.json")
+if os.path.exists(ncu_path):
+  with open(ncu_path) as f:
+    for run_name, launches in json.load(f).items():
+      print(run_name)
+      for launch in launches:
+        print(f"  {launch['kernel']:22s} registers {launch['Registers Per Thread']:>4s}  programs per SM "
+              f"{min(launch['Block Limit Registers'], launch['Block Limit Shared Mem'], key=int)}  "
+              f"occupancy {launch['Theoretical Occupancy']}%")
