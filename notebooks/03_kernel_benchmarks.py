@@ -189,6 +189,20 @@ else:
 # of what a wgmma/TMA kernel reaches on the same shapes.
 
 # %%
+def plot_against_default(labels, values, *, baseline, fmt, xlim, xlabel, title):
+  """Horizontal bars of each variant against the default (`baseline`): red where slower, green where faster."""
+  fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.4), constrained_layout=True)
+  bars = ax.barh(np.arange(len(labels)), values, color=["tab:red" if v > baseline else "tab:green" for v in values])
+  ax.bar_label(bars, fmt=fmt, fontsize=7, padding=2)
+  ax.axvline(baseline, color="gray", lw=1)
+  ax.set_xlim(*xlim)  # room for the bar labels
+  ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel(xlabel)
+  ax.set_title(title)
+  plt.show()
+
+
 if ablation_path is not None:
   with open(ablation_path) as f:
     ablation = json.load(f)["rows"]
@@ -201,16 +215,10 @@ if ablation_path is not None:
       labels.append(f"{r['shape']} | {r['toggled']} ({mode.replace('_', '+')})")
       change.append(100 * (r[f"{mode}_ms"] / default[r["shape"]][f"{mode}_ms"] - 1))
   if labels:
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.4), constrained_layout=True)
-    bars = ax.barh(np.arange(len(labels)), change, color=["tab:red" if c > 0 else "tab:green" for c in change])
-    ax.bar_label(bars, fmt="%+.1f%%", fontsize=7, padding=2)
-    ax.axvline(0.0, color="gray", lw=1)
-    ax.set_xlim(min(0, min(change)) * 1.3 - 1, max(0, max(change)) * 1.3 + 1)  # room for the labels
-    ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("time with the option flipped / default time - 1 (%)")
-    ax.set_title("pallas_triton options, flipped one at a time")
-    plt.show()
+    plot_against_default(labels, change, baseline=0.0, fmt="%+.1f%%",
+                         xlim=(min(0, min(change)) * 1.3 - 1, max(0, max(change)) * 1.3 + 1),
+                         xlabel="time with the option flipped / default time - 1 (%)",
+                         title="pallas_triton options, flipped one at a time")
   cudnn_fwd = {r["shape"]: r.get("fwd_ms") for r in ablation if r["impl"] == "cudnn"}
   for r in ablation:
     if r["impl"].startswith("jax_mgpu") and r.get("fwd_ms") and cudnn_fwd.get(r["shape"]):
@@ -236,16 +244,8 @@ def plot_variants(name, title, mode="fwd_bwd"):
   rows = [r for r in rows if r["shape"] in default and r["variant"] != "default"]
   labels = [f"{r['shape']} | {r['variant']}" for r in rows]
   ratio = [r[f"{mode}_ms"] / default[r["shape"]] for r in rows]
-  fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.4), constrained_layout=True)
-  bars = ax.barh(np.arange(len(rows)), ratio, color=["tab:red" if x > 1 else "tab:green" for x in ratio])
-  ax.bar_label(bars, fmt="%.2fx", fontsize=7, padding=2)
-  ax.axvline(1.0, color="gray", lw=1)
-  ax.set_xlim(0, max(ratio) * 1.15)
-  ax.set_yticks(np.arange(len(rows)), labels, fontsize=7)
-  ax.invert_yaxis()
-  ax.set_xlabel(f"{mode.replace('_', '+')} time / default time")
-  ax.set_title(title)
-  plt.show()
+  plot_against_default(labels, ratio, baseline=1.0, fmt="%.2fx", xlim=(0, max(ratio) * 1.15),
+                       xlabel=f"{mode.replace('_', '+')} time / default time", title=title)
 
 
 plot_variants("h200_ordered_dq_diagnosis_2026-11-28.json", "5-matmul backward (ordered_dq) and its parts")

@@ -58,4 +58,3 @@ def test_per_token_and_separate_depth_kernel_lower_for_h200(separate):
                                                         scale=0.125, block_sizes=sizes, depth_q_BTHD=dq)
   # forward, dq (+ depth), dk/dv; the separate depth kernel is a fourth.
   assert _lowered_text(1, 4096, 2, 64, 72, attend).count("__gpu$xla.gpu.triton") == 3 + separate
-
