@@ -47,7 +47,7 @@ def main(argv):
     # Library INFO logs (Orbax, XLA) would bury the progress bar; --verbosity=0 brings them back.
     logging.set_verbosity(logging.WARNING)
   _maybe_initialize_distributed()
-  from moda_jax import trainer  # pylint: disable=g-import-not-at-top
+  from moda_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   logging.info("config:\n%s", _CONFIG.value)
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

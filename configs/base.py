@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-6
   c.model.depth_memory = "linear"
 
-  # Data: see moda_jax/data_sources.py and moda_jax/tokenizers.py.
+  # Data: see moda_jax/data/sources.py and moda_jax/data/tokenizers.py.
   c.data = ml_collections.ConfigDict()
   c.data.source = "pydoc"         # pydoc | gensim_wiki | files
   c.data.path = ""                # files: comma-separated paths or globs

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -32,7 +34,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from configs import tiny
-from moda_jax import analysis, checkpoint, evaluate, generate, tokenizers, trainer
+from moda_jax.eval import analysis
+from moda_jax.train import checkpoint
+from moda_jax.eval import evaluate
+from moda_jax.eval import generate
+from moda_jax.data import tokenizers
+from moda_jax.train import trainer
 
 STEPS = 60
 # The test suite points this at its temporary directory; interactively, a fresh temp dir.

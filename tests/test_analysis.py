@@ -7,7 +7,8 @@ import matplotlib
 import numpy as np
 import pytest
 
-from moda_jax import ModelConfig, Transformer, analysis
+from moda_jax import ModelConfig, Transformer
+from moda_jax.eval import analysis
 
 matplotlib.use("Agg")
 

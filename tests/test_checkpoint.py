@@ -7,13 +7,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import micro
-from moda_jax import checkpoint
-from moda_jax import data
-from moda_jax import data_sources
-from moda_jax import optimizer
-from moda_jax import sharding
-from moda_jax import tokenizers
-from moda_jax import train_step as ts
+from moda_jax.train import checkpoint
+from moda_jax.data import pipeline
+from moda_jax.data import sources
+from moda_jax.train import optimizer
+from moda_jax.train import sharding
+from moda_jax.data import tokenizers
+from moda_jax.train import step as ts
 
 
 def _state(mesh, spec):
@@ -29,8 +29,8 @@ def _state(mesh, spec):
 
 
 def _iterator():
-  docs = data_sources.TextDocuments([f"document number {i} " * (i + 1) for i in range(20)], "t")
-  return iter(data.packed_dataset(docs, tokenizers.ByteTokenizer(), seq_len=16, batch_size=2, seed=0))
+  docs = sources.TextDocuments([f"document number {i} " * (i + 1) for i in range(20)], "t")
+  return iter(pipeline.packed_dataset(docs, tokenizers.ByteTokenizer(), seq_len=16, batch_size=2, seed=0))
 
 
 def test_round_trip_onto_a_different_mesh(tmp_path):

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from configs import micro
-from moda_jax import data
-from moda_jax import data_sources
-from moda_jax import tokenizers
+from moda_jax.data import pipeline
+from moda_jax.data import sources
+from moda_jax.data import tokenizers
 
 
 def _docs(n=40, seed=0):
   rng = np.random.default_rng(seed)
   words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-  return data_sources.TextDocuments(
+  return sources.TextDocuments(
       [f"doc{i}: " + " ".join(rng.choice(words, size=rng.integers(3, 60))) for i in range(n)], "synthetic")
 
 
@@ -37,10 +37,10 @@ def test_packing_keeps_documents_apart_and_targets_shifted():
   one document, segments never mix documents, positions count from 0 in every piece."""
   docs = _docs()
   tok = tokenizers.ByteTokenizer()
-  batches = _collect(data.packed_dataset(docs, tok, seq_len=48, batch_size=4, seed=None), 6)
+  batches = _collect(pipeline.packed_dataset(docs, tok, seq_len=48, batch_size=4, seed=None), 6)
   pieces = []
   for b in batches:
-    assert set(b) == set(data.BATCH_KEYS)
+    assert set(b) == set(pipeline.BATCH_KEYS)
     for row in range(4):
       seg = b["segment_ids"][row]
       for s in np.unique(seg[seg > 0]):
@@ -64,7 +64,7 @@ def test_packing_keeps_documents_apart_and_targets_shifted():
 
 def test_shuffle_is_deterministic_by_seed():
   docs, tok = _docs(), tokenizers.ByteTokenizer()
-  run = lambda seed: _collect(data.packed_dataset(docs, tok, seq_len=32, batch_size=2, seed=seed), 3)
+  run = lambda seed: _collect(pipeline.packed_dataset(docs, tok, seq_len=32, batch_size=2, seed=seed), 3)
   a, b, c = run(1), run(1), run(2)
   assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
   assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c))
@@ -74,8 +74,8 @@ def test_host_shards_are_disjoint_and_cover_the_corpus():
   docs, tok = _docs(n=9), tokenizers.ByteTokenizer()
   seen = []
   for index in range(3):
-    ds = data.packed_dataset(docs, tok, seq_len=4096, batch_size=1, seed=None,
-                             shard=data.HostShard(index, 3))
+    ds = pipeline.packed_dataset(docs, tok, seq_len=4096, batch_size=1, seed=None,
+                             shard=pipeline.HostShard(index, 3))
     row = next(iter(ds))
     text = tok.decode(row["inputs"][0][row["segment_ids"][0] > 0])
     seen.append({i for i in range(9) if f"doc{i}:" in text})
@@ -83,14 +83,14 @@ def test_host_shards_are_disjoint_and_cover_the_corpus():
 
 
 def test_validation_split_is_disjoint_and_seeded():
-  train, val = data.split_documents(100, 0.1, seed=3)
+  train, val = pipeline.split_documents(100, 0.1, seed=3)
   assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
-  assert np.array_equal(val, data.split_documents(100, 0.1, seed=3)[1])
-  assert not np.array_equal(val, data.split_documents(100, 0.1, seed=4)[1])
+  assert np.array_equal(val, pipeline.split_documents(100, 0.1, seed=3)[1])
+  assert not np.array_equal(val, pipeline.split_documents(100, 0.1, seed=4)[1])
 
 
 def test_iterator_state_resumes_exactly():
-  ds = data.packed_dataset(_docs(), tokenizers.ByteTokenizer(), seq_len=32, batch_size=2, seed=5)
+  ds = pipeline.packed_dataset(_docs(), tokenizers.ByteTokenizer(), seq_len=32, batch_size=2, seed=5)
   it = iter(ds)
   for _ in range(7):
     next(it)
@@ -100,17 +100,17 @@ def test_iterator_state_resumes_exactly():
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
-    for k in data.BATCH_KEYS:
+    for k in pipeline.BATCH_KEYS:
       np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_pydoc_corpus_pipeline_from_config():
   cfg = micro.get_config()
-  pipes = data.make_pipelines(cfg)
+  pipes = pipeline.make_pipelines(cfg)
   batch = next(iter(pipes.train))
   assert batch["inputs"].shape == (cfg.batch_size, cfg.seq_len)
   assert len(pipes.val_batches) == cfg.eval_batches
-  assert 3.0 < data.unigram_entropy(pipes.train_docs, pipes.tokenizer) < 3.6  # English bytes
+  assert 3.0 < pipeline.unigram_entropy(pipes.train_docs, pipes.tokenizer) < 3.6  # English bytes
 
 
 def _files_cfg(path, **kw):
@@ -125,33 +125,33 @@ def test_text_jsonl_parquet_and_array_record_files(tmp_path):
   texts = ["first document", "second one", "third"]
   (tmp_path / "a.txt").write_text("@@".join(texts))
   (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts) + "\n")
-  assert list(data_sources.load_documents(_files_cfg(tmp_path / "a.txt", text_separator="@@"))) == texts
-  assert list(data_sources.load_documents(_files_cfg(tmp_path / "b.jsonl", text_key="body"))) == texts
+  assert list(sources.load_documents(_files_cfg(tmp_path / "a.txt", text_separator="@@"))) == texts
+  assert list(sources.load_documents(_files_cfg(tmp_path / "b.jsonl", text_key="body"))) == texts
   pq = pytest.importorskip("pyarrow.parquet")
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   pq.write_table(pa.table({"text": texts}), tmp_path / "c.parquet")
-  assert list(data_sources.load_documents(_files_cfg(tmp_path / "c.parquet"))) == texts
+  assert list(sources.load_documents(_files_cfg(tmp_path / "c.parquet"))) == texts
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   writer = array_record_module.ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
   for t in texts:
     writer.write(json.dumps({"text": t}).encode() if t != "third" else t.encode())
   writer.close()
-  assert list(data_sources.load_documents(_files_cfg(tmp_path / "d.array_record"))) == texts
+  assert list(sources.load_documents(_files_cfg(tmp_path / "d.array_record"))) == texts
 
 
 def test_bad_paths_and_empty_corpora_raise_value_error(tmp_path):
   with pytest.raises(ValueError, match="matches no file"):
-    data_sources.load_documents(_files_cfg(tmp_path / "missing.txt"))
+    sources.load_documents(_files_cfg(tmp_path / "missing.txt"))
   (tmp_path / "empty.jsonl").write_text("\n")
   with pytest.raises(ValueError, match="no non-empty documents"):
-    data_sources.load_documents(_files_cfg(tmp_path / "empty.jsonl"))
+    sources.load_documents(_files_cfg(tmp_path / "empty.jsonl"))
   (tmp_path / "x.bin").write_text("x")
-  with pytest.raises(ValueError, match="data.format"):
-    data_sources.load_documents(_files_cfg(tmp_path / "x.bin"))
-  with pytest.raises(ValueError, match="data.tokenizer_path"):
+  with pytest.raises(ValueError, match="pipeline.format"):
+    sources.load_documents(_files_cfg(tmp_path / "x.bin"))
+  with pytest.raises(ValueError, match="pipeline.tokenizer_path"):
     tokenizers.make_tokenizer("hf", str(tmp_path / "nope.json"))
-  with pytest.raises(ValueError, match="data.source"):
-    data_sources.load_documents(_files_cfg(tmp_path, source="web"))
+  with pytest.raises(ValueError, match="pipeline.source"):
+    sources.load_documents(_files_cfg(tmp_path, source="web"))
 
 
 def test_hf_tokenizer_json_by_path(tmp_path):
@@ -166,7 +166,7 @@ def test_hf_tokenizer_json_by_path(tmp_path):
   assert ours.eos_id == tok.token_to_id("<eos>") and ours.vocab_size == tok.get_vocab_size()
   ids = ours.encode("alpha beta gamma")
   assert ids.dtype == np.int32 and ours.decode(ids).strip() == "alpha beta gamma"
-  batch = next(iter(data.packed_dataset(_docs(), ours, seq_len=16, batch_size=2, seed=0)))
+  batch = next(iter(pipeline.packed_dataset(_docs(), ours, seq_len=16, batch_size=2, seed=0)))
   assert batch["inputs"].max() < ours.vocab_size
 
 
@@ -183,7 +183,7 @@ def test_sentencepiece_model_by_path(tmp_path):
 def test_grain_checkpoint_handler_round_trip(tmp_path):
   """The iterator state survives Orbax's Grain handler (what the trainer's checkpoint uses)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  ds = data.packed_dataset(_docs(), tokenizers.ByteTokenizer(), seq_len=32, batch_size=2, seed=1)
+  ds = pipeline.packed_dataset(_docs(), tokenizers.ByteTokenizer(), seq_len=32, batch_size=2, seed=1)
   it = iter(ds)
   next(it), next(it)
   with ocp.CheckpointManager(tmp_path) as mngr:

@@ -1,4 +1,4 @@
-"""The depth stream (`depth.py`) and the linear-memory stack (`depth_stack.py`) on a toy layer.
+"""The depth stream (`depth_stream.py`) and the linear-memory stack (`depth_stack.py`) on a toy layer.
 
 The toy layer has the structure the stack relies on and nothing else: it reads the buffers through
 a mask `slot < depth_len` and writes S new slots computed from its input, so the custom_vjp is
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moda_jax import ModelConfig, depth
-from moda_jax.depth_stack import linear_memory_stack
+from moda_jax import ModelConfig
+from moda_jax.model import depth_stream
+from moda_jax.model.depth_stack import linear_memory_stack
 
 _ATOL, _RTOL = 2e-5, 1e-4  # float32
 
@@ -42,8 +43,8 @@ def _naive_stack(layer_params, x_BTM, cfg):
   def body(carry, p):
     x_BTM, stream = carry
     x_BTM, slots = _toy_layer(p, x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length, None, None)
-    return (x_BTM, depth.write(stream, *slots)), None
-  (x_BTM, stream), _ = jax.lax.scan(body, (x_BTM, depth.empty(cfg, *x_BTM.shape[:2])), layer_params)
+    return (x_BTM, depth_stream.write(stream, *slots)), None
+  (x_BTM, stream), _ = jax.lax.scan(body, (x_BTM, depth_stream.empty(cfg, *x_BTM.shape[:2])), layer_params)
   return x_BTM, stream
 
 
@@ -56,16 +57,16 @@ def _params(cfg, num_layers, rng):
 
 def test_write_fills_consecutive_slots_and_counts():
   cfg = _config("attn_ffn", num_layers=3)  # 4 slots: blocks 0 and 1 write 2 each
-  stream = depth.empty(cfg, batch=1, seq_len=2)
+  stream = depth_stream.empty(cfg, batch=1, seq_len=2)
   assert stream.k_BTLKD.shape == (1, 2, 4, 1, 4) and int(stream.length) == 0
   ones = jnp.ones((1, 2, 2, 1, 4))
-  stream = depth.write(stream, ones, 2 * ones)
-  stream = depth.write(stream, 3 * ones, 4 * ones)
+  stream = depth_stream.write(stream, ones, 2 * ones)
+  stream = depth_stream.write(stream, 3 * ones, 4 * ones)
   assert int(stream.length) == 4
   np.testing.assert_array_equal(stream.k_BTLKD[0, 0, :, 0, 0], [1, 1, 3, 3])
   np.testing.assert_array_equal(stream.v_BTLKD[0, 0, :, 0, 0], [2, 2, 4, 4])
-  assert depth.empty(_config("none", 3), 1, 2).k_BTLKD is None
-  assert depth.empty(_config("attn", 1), 1, 2).k_BTLKD is None  # a single block reads nothing
+  assert depth_stream.empty(_config("none", 3), 1, 2).k_BTLKD is None
+  assert depth_stream.empty(_config("attn", 1), 1, 2).k_BTLKD is None  # a single block reads nothing
 
 
 @pytest.mark.parametrize("depth_kv", ["attn", "attn_ffn"])

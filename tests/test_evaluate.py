@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moda_jax import checkpoint, evaluate, mc_tasks, sharding, tokenizers
+from moda_jax.train import checkpoint
+from moda_jax.eval import evaluate
+from moda_jax.eval import mc_tasks
+from moda_jax.train import sharding
+from moda_jax.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--config.total_steps=3", "--config.batch_size=8", "--config.seq_len=32",

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import oracle
-from moda_jax import ModelConfig, Transformer, decode, generate
+from moda_jax import ModelConfig, Transformer
+from moda_jax.model import decode
+from moda_jax.eval import generate
 
 # float32 everywhere; the cached path sums in a different order than the kernels (measured max
 # |diff| ~3e-6 on logits of magnitude ~4).

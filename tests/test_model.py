@@ -10,8 +10,8 @@ import pytest
 
 import model_cases as cases
 from moda_jax import ModelConfig, Transformer
-from moda_jax.param_layout import loop_to_scan, scan_to_loop
-from moda_jax.presets import olmo2_700m, table6_small
+from moda_jax.model.param_layout import loop_to_scan, scan_to_loop
+from moda_jax.model.presets import olmo2_700m, table6_small
 
 # float32 tolerances for two evaluation orders of the same float32 computation.
 _ATOL, _RTOL = 1e-5, 1e-4

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import model_cases as cases
-from moda_jax.param_layout import scan_to_loop
+from moda_jax.model.param_layout import scan_to_loop
 
 # float32 model vs float64 oracle.
 _ATOL, _RTOL = 2e-5, 2e-4

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import model_cases as cases
 from moda_jax import Transformer
-from moda_jax.kernel_call import sharded_moda_attention
+from moda_jax.model.kernel_call import sharded_moda_attention
 from pallas_kernels import moda_attention
 
 _ATOL, _RTOL = 1e-5, 1e-4  # float32

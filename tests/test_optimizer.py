@@ -9,7 +9,7 @@ import pytest
 
 from configs import micro
 from moda_jax import ModelConfig, Transformer
-from moda_jax import optimizer
+from moda_jax.train import optimizer
 
 
 def _cfg(**kw):

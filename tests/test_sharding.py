@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moda_jax import ModelConfig, Transformer
-from moda_jax import sharding
+from moda_jax.train import sharding
 import train_runs
 
 

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from moda_jax import checkpoint
-from moda_jax import data
-from moda_jax import sharding
-from moda_jax import train_step as ts
+from moda_jax.train import checkpoint
+from moda_jax.data import pipeline
+from moda_jax.train import sharding
+from moda_jax.train import step as ts
 from train_runs import REPO, finished_steps, read_metrics, train_command, train_env
 
 
@@ -53,7 +53,7 @@ def test_run_writes_logs_checkpoints_and_config(full_run):
 def test_load_checkpoint_reproduces_the_logged_val_loss(full_run):
   config, model, params = checkpoint.load_checkpoint(str(full_run))
   assert config.total_steps == 24 and model.config.num_layers == 2
-  pipes = data.make_pipelines(config)
+  pipes = pipeline.make_pipelines(config)
   mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
   sums = [ts.eval_step(params, sharding.global_batch(b, mesh), model=model) for b in pipes.val_batches]
   val_loss = sum(float(s["ce_sum"]) for s in sums) / sum(float(s["tokens"]) for s in sums)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moda_jax import ModelConfig, Transformer
-from moda_jax import flops
+from moda_jax.model import flops
 
 
 def _matmul_params(cfg: ModelConfig) -> int:

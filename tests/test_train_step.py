@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import micro
-from moda_jax import optimizer
-from moda_jax import train_step as ts
+from moda_jax.train import optimizer
+from moda_jax.train import step as ts
 
 V, M = 11, 8
 

@@ -5,7 +5,7 @@ import os
 import pathlib
 import sys
 
-from moda_jax import checkpoint
+from moda_jax.train import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Long enough that a kill lands mid-run; checkpoints every 4 steps, evaluation every 6.

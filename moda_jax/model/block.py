@@ -7,10 +7,10 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from moda_jax import depth
-from moda_jax.attention import ATTENTION_OUT_NAME, MoDAAttention
-from moda_jax.config import ModelConfig
-from moda_jax.layers import DepthKVProjection, RMSNorm, SwiGLU
+from moda_jax.model import depth_stream
+from moda_jax.model.attention import ATTENTION_OUT_NAME, MoDAAttention
+from moda_jax.model.config import ModelConfig
+from moda_jax.model.layers import DepthKVProjection, RMSNorm, SwiGLU
 
 _ACT = ("act_batch", "act_len", "act_embed")
 
@@ -75,7 +75,7 @@ class Block(nn.Module):
     x_BTM, slots = self.sublayers(x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length,
                                   positions_BT, segment_ids_BT)
     if slots is not None:
-      stream = depth.write(stream, *slots)
+      stream = depth_stream.write(stream, *slots)
     return (x_BTM, stream), None
 
   @nn.compact
@@ -103,4 +103,4 @@ class Block(nn.Module):
 
     out_BTM = ffn_residual(cfg.norm, h_BTM, mlp(ffn_in), mlp_norm)
     out_BTM = nn.with_logical_constraint(out_BTM, _ACT)
-    return out_BTM, (depth.stack_slots(slots) if slots else None)
+    return out_BTM, (depth_stream.stack_slots(slots) if slots else None)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moda_jax.config import ModelConfig
+from moda_jax.model.config import ModelConfig
 
 
 def dtype_of(name: str):

@@ -41,8 +41,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from moda_jax import depth
-from moda_jax.config import ModelConfig
+from moda_jax.model import depth_stream
+from moda_jax.model.config import ModelConfig
 
 # layer_fn(params, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, segment_ids_BT)
 #   -> (x_BTM, (k_BTSKD, v_BTSKD))
@@ -57,7 +57,7 @@ def _num_layers(layer_params) -> int:
 
 def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_BTM: jax.Array,
                         positions_BT: jax.Array, segment_ids_BT: jax.Array | None, *,
-                        config: ModelConfig) -> tuple[jax.Array, depth.DepthKV]:
+                        config: ModelConfig) -> tuple[jax.Array, depth_stream.DepthKV]:
   """Runs the depth-writing layers; returns (x_BTM, the full DepthKV stream).
 
   Args:
@@ -78,9 +78,9 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
     def step(x_BTM, stream, p):
       x_out, slots_BTSKD = layer_fn(p, x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length,
                                     positions_BT, segment_ids_BT)
-      return x_out, depth.write(stream, *slots_BTSKD)
+      return x_out, depth_stream.write(stream, *slots_BTSKD)
 
-    stream = depth.empty(config, batch, seq_len)
+    stream = depth_stream.empty(config, batch, seq_len)
     if unrolled:
       inputs = []
       for p in params:
@@ -113,7 +113,7 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
       rerun = lambda p, x, k, v: layer_fn(p, x, k, v, start, positions_BT, segment_ids_BT)
       _, pullback = jax.vjp(rerun, p, x_in_BTM, k_BTLKD, v_BTLKD)
       # Complete here: every reader of this layer's slots lies above it and was pulled back already.
-      g_slots = (depth.read_slots(g_k_BTLKD, start, slots), depth.read_slots(g_v_BTLKD, start, slots))
+      g_slots = (depth_stream.read_slots(g_k_BTLKD, start, slots), depth_stream.read_slots(g_v_BTLKD, start, slots))
       g_p, g_x_in, g_k_read, g_v_read = pullback((g_x_BTM, g_slots))
       return (g_x_in, g_k_BTLKD + g_k_read, g_v_BTLKD + g_v_read), g_p
 
@@ -132,4 +132,4 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
 
   stack.defvjp(stack_fwd, stack_bwd)
   x_BTM, k_BTLKD, v_BTLKD = stack(layer_params, x_BTM, positions_BT, segment_ids_BT)
-  return x_BTM, depth.DepthKV(k_BTLKD, v_BTLKD, jnp.int32(config.num_depth_slots))
+  return x_BTM, depth_stream.DepthKV(k_BTLKD, v_BTLKD, jnp.int32(config.num_depth_slots))

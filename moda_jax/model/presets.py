@@ -5,7 +5,7 @@ Keyword overrides (e.g. `depth_kv=`, `norm=`, `num_layers=`) pass through to `Mo
 
 from __future__ import annotations
 
-from moda_jax.config import ModelConfig
+from moda_jax.model.config import ModelConfig
 
 
 def olmo2_700m(**overrides) -> ModelConfig:

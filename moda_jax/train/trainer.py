@@ -18,15 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moda_jax import checkpoint
-from moda_jax import data
-from moda_jax import flops
-from moda_jax import metrics
-from moda_jax import optimizer as optim
-from moda_jax import sharding
-from moda_jax import train_step as ts
-from moda_jax.config import ModelConfig
-from moda_jax.model import Transformer
+from moda_jax.train import checkpoint
+from moda_jax.data import pipeline
+from moda_jax.model import flops
+from moda_jax.train import metrics
+from moda_jax.train import optimizer as optim
+from moda_jax.train import sharding
+from moda_jax.train import step as ts
+from moda_jax.model.config import ModelConfig
+from moda_jax.model.transformer import Transformer
 
 
 class _StopRequest:
@@ -92,8 +92,8 @@ class _Run:
 
   def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
-    shard = data.HostShard(jax.process_index(), jax.process_count())
-    self.pipelines = data.make_pipelines(config, shard)
+    shard = pipeline.HostShard(jax.process_index(), jax.process_count())
+    self.pipelines = pipeline.make_pipelines(config, shard)
     self.model_cfg = ModelConfig.from_dict(config.model.to_dict())
     self.mesh = sharding.mesh_from_config(config, devices)
     _validate(config, self.model_cfg, self.mesh, self.pipelines.tokenizer.vocab_size)
@@ -101,7 +101,7 @@ class _Run:
     optimizer = optim.make_optimizer(config)
     tokens = ts.init_tokens(self.mesh, config.seq_len)
     rep = sharding.replicated(self.mesh)
-    batch_sh = {k: sharding.batch_sharding(self.mesh) for k in data.BATCH_KEYS}
+    batch_sh = {k: sharding.batch_sharding(self.mesh) for k in pipeline.BATCH_KEYS}
     with sharding.activation_context(self.mesh, constrain_activations=False):
       self.abstract, self.shardings = ts.state_shardings(model, optimizer, self.mesh, config.seed, tokens)
     self.init_fn = jax.jit(lambda: ts.init_train_state(model, optimizer, config.seed, tokens),
@@ -136,7 +136,7 @@ def _record_data_stats(run: _Run, writer: metrics.MetricsWriter) -> None:
   """Logs the unigram entropy of (a sample of) the training documents: the loss to beat."""
   docs = run.pipelines.train_docs
   sample = [docs[i] for i in range(min(len(docs), run.config.data.entropy_sample_docs))]
-  entropy = data.unigram_entropy(sample, run.pipelines.tokenizer)
+  entropy = pipeline.unigram_entropy(sample, run.pipelines.tokenizer)
   stats = {"unigram_entropy_nats": entropy, "train_documents": len(docs),
            "tokenizer_vocab_size": run.pipelines.tokenizer.vocab_size}
   if jax.process_index() == 0:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moda_jax import sharding
+from moda_jax.train import sharding
 
 
 @flax.struct.dataclass

@@ -16,8 +16,8 @@ import matplotlib
 import numpy as np
 from matplotlib import colors
 
-from moda_jax import decode
-from moda_jax.config import ModelConfig
+from moda_jax.model import decode
+from moda_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from moda_jax.model.config import ModelConfig
+from moda_jax.model.transformer import Transformer
+
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_JSON = "config.json"
 
@@ -104,8 +107,6 @@ def load_checkpoint(workdir: str, step: int | None = None, sharding=None):
   Only the parameters are read (not the optimizer state). `sharding`: a `jax.sharding.Sharding`
   for every parameter (default: the first local device).
   """
-  from moda_jax import Transformer, ModelConfig  # pylint: disable=g-import-not-at-top
-
   with _read_only_manager(workdir) as mngr:
     step = _finished_step(mngr, step, str(mngr.directory))
     config = _restore_config(mngr, step)

@@ -10,7 +10,7 @@ Caches:
     and V for every position written so far: [B, S_max, Hk, D] each.
   * depth: depth attention is own-token only, so a token's depth slots are produced during its own
     forward pass and read by no later token. The depth "cache" is the new tokens' depth stream
-    (`depth.DepthKV`, [B, T_new, L, Hk, D]: O(L * Hk * D) per token), built layer by layer during
+    (`depth_stream.DepthKV`, [B, T_new, L, Hk, D]: O(L * Hk * D) per token), built layer by layer during
     the step and dropped afterwards; nothing about depth is stored across steps.
 
 Attention here is dense (one float32 softmax over [cached keys | own depth slots], like
@@ -26,11 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moda_jax import block
-from moda_jax import depth
-from moda_jax.attention import project_inputs
-from moda_jax.config import ModelConfig
-from moda_jax.layers import DepthKVProjection, Embedding, RMSNorm, SwiGLU, dtype_of, projection
+from moda_jax.model import block
+from moda_jax.model import depth_stream
+from moda_jax.model.attention import project_inputs
+from moda_jax.model.config import ModelConfig
+from moda_jax.model.layers import DepthKVProjection, Embedding, RMSNorm, SwiGLU, dtype_of, projection
 
 
 class Cache(NamedTuple):
@@ -146,7 +146,7 @@ class CachedBlock(nn.Module):
       slots.append(DepthKVProjection(cfg, name="ffn_depth_kv")(ffn_in))
     out_BTM = block.ffn_residual(cfg.norm, h_BTM, mlp(ffn_in), mlp_norm)
     if slots:
-      stream = depth.write(stream, *depth.stack_slots(slots))
+      stream = depth_stream.write(stream, *depth_stream.stack_slots(slots))
     return (out_BTM, stream), (kv_cache[0], kv_cache[1], probs)
 
 
@@ -168,7 +168,7 @@ class DecodingTransformer(nn.Module):
     positions_BT = jnp.broadcast_to(cache.length + jnp.arange(num_new, dtype=jnp.int32),
                                     (batch, num_new))
     embedding = Embedding(cfg, name="embed")
-    carry = (embedding(tokens_BT), depth.empty(cfg, batch, num_new))
+    carry = (embedding(tokens_BT), depth_stream.empty(cfg, batch, num_new))
     num_writers = cfg.num_layers - 1
     blocks_k, blocks_v, probs = cache.blocks_k_NBSKD, cache.blocks_v_NBSKD, []
     if num_writers and cfg.scan_layers:

@@ -11,7 +11,7 @@ How the blocks run:
     with (x, DepthKV) as the carry; plain autodiff, so memory is quadratic in depth when depth is on.
   * otherwise (`depth_memory="linear"`, the default): the parameters Linen created are read back
     and the blocks run as `Block(...).apply` inside `depth_stack.linear_memory_stack`, a
-    `jax.custom_vjp` whose memory is linear in depth. A custom_vjp over a pure function is simpler
+    `jax.custom_vjp` whose memory is linear in depth_stream. A custom_vjp over a pure function is simpler
     and easier to verify than Linen's lifted `nn.custom_vjp` around an `nn.scan`.
 """
 
@@ -21,11 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moda_jax import depth
-from moda_jax.block import Block, remat_policy
-from moda_jax.config import ModelConfig
-from moda_jax.depth_stack import linear_memory_stack
-from moda_jax.layers import Embedding, RMSNorm, dtype_of
+from moda_jax.model import depth_stream
+from moda_jax.model.block import Block, remat_policy
+from moda_jax.model.config import ModelConfig
+from moda_jax.model.depth_stack import linear_memory_stack
+from moda_jax.model.layers import Embedding, RMSNorm, dtype_of
 
 _ACT = ("act_batch", "act_len", "act_embed")
 
@@ -70,7 +70,7 @@ class Transformer(nn.Module):
 
     embedding = Embedding(cfg, name="embed")
     x_BTM = nn.with_logical_constraint(embedding(tokens_BT), _ACT)
-    stream = depth.empty(cfg, batch, seq_len)
+    stream = depth_stream.empty(cfg, batch, seq_len)
     if cfg.num_layers > 1:
       x_BTM, stream = self._depth_writers(x_BTM, stream, positions, segment_ids)
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moda_jax.config import ModelConfig
+from moda_jax.model.config import ModelConfig
 
 
 class DepthKV(NamedTuple):

@@ -6,10 +6,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from moda_jax.config import ModelConfig
-from moda_jax.kernel_call import sharded_moda_attention
-from moda_jax.layers import DepthKVProjection, RMSNorm, depth_key, norm_gain, projection
-from moda_jax.rope import apply_rope
+from moda_jax.model.config import ModelConfig
+from moda_jax.model.kernel_call import sharded_moda_attention
+from moda_jax.model.layers import DepthKVProjection, RMSNorm, depth_key, norm_gain, projection
+from moda_jax.model.rope import apply_rope
 
 # `remat="save_attention_out"` keeps this tensor for the backward pass and recomputes the rest.
 ATTENTION_OUT_NAME = "attention_out"

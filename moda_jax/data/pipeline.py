@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from moda_jax import data_sources
-from moda_jax import tokenizers
+from moda_jax.data import sources
+from moda_jax.data import tokenizers
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
@@ -111,7 +111,7 @@ def make_pipelines(config, shard: HostShard = HostShard()) -> DataPipelines:
   """Builds the training dataset and the fixed validation batches from the run config."""
   data_cfg = config.data
   tokenizer = tokenizers.make_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_path, data_cfg.eos_token)
-  docs = data_sources.load_documents(data_cfg)
+  docs = sources.load_documents(data_cfg)
   train_idx, val_idx = split_documents(len(docs), data_cfg.val_fraction, config.seed)
   host_batch = _host_batch_size(config.batch_size, shard)
   train_docs = _Subset(docs, train_idx, "train")

@@ -7,7 +7,7 @@ padded `L_max` buffer. Training = 3x forward (backward = 2x forward), without re
 the usual MFU convention (PaLM, appendix B).
 """
 
-from moda_jax.config import ModelConfig
+from moda_jax.model.config import ModelConfig
 
 # Dense bf16 peak per device, FLOP/s (vendor datasheets, no sparsity).
 _PEAK_BF16_FLOPS = (

@@ -1,0 +1,1 @@
+"""Data: document sources, tokenizers and packed Grain pipelines. Knows nothing of the model."""

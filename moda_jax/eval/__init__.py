@@ -1,0 +1,1 @@
+"""Evaluation: loss and multiple-choice tasks on checkpoints, generation and attention analysis."""

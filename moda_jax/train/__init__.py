@@ -1,0 +1,1 @@
+"""Training: mesh and sharding, optimizer, train step, checkpoints, metrics and the trainer loop."""
