@@ -3,7 +3,26 @@
 Run: python train.py --config=configs/base.py --workdir=DIR [--config.<field>=<value> ...]
 """
 
+import dataclasses
+
 import ml_collections
+
+from moda_jax.model.config import ModelConfig
+
+
+def model_fields(**sizes) -> ml_collections.ConfigDict:
+  """A ConfigDict with every ModelConfig field: `sizes` for the required ones, defaults otherwise."""
+  fields = {}
+  for field in dataclasses.fields(ModelConfig):
+    if field.name in sizes:
+      fields[field.name] = sizes.pop(field.name)
+    elif field.default is None:  # optional strings (attention_impl): overridable from the command line
+      fields[field.name] = ml_collections.config_dict.placeholder(str)
+    elif field.default is not dataclasses.MISSING:
+      fields[field.name] = field.default
+  if sizes:
+    raise ValueError(f"model_fields got {sorted(sizes)}: expected ModelConfig fields.")
+  return ml_collections.ConfigDict(fields)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.adam_b2 = 0.95
   c.adam_eps = 1e-8
   c.grad_clip_norm = 1.0          # 0 disables clipping
+  c.z_loss_weight = 1e-5          # weight of the log(Z)^2 term (OLMo2); 0 disables it
 
   # Cadences (in optimizer steps).
   c.log_every = 10
@@ -40,30 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
-  # Model: the fields of moda_jax.ModelConfig (DESIGN.md §1), OLMo2-style with MoDA's default variant.
-  c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 257        # the byte tokenizer's 256 bytes + end-of-document
-  c.model.num_layers = 12
-  c.model.d_model = 512
-  c.model.num_heads = 8
-  c.model.num_kv_heads = 4
-  c.model.head_dim = 64
-  c.model.mlp_dim = 1536
-  c.model.max_seq_len = 4096
-  c.model.depth_kv = "attn_ffn"   # none | attn | attn_ffn | attn_ffn_extra
-  c.model.norm = "reordered"      # pre | post | reordered (OLMo2)
-  c.model.qk_norm = True
-  c.model.rope_theta = 10_000.0
-  c.model.tie_embeddings = False
-  c.model.scan_layers = True
-  c.model.remat = "none"
-  c.model.dtype = "bfloat16"      # compute; parameters stay float32 (master copy)
-  c.model.param_dtype = "float32"
-  c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None: best for platform
-  c.model.z_loss_weight = 1e-5
-  c.model.init_std = 0.02
-  c.model.norm_eps = 1e-6
-  c.model.depth_memory = "linear"
+  # Model: the fields of moda_jax.ModelConfig. Every default not set below is ModelConfig's own
+  # (moda_jax/model/config.py), read from the dataclass, so the two can never disagree; only the
+  # sizes, which ModelConfig has no defaults for, are chosen here. GPU configs add dtype="bfloat16".
+  c.model = model_fields(vocab_size=257,  # the byte tokenizer's 256 bytes + end-of-document
+                         num_layers=12, d_model=512, num_heads=8, num_kv_heads=4, head_dim=64,
+                         mlp_dim=1536)
 
   # Data: see moda_jax/data/sources.py and moda_jax/data/tokenizers.py.
   c.data = ml_collections.ConfigDict()

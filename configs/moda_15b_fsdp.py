@@ -22,6 +22,7 @@ def get_config():
   c.checkpoint_every = 500
   c.mesh.data = 1
   c.mesh.fsdp = -1                # every device
+  c.model.dtype = "bfloat16"     # compute; parameters stay float32 (master copy)
   c.model.vocab_size = 100_352
   c.model.num_layers = 48
   c.model.d_model = 5120

@@ -23,6 +23,7 @@ def get_config(depth_kv: str = "attn_ffn"):
   c.warmup_steps = 2000
   c.eval_every = 1000
   c.checkpoint_every = 1000
+  c.model.dtype = "bfloat16"     # compute; parameters stay float32 (master copy)
   c.model.vocab_size = 100_352    # OLMo2's tokenizer (padded); byte data uses only 257 of them
   c.model.num_layers = 36
   c.model.d_model = 1024

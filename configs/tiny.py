@@ -24,5 +24,4 @@ def get_config():
   c.model.head_dim = 16
   c.model.mlp_dim = 256
   c.model.max_seq_len = 128
-  c.model.dtype = "float32"       # CPUs have no fast bf16 matmuls
   return c

@@ -24,6 +24,7 @@ def get_config(arg: str = "layers=24,norm=post,depth_kv=attn_ffn"):
     settings[key] = _ARGS[key](value)
   c = base.get_config()
   c.seq_len = 1024
+  c.model.dtype = "bfloat16"     # compute; parameters stay float32 (master copy)
   c.model.vocab_size = 50_304
   c.model.tie_embeddings = True
   c.model.num_layers = settings["layers"]

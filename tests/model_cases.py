@@ -4,6 +4,7 @@ Compiling is the slow part of these tests on a CPU box, so forward and gradient 
 compiled once per (hashable, frozen) config and shared by every test that needs them.
 """
 
+import contextlib
 import functools
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moda_jax import ModelConfig, Transformer
+from moda_jax.model import block_loop, depth_stream, transformer
 
 VOCAB = 37
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12)).astype(np.int32)
@@ -52,3 +54,31 @@ def loss(cfg: ModelConfig, params, tokens):
 @functools.cache
 def grad_fn(cfg: ModelConfig):
   return jax.jit(jax.value_and_grad(functools.partial(loss, cfg)))
+
+
+def naive_stack(layer_fn, layer_params, x_BTM, positions_BT, segment_ids_BT, *, config):
+  """`depth_stack.linear_memory_stack` without its custom_vjp: the same block loop under plain
+  autodiff, which saves one depth buffer pair per layer (memory quadratic in depth). The oracle of
+  the linear-memory stack; it exists only here, in the tests."""
+  step = block_loop.writer_step(layer_fn, positions_BT, segment_ids_BT)
+  stream = depth_stream.empty(config, *x_BTM.shape[:2])
+  (x_BTM, stream), _ = block_loop.over_layers(step, (x_BTM, stream), layer_params)
+  return x_BTM, stream
+
+
+@contextlib.contextmanager
+def naive_depth_memory():
+  """Within this context, functions traced for the first time run the naive stack (the patch acts
+  at trace time, so jit a fresh function inside it)."""
+  original = transformer.linear_memory_stack
+  transformer.linear_memory_stack = naive_stack
+  try:
+    yield
+  finally:
+    transformer.linear_memory_stack = original
+
+
+def naive_value_and_grad(cfg: ModelConfig, params, tokens):
+  """`grad_fn(cfg)(params, tokens)` with the naive stack: plain autodiff through every block."""
+  with naive_depth_memory():
+    return jax.jit(jax.value_and_grad(functools.partial(loss, cfg)))(params, tokens)

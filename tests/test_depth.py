@@ -22,9 +22,10 @@ def _config(depth_kv, num_layers):
                      head_dim=4, mlp_dim=8, depth_kv=depth_kv)
 
 
-def _toy_layer(p, x_BTM, k_BTLKD, v_BTLKD, depth_len, positions_BT, segment_ids_BT):
+def _toy_layer(p, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, return_probs=False):
   """x + (softmax-weighted depth values), then S slots from tanh projections of the new x."""
-  del positions_BT, segment_ids_BT
+  del positions_BT, segment_ids_BT, kv_cache, return_probs
+  k_BTLKD, v_BTLKD, depth_len = stream
   q_BTKD = jnp.einsum("btm,mkd->btkd", x_BTM, p["wq"])
   logits_BTLK = jnp.einsum("btkd,btlkd->btlk", q_BTKD, k_BTLKD)
   visible_L = jnp.arange(k_BTLKD.shape[2]) < depth_len
@@ -35,14 +36,14 @@ def _toy_layer(p, x_BTM, k_BTLKD, v_BTLKD, depth_len, positions_BT, segment_ids_
   x_BTM = x_BTM + jnp.einsum("btkd,kdm->btm", read_BTKD, p["wo"])
   k_BTSKD = jnp.tanh(jnp.einsum("btm,smkd->btskd", x_BTM, p["wk"]))
   v_BTSKD = jnp.einsum("btm,smkd->btskd", x_BTM, p["wv"])
-  return x_BTM, (k_BTSKD, v_BTSKD)
+  return x_BTM, (k_BTSKD, v_BTSKD), None, None
 
 
 def _naive_stack(layer_params, x_BTM, cfg):
   """Plain scan with the buffers in the carry: what autodiff differentiates in O(N^2) memory."""
   def body(carry, p):
     x_BTM, stream = carry
-    x_BTM, slots = _toy_layer(p, x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length, None, None)
+    x_BTM, slots, _, _ = _toy_layer(p, x_BTM, stream, None, None)
     return (x_BTM, depth_stream.write(stream, *slots)), None
   (x_BTM, stream), _ = jax.lax.scan(body, (x_BTM, depth_stream.empty(cfg, *x_BTM.shape[:2])), layer_params)
   return x_BTM, stream

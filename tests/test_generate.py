@@ -44,12 +44,12 @@ def test_cached_steps_equal_full_forward(overrides):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, cfg.vocab_size)
   full = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
 
-  step = jax.jit(decode.DecodingTransformer(cfg).apply)
+  step = jax.jit(lambda p, t, c: decode.decode_step(cfg, p, t, c))
   cache = decode.init_cache(cfg, 2, 16)
-  logits, cache, _ = step({"params": params}, tokens[:, :5], cache)   # prefill
+  logits, cache, _ = step(params, tokens[:, :5], cache)               # prefill
   pieces = [logits]
   for t in range(5, 11):                                             # then one token at a time
-    logits, cache, _ = step({"params": params}, tokens[:, t:t + 1], cache)
+    logits, cache, _ = step(params, tokens[:, t:t + 1], cache)
     pieces.append(logits)
   cached = jnp.concatenate(pieces, axis=1)
   assert int(cache.length) == 11

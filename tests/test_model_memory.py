@@ -7,6 +7,7 @@ remat="full": the custom_vjp stack recomputes each block in its backward pass an
 baseline must too for the difference to be the depth stream's. Run with `-s` to see the table.
 """
 
+import contextlib
 import functools
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import model_cases as cases
 from moda_jax import ModelConfig, Transformer
 
 _BATCH, _SEQ = 2, 128
@@ -33,7 +35,7 @@ def _pair_bytes(cfg: ModelConfig) -> int:
 
 
 @functools.cache
-def _train_step_bytes(cfg: ModelConfig) -> tuple[int, int]:
+def _train_step_bytes(cfg: ModelConfig, naive: bool = False) -> tuple[int, int]:
   """(temp + argument bytes, parameter bytes) of a compiled gradient step."""
   tokens = jax.ShapeDtypeStruct((_BATCH, _SEQ), jnp.int32)
   params = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"])
@@ -42,7 +44,8 @@ def _train_step_bytes(cfg: ModelConfig) -> tuple[int, int]:
     logits = Transformer(cfg).apply({"params": params}, tokens)
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
-  analysis = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
+  with cases.naive_depth_memory() if naive else contextlib.nullcontext():
+    analysis = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
   param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
   return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes, param_bytes
 
@@ -76,7 +79,7 @@ def test_train_step_memory_is_linear_in_depth():
 
 def test_naive_scan_memory_is_quadratic_in_depth():
   """The contrast that motivates the custom_vjp: plain autodiff saves a buffer pair per layer."""
-  naive = [_train_step_bytes(_config(n, depth_memory="naive"))[0] for n in _LAYERS[:2]]
+  naive = [_train_step_bytes(_config(n), naive=True)[0] for n in _LAYERS[:2]]
   linear = [_train_step_bytes(_config(n))[0] for n in _LAYERS[:2]]
   print(f"\nnaive scan bytes at {_LAYERS[:2]} layers: {naive}; linear: {linear}")
   assert naive[1] / naive[0] > 2.5

@@ -43,9 +43,9 @@ def attention_maps(config: ModelConfig, params, tokens_T) -> AttentionMaps:
   seq_len = tokens_1T.shape[1]
   if not 1 <= seq_len <= config.max_seq_len:
     raise ValueError(f"tokens has {seq_len} tokens: expected 1 .. max_seq_len={config.max_seq_len}.")
-  model = decode.DecodingTransformer(config, return_probs=True)
   cache = decode.init_cache(config, 1, seq_len)
-  _, _, probs_N1THC = jax.jit(model.apply)({"params": params}, tokens_1T, cache)
+  step = jax.jit(lambda p, t, c: decode.decode_step(config, p, t, c, return_probs=True))
+  _, _, probs_N1THC = step(params, tokens_1T, cache)
   probs_NHTC = np.asarray(probs_N1THC[:, 0], np.float64).transpose(0, 2, 1, 3)
   depth_len = np.array([config.depth_len_of_block(n) for n in range(config.num_layers)])
   return AttentionMaps(probs_NHTC[..., :seq_len], probs_NHTC[..., seq_len:], depth_len)

@@ -67,9 +67,8 @@ def sample(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
 def _generate(params, prompt_BT, rng, stops_S, pad_token, *, config: ModelConfig,
               max_new_tokens: int, sampling: Sampling):
   batch, prompt_len = prompt_BT.shape
-  model = decode.DecodingTransformer(config)
   cache = decode.init_cache(config, batch, prompt_len + max_new_tokens)
-  logits_BTV, cache, _ = model.apply({"params": params}, prompt_BT, cache)
+  logits_BTV, cache, _ = decode.decode_step(config, params, prompt_BT, cache)
 
   def step(carry, rng_t):
     logits_BV, cache, done_B = carry
@@ -77,7 +76,7 @@ def _generate(params, prompt_BT, rng, stops_S, pad_token, *, config: ModelConfig
     emitted_B = jnp.where(done_B, pad_token, token_B)
     done_B = done_B | jnp.any(emitted_B[:, None] == stops_S[None, :], axis=-1)
     # Finished rows keep decoding their own samples (not `pad_token`, which may not be a valid id).
-    logits_B1V, cache, _ = model.apply({"params": params}, token_B[:, None], cache)
+    logits_B1V, cache, _ = decode.decode_step(config, params, token_B[:, None], cache)
     return (logits_B1V[:, 0], cache, done_B), (emitted_B, logits_BV)
 
   init = (logits_BTV[:, -1], cache, jnp.zeros((batch,), bool))

@@ -6,7 +6,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from moda_jax.model import depth_stream
 from moda_jax.model.config import ModelConfig
+from moda_jax.model.kv_cache import cached_attention
 from moda_jax.model.kernel_call import sharded_moda_attention
 from moda_jax.model.layers import DepthKVProjection, RMSNorm, depth_key, norm_gain, projection
 from moda_jax.model.rope import apply_rope
@@ -16,7 +18,7 @@ ATTENTION_OUT_NAME = "attention_out"
 
 
 def project_inputs(cfg: ModelConfig, x_BTM, positions_BT, writes_depth: bool):
-  """Everything an attention sublayer computes before attending (shared with decoding).
+  """Everything an attention sublayer computes before attending.
 
   Call it inside a compact method: the projections and norms become the caller's submodules
   ("query", "key", "value", "depth_kv", "query_norm", "key_norm").
@@ -72,22 +74,35 @@ class MoDAAttention(nn.Module):
   writes_depth: bool
 
   @nn.compact
-  def __call__(self, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, segment_ids_BT):
-    """Returns (out_BTM, depth_slot) where depth_slot is (k_BTKD, v_BTKD) or None."""
+  def __call__(self, x_BTM, stream: depth_stream.DepthKV, positions_BT, segment_ids_BT, kv_cache=None,
+               return_probs: bool = False):
+    """Returns (out_BTM, depth_slot, kv_cache, probs).
+
+    depth_slot is this sublayer's (k_BTKD, v_BTKD) or None. Without `kv_cache` (training, scoring)
+    the queries attend to their own T tokens through `moda_attention` and kv_cache / probs are None.
+    With `kv_cache` = (k_BSKD, v_BSKD) (decoding) the new keys are written at `positions_BT` and the
+    queries attend to the whole cache (`kv_cache.cached_attention`); probs [B, T, H, S + L] when
+    `return_probs`.
+    """
     cfg = self.config
     heads = ("act_batch", "act_len", "act_heads", None)
     kv_heads = ("act_batch", "act_len", "act_kv_heads", None)
     q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot = project_inputs(
         cfg, x_BTM, positions_BT, self.writes_depth)
-    q_BTHD = nn.with_logical_constraint(q_BTHD, heads)
-    if depth_q_BTHD is not None:
-      depth_q_BTHD = nn.with_logical_constraint(depth_q_BTHD, heads)
-    k_BTKD = nn.with_logical_constraint(k_BTKD, kv_heads)
-    v_BTKD = nn.with_logical_constraint(v_BTKD, kv_heads)
-    out_BTHD = sharded_moda_attention(
-        q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len=depth_len,
-        segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl, depth_q_BTHD=depth_q_BTHD)
-    out_BTHD = checkpoint_name(out_BTHD, ATTENTION_OUT_NAME)
-    out_BTHD = nn.with_logical_constraint(out_BTHD, heads)
+    probs = None
+    if kv_cache is not None:
+      out_BTHD, kv_cache, probs = cached_attention(
+          q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, stream, positions_BT, kv_cache, return_probs)
+    else:
+      q_BTHD = nn.with_logical_constraint(q_BTHD, heads)
+      if depth_q_BTHD is not None:
+        depth_q_BTHD = nn.with_logical_constraint(depth_q_BTHD, heads)
+      k_BTKD = nn.with_logical_constraint(k_BTKD, kv_heads)
+      v_BTKD = nn.with_logical_constraint(v_BTKD, kv_heads)
+      out_BTHD = sharded_moda_attention(
+          q_BTHD, k_BTKD, v_BTKD, stream.k_BTLKD, stream.v_BTLKD, depth_len=stream.length,
+          segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl, depth_q_BTHD=depth_q_BTHD)
+      out_BTHD = checkpoint_name(out_BTHD, ATTENTION_OUT_NAME)
+      out_BTHD = nn.with_logical_constraint(out_BTHD, heads)
     out_BTM = projection(cfg, cfg.d_model, (-2, -1), ("q_heads", "head_dim", "embed"), "out")(out_BTHD)
-    return out_BTM, depth_slot
+    return out_BTM, depth_slot, kv_cache, probs

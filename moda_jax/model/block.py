@@ -27,7 +27,7 @@ def remat_policy(name: str) -> Callable | None:
 
 
 def attention_residual(norm: str, x_BTM, attend: Callable, attn_norm, mlp_norm):
-  """The attention half of a block for each norm placement (shared with `decode.CachedBlock`).
+  """The attention half of a block for each norm placement.
 
   `attend(h_BTM) -> (out_BTM, *extras)`. Returns (h_BTM, ffn_in_BTM, extras), where `ffn_in` is
   exactly what the FFN consumes (the FFN-KV projection reads the same tensor).
@@ -66,35 +66,25 @@ class Block(nn.Module):
   config: ModelConfig
   writes_depth: bool = True
 
-  def __call__(self, carry, positions_BT, segment_ids_BT):
-    """The `nn.scan` step: carry = (x_BTM, DepthKV) -> (carry, None).
-
-    Reads the slots written so far (depth_len = carry's count) and writes this block's slots.
-    """
-    x_BTM, stream = carry
-    x_BTM, slots = self.sublayers(x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length,
-                                  positions_BT, segment_ids_BT)
-    if slots is not None:
-      stream = depth_stream.write(stream, *slots)
-    return (x_BTM, stream), None
-
   @nn.compact
-  def sublayers(self, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, segment_ids_BT):
-    """A pure function of (params, x, depth buffers, depth_len): the unit the custom_vjp re-runs.
+  def __call__(self, x_BTM, stream: depth_stream.DepthKV, positions_BT, segment_ids_BT, kv_cache=None,
+               return_probs: bool = False):
+    """Reads the slots `stream` holds (depth_len = stream.length) and returns what it writes.
 
-    Returns (x_out_BTM, slots) with slots = (k_BTSKD, v_BTSKD) of this block's S written slots in
-    slot order (attention's, then FFN's), or None when the block writes none.
+    Returns (x_out_BTM, slots, kv_cache, probs): slots = (k_BTSKD, v_BTSKD) of this block's S written
+    slots in slot order (attention's, then FFN's) or None when the block writes none; kv_cache and
+    probs as `MoDAAttention` returns them (None unless decoding with a cache).
     """
     cfg = self.config
     write = self.writes_depth and cfg.uses_depth
     attention = MoDAAttention(cfg, writes_depth=write, name="attention")
     mlp = SwiGLU(cfg, name="mlp")
     attn_norm, mlp_norm = RMSNorm(cfg, name="attention_norm"), RMSNorm(cfg, name="mlp_norm")
-    attend = lambda h: attention(h, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT,
-                                 segment_ids_BT)
+    attend = lambda h: attention(h, stream, positions_BT, segment_ids_BT, kv_cache, return_probs)
     x_BTM = nn.with_logical_constraint(x_BTM, _ACT)
 
-    h_BTM, ffn_in, (attn_slot,) = attention_residual(cfg.norm, x_BTM, attend, attn_norm, mlp_norm)
+    h_BTM, ffn_in, (attn_slot, kv_cache, probs) = attention_residual(cfg.norm, x_BTM, attend, attn_norm,
+                                                                    mlp_norm)
     h_BTM = nn.with_logical_constraint(h_BTM, _ACT)
 
     slots = [attn_slot] if write else []
@@ -103,4 +93,4 @@ class Block(nn.Module):
 
     out_BTM = ffn_residual(cfg.norm, h_BTM, mlp(ffn_in), mlp_norm)
     out_BTM = nn.with_logical_constraint(out_BTM, _ACT)
-    return out_BTM, (depth_stream.stack_slots(slots) if slots else None)
+    return out_BTM, (depth_stream.stack_slots(slots) if slots else None), kv_cache, probs

@@ -13,13 +13,13 @@ DEPTH_KV_VARIANTS = ("none", "attn", "attn_ffn", "attn_ffn_extra")
 NORM_PLACEMENTS = ("pre", "post", "reordered")
 REMAT_OPTIONS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                  "save_attention_out")
-DEPTH_MEMORY_OPTIONS = ("linear", "naive")
 DTYPES = ("float32", "bfloat16", "float16")
+_RETIRED_FIELDS = ("z_loss_weight", "depth_memory")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """An OLMo2-style decoder with an optional MoDA depth stream (see DESIGN.md §1).
+  """An OLMo2-style decoder with an optional MoDA depth stream (docs/moda.md has the math).
 
   Attributes:
     vocab_size, num_layers, d_model, num_heads, num_kv_heads, head_dim, mlp_dim, max_seq_len: sizes.
@@ -31,16 +31,13 @@ class ModelConfig:
     qk_norm: per-head RMSNorm on q and k (and, at read time, on depth keys).
     rope_theta: rotary base. tie_embeddings: logits use the input embedding.
     scan_layers: blocks as `nn.scan` (params with a leading "layers" axis) or a Python loop.
-    remat: "none", "full" or a named policy from `REMAT_OPTIONS`. With depth on and
-      depth_memory="linear", the depth-writing blocks are recomputed once in the backward pass
-      whatever this says (that is how the custom_vjp stays linear); remat then governs the last
-      block, and every block of `depth_kv="none"` or `depth_memory="naive"` models.
+    remat: "none", "full" or a named policy from `REMAT_OPTIONS`. With depth on, the depth-writing
+      blocks are recomputed once in the backward pass whatever this says (that is how the
+      linear-memory stack's custom_vjp stays linear in depth); remat then governs the last block,
+      and every block of `depth_kv="none"` models.
     dtype, param_dtype: compute and parameter dtypes. attention_impl: `moda_attention`'s
       `implementation=` (None = best for the platform).
-    z_loss_weight: read by the training loss, not by the model. init_std: N(0, init_std) weights.
-    norm_eps: RMSNorm epsilon.
-    depth_memory: "linear" (custom_vjp stack, memory linear in depth) or "naive" (plain scan
-      autodiff, memory quadratic in depth; kept as an oracle and for comparison).
+    init_std: N(0, init_std) weights. norm_eps: RMSNorm epsilon.
   """
 
   vocab_size: int
@@ -61,10 +58,8 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str | None = None
-  z_loss_weight: float = 0.0
   init_std: float = 0.02
   norm_eps: float = 1e-6
-  depth_memory: str = "linear"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
@@ -79,20 +74,16 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim}: expected an even number (RoPE rotates "
                        "pairs of dimensions).")
     for name, allowed in (("depth_kv", DEPTH_KV_VARIANTS), ("norm", NORM_PLACEMENTS),
-                          ("remat", REMAT_OPTIONS), ("dtype", DTYPES), ("param_dtype", DTYPES),
-                          ("depth_memory", DEPTH_MEMORY_OPTIONS)):
+                          ("remat", REMAT_OPTIONS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}.")
     for name in ("qk_norm", "tie_embeddings", "scan_layers"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected a bool.")
-    for name, lowest, strict in (("rope_theta", 0.0, True), ("init_std", 0.0, True),
-                                 ("norm_eps", 0.0, True), ("z_loss_weight", 0.0, False)):
+    for name in ("rope_theta", "init_std", "norm_eps"):
       value = getattr(self, name)
-      if (isinstance(value, bool) or not isinstance(value, (int, float))
-          or (value <= lowest if strict else value < lowest)):
-        bound = "> 0" if strict else ">= 0"
-        raise ValueError(f"ModelConfig.{name}={value!r}: expected a number {bound}.")
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"ModelConfig.{name}={value!r}: expected a number > 0.")
     if self.attention_impl is not None:
       from pallas_kernels import IMPLEMENTATIONS  # local: keeps config importable without jax
       if self.attention_impl not in IMPLEMENTATIONS:
@@ -103,6 +94,9 @@ class ModelConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
     """From a plain dict (e.g. `ConfigDict.to_dict()`); unknown keys raise ValueError."""
     known = {f.name for f in dataclasses.fields(cls)}
+    # Fields of earlier versions, dropped so their checkpoints still load (z_loss_weight is now the
+    # run setting `config.z_loss_weight`; depth memory is always linear).
+    d = {k: v for k, v in d.items() if k not in _RETIRED_FIELDS}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"ModelConfig.from_dict got unknown keys {unknown}; expected a subset of "

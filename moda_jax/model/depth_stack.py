@@ -29,9 +29,8 @@ backward holds the carried buffer cotangents plus one layer's activations. Each 
 runs twice (like full remat), which is why `remat` has no further effect on this stack.
 
 The stack is a pure function of the layer parameters so that it can be written with
-`jax.custom_vjp` directly; the model passes `Block(...).apply` as `layer_fn`. Stacked parameters
-(leading layer axis, `scan_layers=True`) iterate with `lax.scan`; a list (`scan_layers=False`)
-iterates with a Python loop. Both compute the same thing.
+`jax.custom_vjp` directly; the model passes `block_loop.block_fn(...)` as `layer_fn`, and both passes
+iterate with `block_loop.over_layers` (scanned or unrolled layouts alike).
 """
 
 from __future__ import annotations
@@ -41,18 +40,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from moda_jax.model import block_loop
 from moda_jax.model import depth_stream
 from moda_jax.model.config import ModelConfig
 
-# layer_fn(params, x_BTM, depth_k_BTLKD, depth_v_BTLKD, depth_len, positions_BT, segment_ids_BT)
-#   -> (x_BTM, (k_BTSKD, v_BTSKD))
-LayerFn = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]
-
-
-def _num_layers(layer_params) -> int:
-  if isinstance(layer_params, (list, tuple)):
-    return len(layer_params)
-  return jax.tree.leaves(layer_params)[0].shape[0]
+# layer_fn(params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, return_probs=False)
+#   -> (x_BTM, (k_BTSKD, v_BTSKD), kv_cache, probs):
+# a `block_loop.block_fn`; the stack reads the first two results.
+LayerFn = Callable[..., tuple]
 
 
 def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_BTM: jax.Array,
@@ -66,41 +61,31 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
     x_BTM: the stack's input. positions_BT, segment_ids_BT: passed to every layer unchanged.
     config: gives the buffer shape; N * S must equal `config.num_depth_slots`.
   """
-  num_layers, slots = _num_layers(layer_params), config.slots_per_block
+  num_layers, slots = block_loop.num_layers(layer_params), config.slots_per_block
   if num_layers * slots != config.num_depth_slots:
     raise ValueError(f"linear_memory_stack got {num_layers} layers writing {slots} slots each; "
                      f"expected {num_layers * slots} == config.num_depth_slots="
                      f"{config.num_depth_slots}.")
-  unrolled = isinstance(layer_params, (list, tuple))
   batch, seq_len = x_BTM.shape[:2]
 
-  def forward(params, x_BTM, positions_BT, segment_ids_BT, save_inputs: bool):
-    def step(x_BTM, stream, p):
-      x_out, slots_BTSKD = layer_fn(p, x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length,
-                                    positions_BT, segment_ids_BT)
-      return x_out, depth_stream.write(stream, *slots_BTSKD)
+  def forward(params, x_BTM, positions_BT, segment_ids_BT):
+    """(x_out, final buffers, each layer's input [N, B, T, M])."""
+    write_step = block_loop.writer_step(layer_fn, positions_BT, segment_ids_BT)
 
-    stream = depth_stream.empty(config, batch, seq_len)
-    if unrolled:
-      inputs = []
-      for p in params:
-        inputs.append(x_BTM)
-        x_BTM, stream = step(x_BTM, stream, p)
-      inputs_NBTM = jnp.stack(inputs) if save_inputs else None
-    else:
-      def body(carry, p):
-        x_in, stream = carry
-        return step(x_in, stream, p), (x_in if save_inputs else None)
-      (x_BTM, stream), inputs_NBTM = jax.lax.scan(body, (x_BTM, stream), params)
+    def step(carry, p, per_layer, layer):
+      new_carry, _ = write_step(carry, p, per_layer, layer)
+      return new_carry, carry[0]
+    (x_BTM, stream), inputs_NBTM = block_loop.over_layers(
+        step, (x_BTM, depth_stream.empty(config, batch, seq_len)), params)
     return x_BTM, stream.k_BTLKD, stream.v_BTLKD, inputs_NBTM
 
+  # Positions and segment ids are arguments (not closed over) so the custom_vjp sees every input.
   @jax.custom_vjp
   def stack(params, x_BTM, positions_BT, segment_ids_BT):
-    return forward(params, x_BTM, positions_BT, segment_ids_BT, save_inputs=False)[:3]
+    return forward(params, x_BTM, positions_BT, segment_ids_BT)[:3]
 
   def stack_fwd(params, x_BTM, positions_BT, segment_ids_BT):
-    x_out, k_BTLKD, v_BTLKD, inputs_NBTM = forward(params, x_BTM, positions_BT, segment_ids_BT,
-                                                   save_inputs=True)
+    x_out, k_BTLKD, v_BTLKD, inputs_NBTM = forward(params, x_BTM, positions_BT, segment_ids_BT)
     residuals = (params, inputs_NBTM, k_BTLKD, v_BTLKD, positions_BT, segment_ids_BT)
     return (x_out, k_BTLKD, v_BTLKD), residuals
 
@@ -110,23 +95,20 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
     def layer_bwd(carry, p, x_in_BTM, layer):
       g_x_BTM, g_k_BTLKD, g_v_BTLKD = carry
       start = layer * slots
-      rerun = lambda p, x, k, v: layer_fn(p, x, k, v, start, positions_BT, segment_ids_BT)
+      def rerun(p, x, k, v):
+        x_out, written = layer_fn(p, x, depth_stream.DepthKV(k, v, jnp.int32(start)), positions_BT,
+                                  segment_ids_BT)[:2]
+        return x_out, written
       _, pullback = jax.vjp(rerun, p, x_in_BTM, k_BTLKD, v_BTLKD)
       # Complete here: every reader of this layer's slots lies above it and was pulled back already.
-      g_slots = (depth_stream.read_slots(g_k_BTLKD, start, slots), depth_stream.read_slots(g_v_BTLKD, start, slots))
+      g_slots = (depth_stream.read_slots(g_k_BTLKD, start, slots),
+                 depth_stream.read_slots(g_v_BTLKD, start, slots))
       g_p, g_x_in, g_k_read, g_v_read = pullback((g_x_BTM, g_slots))
       return (g_x_in, g_k_BTLKD + g_k_read, g_v_BTLKD + g_v_read), g_p
 
-    carry = cotangents
-    if unrolled:
-      g_params = [None] * num_layers
-      for layer in reversed(range(num_layers)):
-        carry, g_params[layer] = layer_bwd(carry, params[layer], inputs_NBTM[layer], layer)
-      g_params = type(params)(g_params)
-    else:
-      carry, g_params = jax.lax.scan(
-          lambda c, xs: layer_bwd(c, *xs), carry,
-          (params, inputs_NBTM, jnp.arange(num_layers, dtype=jnp.int32)), reverse=True)
+    carry, g_params = block_loop.over_layers(layer_bwd, cotangents, params, inputs_NBTM, reverse=True)
+    if isinstance(params, (list, tuple)):
+      g_params = type(params)(jax.tree.map(lambda a, i=i: a[i], g_params) for i in range(num_layers))
     # Positions and segment ids are integers: no cotangent.
     return g_params, carry[0], None, None
 

@@ -12,11 +12,11 @@ def olmo2_700m(**overrides) -> ModelConfig:
   """Table 3's 36-layer model: D=1024, 16 q / 8 kv heads of 64, SwiGLU 4096, vocab 100352.
 
   With tied embeddings the parameter counts are the paper's to 0.1M: 669.0M (none / attn),
-  705.7M (attn_ffn), 742.4M (attn_ffn_extra). OLMo2 recipe: reordered norm, QK-norm, z-loss 1e-5.
+  705.7M (attn_ffn), 742.4M (attn_ffn_extra). OLMo2 recipe: reordered norm, QK-norm (and, in training, z-loss 1e-5).
   """
   base = dict(vocab_size=100_352, num_layers=36, d_model=1024, num_heads=16, num_kv_heads=8,
               head_dim=64, mlp_dim=4096, max_seq_len=4096, depth_kv="attn_ffn", norm="reordered",
-              qk_norm=True, rope_theta=500_000.0, tie_embeddings=True, z_loss_weight=1e-5,
+              qk_norm=True, rope_theta=500_000.0, tie_embeddings=True,
               init_std=0.02, dtype="bfloat16", param_dtype="float32", remat="full")
   return ModelConfig(**{**base, **overrides})
 

@@ -6,13 +6,13 @@ Parameter layout (`param_layout.py` converts between the two):
 The last block is separate because it writes no depth slots (nothing reads them), so with FFN-KV or
 extra attention depth projections it has fewer parameters than the others.
 
-How the blocks run:
-  * `init`, `depth_kv="none"` and `depth_memory="naive"`: Linen `nn.scan` (or a loop) over `Block`
-    with (x, DepthKV) as the carry; plain autodiff, so memory is quadratic in depth when depth is on.
-  * otherwise (`depth_memory="linear"`, the default): the parameters Linen created are read back
-    and the blocks run as `Block(...).apply` inside `depth_stack.linear_memory_stack`, a
-    `jax.custom_vjp` whose memory is linear in depth_stream. A custom_vjp over a pure function is simpler
-    and easier to verify than Linen's lifted `nn.custom_vjp` around an `nn.scan`.
+The module creates the parameters; the blocks always run through `block_loop` as pure functions of
+them, the same loop for every caller:
+  * training / scoring (`model.apply(params, tokens)`): with depth, the writer blocks run inside
+    `depth_stack.linear_memory_stack`, a `jax.custom_vjp` whose memory is linear in depth; without
+    depth, a plain loop (with `config.remat`);
+  * decoding (`model.apply(params, tokens, cache=...)`, see `decode.py`): the same loop carrying each
+    layer's sequence KV cache.
 """
 
 from __future__ import annotations
@@ -21,30 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moda_jax.model import block_loop
 from moda_jax.model import depth_stream
-from moda_jax.model.block import Block, remat_policy
 from moda_jax.model.config import ModelConfig
 from moda_jax.model.depth_stack import linear_memory_stack
+from moda_jax.model.kv_cache import Cache
 from moda_jax.model.layers import Embedding, RMSNorm, dtype_of
 
 _ACT = ("act_batch", "act_len", "act_embed")
-
-
-def _remat(config: ModelConfig, methods: list[str]):
-  if config.remat == "none":
-    return Block
-  # prevent_cse=False: under scan, CSE across iterations cannot undo the rematerialization.
-  return nn.remat(Block, policy=remat_policy(config.remat), prevent_cse=False, methods=methods)
-
-
-def block_apply_fn(config: ModelConfig):
-  """One depth-writing block as a pure function (the `layer_fn` of `linear_memory_stack`)."""
-  block = Block(config, writes_depth=True)
-
-  def layer_fn(params, x_BTM, depth_k, depth_v, depth_len, positions_BT, segment_ids_BT):
-    return block.apply({"params": params}, x_BTM, depth_k, depth_v, depth_len, positions_BT,
-                       segment_ids_BT, method=Block.sublayers)
-  return layer_fn
 
 
 class Transformer(nn.Module):
@@ -54,69 +38,79 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    """tokens [B, T] int -> logits [B, T, V] float32.
+               positions: jax.Array | None = None, *, cache: Cache | None = None,
+               return_probs: bool = False):
+    """tokens [B, T] int -> logits [B, T, V] float32; with `cache`, (logits, cache, probs).
 
     Args:
       tokens_BT: token ids.
       segment_ids: optional [B, T] int document ids of packed sequences: attention never crosses
         segments (the depth stream is per token, so it needs no mask).
       positions: optional [B, T] int RoPE positions; default arange(T) for every row.
+      cache: decoding (`decode.py`): the tokens continue the cached ones at positions cache.length ..
+        (one document per row, all rows at the same position); returns the updated cache too.
+      return_probs: with `cache`, also return the attention probabilities [N, B, T, H, S_max + L_max]
+        of every attention sublayer (sequence columns first, then depth slots); else None.
     """
     cfg = self.config
-    batch, seq_len = _validate_inputs(cfg, tokens_BT, segment_ids, positions)
-    if positions is None:
+    batch, seq_len = _validate_inputs(cfg, tokens_BT, segment_ids, positions, cache)
+    if cache is not None:
+      positions = jnp.broadcast_to(cache.length + jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
 
     embedding = Embedding(cfg, name="embed")
     x_BTM = nn.with_logical_constraint(embedding(tokens_BT), _ACT)
+    writers = self._writer_params()
+    last = self.param("last_block", block_loop.init_block_params(cfg, writes_depth=False))
     stream = depth_stream.empty(cfg, batch, seq_len)
-    if cfg.num_layers > 1:
-      x_BTM, stream = self._depth_writers(x_BTM, stream, positions, segment_ids)
 
-    last = _remat(cfg, ["sublayers"])(cfg, writes_depth=False, name="last_block")
-    x_BTM, _ = last.sublayers(x_BTM, stream.k_BTLKD, stream.v_BTLKD, stream.length, positions,
-                              segment_ids)
+    block_caches, probs = None, []
+    if cache is not None:
+      step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, None, return_probs)
+      (x_BTM, stream), (block_caches, block_probs) = block_loop.over_layers(
+          step, (x_BTM, stream), writers, (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD))
+      probs = [] if block_probs is None else list(block_probs)
+    elif cfg.uses_depth and cfg.num_layers > 1:
+      x_BTM, stream = linear_memory_stack(block_loop.block_fn(cfg, True, remat=False), writers, x_BTM,
+                                          positions, segment_ids, config=cfg)
+    else:
+      step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, segment_ids)
+      (x_BTM, stream), _ = block_loop.over_layers(step, (x_BTM, stream), writers)
+
+    last_cache = None if cache is None else (cache.last_k_BSKD, cache.last_v_BSKD)
+    x_BTM, _, last_cache, last_probs = block_loop.block_fn(cfg, False)(
+        last, x_BTM, stream, positions, segment_ids, last_cache, return_probs)
     x_BTM = RMSNorm(cfg, name="final_norm")(x_BTM)
 
     if cfg.tie_embeddings:
-      return embedding.attend(x_BTM)
-    unembed_MV = self.param(
-        "unembed",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), ("embed", "vocab")),
-        (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
-    return jnp.einsum("btm,mv->btv", x_BTM, unembed_MV.astype(x_BTM.dtype),
-                      preferred_element_type=jnp.float32)
-
-  def _depth_writers(self, x_BTM, stream, positions_BT, segment_ids_BT):
-    """Blocks 0 .. N-2, which write depth slots; returns (x, the full stream)."""
-    cfg = self.config
-    num_writers = cfg.num_layers - 1
-    linear = (cfg.uses_depth and cfg.depth_memory == "linear" and not self.is_initializing())
-    if linear:
-      all_params = nn.meta.unbox(self.variables["params"])
-      if cfg.scan_layers:
-        layer_params = all_params["blocks"]
-      else:
-        layer_params = [all_params[f"block_{i}"] for i in range(num_writers)]
-      return linear_memory_stack(block_apply_fn(cfg), layer_params, x_BTM, positions_BT,
-                                 segment_ids_BT, config=cfg)
-
-    block_cls = _remat(cfg, ["__call__"])
-    carry = (x_BTM, stream)
-    if cfg.scan_layers:
-      blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=num_writers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      carry, _ = blocks(cfg, writes_depth=True, name="blocks")(carry, positions_BT, segment_ids_BT)
+      logits_BTV = embedding.attend(x_BTM)
     else:
-      for i in range(num_writers):
-        carry, _ = block_cls(cfg, writes_depth=True, name=f"block_{i}")(carry, positions_BT,
-                                                                         segment_ids_BT)
-    return carry
+      unembed_MV = self.param(
+          "unembed",
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), ("embed", "vocab")),
+          (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
+      logits_BTV = jnp.einsum("btm,mv->btv", x_BTM, unembed_MV.astype(x_BTM.dtype),
+                              preferred_element_type=jnp.float32)
+    if cache is None:
+      return logits_BTV
+    if block_caches is None:  # a one-layer model: no writer blocks
+      block_caches = (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD)
+    new_cache = Cache(*block_caches, *last_cache, cache.length + seq_len)
+    all_probs = jnp.stack(probs + [last_probs]) if return_probs else None
+    return logits_BTV, new_cache, all_probs
+
+  def _writer_params(self):
+    """The N - 1 depth-writing blocks' parameters: stacked (scan_layers) or a list."""
+    cfg = self.config
+    count = cfg.num_layers - 1
+    if cfg.scan_layers:
+      return self.param("blocks", block_loop.init_stacked_params(cfg, count)) if count else []
+    return [self.param(f"block_{i}", block_loop.init_block_params(cfg, writes_depth=True))
+            for i in range(count)]
 
 
-def _validate_inputs(cfg: ModelConfig, tokens_BT, segment_ids, positions) -> tuple[int, int]:
+def _validate_inputs(cfg: ModelConfig, tokens_BT, segment_ids, positions, cache) -> tuple[int, int]:
   if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
     raise ValueError(f"tokens has shape {tokens_BT.shape} and dtype {tokens_BT.dtype}: expected "
                      "integer token ids of shape [B, T].")
@@ -127,4 +121,7 @@ def _validate_inputs(cfg: ModelConfig, tokens_BT, segment_ids, positions) -> tup
     if ids is not None and (ids.shape != (batch, seq_len) or not jnp.issubdtype(ids.dtype, jnp.integer)):
       raise ValueError(f"{name} has shape {ids.shape} and dtype {ids.dtype}: expected integers of "
                        f"shape [B={batch}, T={seq_len}] like tokens.")
+    if ids is not None and cache is not None:
+      raise ValueError(f"{name} was given with cache: decoding continues each row as one document at "
+                       "positions cache.length ...; pass neither.")
   return batch, seq_len

@@ -106,7 +106,7 @@ class _Run:
       self.abstract, self.shardings = ts.state_shardings(model, optimizer, self.mesh, config.seed, tokens)
     self.init_fn = jax.jit(lambda: ts.init_train_state(model, optimizer, config.seed, tokens),
                            out_shardings=self.shardings)
-    step_cfg = ts.StepConfig(self.model_cfg.z_loss_weight, config.grad_accum_steps)
+    step_cfg = ts.StepConfig(config.z_loss_weight, config.grad_accum_steps)
     self.step_fn = jax.jit(
         functools.partial(_step_with_check, model=model, optimizer=optimizer,
                           schedule=optim.learning_rate_schedule(config), cfg=step_cfg),

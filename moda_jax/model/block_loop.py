@@ -1,0 +1,118 @@
+"""The one block loop: how the model's blocks are applied and iterated, for every caller.
+
+Training's forward (with or without depth), the linear-memory stack's forward and backward
+(`depth_stack`), cached decoding and the attention analysis all run the blocks through the two
+functions here, so a change to how a block is applied happens once:
+
+  * `block_fn(config, writes_depth)`: one block as a pure function of its parameters,
+        (params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache, return_probs)
+            -> (x_BTM, slots or None, kv_cache or None, probs or None)
+    where `stream` is the `depth_stream.DepthKV` the block reads (its `length` is the block's
+    depth_len) and `slots` are the (k_BTSKD, v_BTSKD) it writes.
+  * `over_layers(step, carry, layer_params, per_layer)`: iterates `step` over the layers, as a
+    `lax.scan` over stacked parameters (the scanned layout) or a Python loop over a list of
+    per-layer trees (the unscanned layout). Both compute the same thing.
+
+`writer_step` combines them into the usual step: apply a block, then write its slots into the
+stream it carries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moda_jax.model import depth_stream
+from moda_jax.model.block import Block, remat_policy
+from moda_jax.model.config import ModelConfig
+
+LayerParams = Any | Sequence[Any]  # a tree with a leading layer axis, or a list of per-layer trees
+
+
+def num_layers(layer_params: LayerParams) -> int:
+  if isinstance(layer_params, (list, tuple)):
+    return len(layer_params)
+  leaves = jax.tree.leaves(layer_params)
+  return leaves[0].shape[0] if leaves else 0
+
+
+def block_fn(config: ModelConfig, writes_depth: bool, *, remat: bool = True) -> Callable:
+  """One block as a pure function (see the module docstring); `remat` applies `config.remat`."""
+  block = Block(config, writes_depth=writes_depth)
+
+  def apply(params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, return_probs=False):
+    return block.apply({"params": params}, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache,
+                       return_probs)
+
+  if not remat or config.remat == "none":
+    return apply
+  # prevent_cse=False: under scan, CSE across iterations cannot undo the rematerialization.
+  return jax.checkpoint(apply, policy=remat_policy(config.remat), prevent_cse=False,
+                        static_argnums=(6,))
+
+
+def writer_step(block: Callable, positions_BT, segment_ids_BT, return_probs: bool = False) -> Callable:
+  """The loop step of the depth-writing blocks: carry (x, stream) -> (carry, (kv_cache, probs))."""
+
+  def step(carry, params, kv_cache, layer):
+    del layer
+    x_BTM, stream = carry
+    x_BTM, slots, kv_cache, probs = block(params, x_BTM, stream, positions_BT, segment_ids_BT,
+                                          kv_cache, return_probs)
+    if slots is not None:
+      stream = depth_stream.write(stream, *slots)
+    return (x_BTM, stream), (kv_cache, probs)
+  return step
+
+
+def over_layers(step: Callable, carry, layer_params: LayerParams, per_layer=None, *,
+                reverse: bool = False):
+  """Runs `carry, out_i = step(carry, params_i, per_layer_i, i)` over the layers.
+
+  Args:
+    step: the loop body; `i` is a Python int (unrolled) or an int32 scalar (scanned).
+    carry: the loop state.
+    layer_params: stacked (leading axis N, run under `lax.scan`) or a list of N trees (unrolled).
+    per_layer: None, or a tree whose leaves have a leading axis N (e.g. decoding's KV caches).
+    reverse: visit the layers from the last to the first (the backward pass of `depth_stack`).
+
+  Returns:
+    (carry, outs) with the outs' leaves stacked along a leading axis N in layer order.
+  """
+  count = num_layers(layer_params)
+  if not isinstance(layer_params, (list, tuple)):
+    xs = (layer_params, per_layer, jnp.arange(count, dtype=jnp.int32))
+    return jax.lax.scan(lambda c, x: step(c, *x), carry, xs, reverse=reverse)
+  outs = [None] * count
+  for i in (reversed(range(count)) if reverse else range(count)):
+    layer_input = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
+    carry, outs[i] = step(carry, layer_params[i], layer_input, i)
+  if not count:
+    return carry, None
+  return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def init_block_params(config: ModelConfig, writes_depth: bool) -> Callable:
+  """An initializer rng -> the (boxed) parameters of one block, from a one-token dummy call."""
+
+  def init(rng):
+    x_BTM = jnp.zeros((1, 1, config.d_model), jnp.dtype(config.dtype))
+    positions_BT = jnp.zeros((1, 1), jnp.int32)
+    block = Block(config, writes_depth=writes_depth)
+    return block.init(rng, x_BTM, depth_stream.empty(config, 1, 1), positions_BT, None)["params"]
+  return init
+
+
+def init_stacked_params(config: ModelConfig, count: int) -> Callable:
+  """An initializer rng -> `count` writer blocks' parameters stacked on a leading "layers" axis."""
+  one = init_block_params(config, writes_depth=True)
+
+  def init(rng):
+    stacked = jax.vmap(one)(jax.random.split(rng, count))
+    # vmap stacked the values; the logical axis names gain the new leading axis here.
+    return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: "layers"}), stacked,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return init
