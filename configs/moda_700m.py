@@ -1,4 +1,4 @@
-"""The paper's 700M model (Table 3; PAPER_NOTES §4.1): D=1024, 36 layers, 16 q / 8 kv heads of 64,
+"""The paper's 700M model (Table 3; docs/paper.md §3): D=1024, 36 layers, 16 q / 8 kv heads of 64,
 SwiGLU 4096, OLMo2 reordered norm and recipe. The argument picks the depth-KV variant:
 
   --config=configs/moda_700m.py              attn_ffn (the paper's default, row 4)

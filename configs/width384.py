@@ -1,4 +1,4 @@
-"""The paper's width-384 models (Table 6; PAPER_NOTES §4.1): 6 q / 2 kv heads of 64 (G=3), SwiGLU
+"""The paper's width-384 models (Table 6; docs/paper.md §4): 6 q / 2 kv heads of 64 (G=3), SwiGLU
 1536, tied ~50K vocab (GPT-2 style, 50304 padded). The argument sets layers, norm and depth variant:
 
   --config=configs/width384.py:layers=48,norm=pre,depth_kv=none        OLMo2 48L pre-norm

@@ -1,4 +1,4 @@
-"""Compiled training-step memory grows linearly with depth (DESIGN.md §4; issue 3 "must show").
+"""Compiled training-step memory grows linearly with depth (docs/moda.md §5; issue 3 "must show").
 
 Measures `jax.jit(grad).lower(...).compile().memory_analysis()` (temp + argument bytes) for the
 default `depth_kv="attn_ffn"` (linear-memory custom_vjp stack), the `none` baseline, and the naive

@@ -2,7 +2,7 @@
 
 The oracle keeps the depth stream as a Python list of per-token (K, V) slots and concatenates
 whatever has been written so far, with no buffers and no depth_len masking, so it checks the
-model's buffer bookkeeping and the semantics of DESIGN.md §1 (raw K/V written before QK-norm and
+model's buffer bookkeeping and the semantics of docs/moda.md §3 (raw K/V written before QK-norm and
 RoPE; the reader's k-norm at read time; no RoPE on depth keys; FFN K/V from the FFN's input; slot
 order; last block writes nothing) rather than re-implementing them the same way.
 """

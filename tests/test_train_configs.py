@@ -44,7 +44,7 @@ def test_width384_arguments_and_shapes():
   assert (cfg.model.num_layers, cfg.model.norm, cfg.model.depth_kv) == (48, "pre", "none")
   counts = _num_params(ModelConfig.from_dict(cfg.model.to_dict()))
   # Table 6 gives 123.38M; it states only width and heads, so the MLP width (1536) and vocabulary
-  # (50304) are inferred (PAPER_NOTES §4.1). Ours: 123.17M, 0.17% fewer.
+  # (50304) are inferred (docs/paper.md §4). Ours: 123.17M, 0.17% fewer.
   assert abs(counts["total"] / 1e6 - 123.38) / 123.38 < 0.005
   assert width384.get_config().model.num_layers == 24
   with pytest.raises(ValueError, match="width384"):

@@ -1,4 +1,4 @@
-"""The paper's model configurations (PAPER_NOTES.md §4.1), as `ModelConfig` factories.
+"""The paper's model configurations (docs/paper.md §3-4), as `ModelConfig` factories.
 
 Keyword overrides (e.g. `depth_kv=`, `norm=`, `num_layers=`) pass through to `ModelConfig`.
 """
