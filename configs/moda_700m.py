@@ -32,5 +32,6 @@ def get_config(depth_kv: str = "attn_ffn"):
   c.model.head_dim = 64
   c.model.mlp_dim = 4096
   c.model.max_seq_len = 4096
+  c.model.rope_theta = 500_000.0   # OLMo2's, as in moda_jax.model.presets.olmo2_700m
   c.model.depth_kv = depth_kv or "attn_ffn"
   return c

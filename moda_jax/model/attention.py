@@ -80,9 +80,9 @@ class MoDAAttention(nn.Module):
 
     depth_slot is this sublayer's (k_BTKD, v_BTKD) or None. Without `kv_cache` (training, scoring)
     the queries attend to their own T tokens through `moda_attention` and kv_cache / probs are None.
-    With `kv_cache` = (k_BSKD, v_BSKD) (decoding) the new keys are written at `positions_BT` and the
-    queries attend to the whole cache (`kv_cache.cached_attention`); probs [B, T, H, S + L] when
-    `return_probs`.
+    With `kv_cache` = (k_BSKD, v_BSKD[, depth ring]) (decoding) the new keys are written at
+    `positions_BT` and the queries attend to the whole cache (`kv_cache.cached_attention`); the
+    returned cache is (k, v); probs [B, T, H, S + L] when `return_probs`.
     """
     cfg = self.config
     heads = ("act_batch", "act_len", "act_heads", None)
@@ -90,9 +90,12 @@ class MoDAAttention(nn.Module):
     q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot = project_inputs(
         cfg, x_BTM, positions_BT, self.writes_depth)
     probs = None
+    depth_start = None if cfg.depth_window == 0 else cfg.depth_read_start(stream.length)
     if kv_cache is not None:
+      k_cache, v_cache, *depth_ring = kv_cache  # (k, v) or (k, v, the chunk ring)
       out_BTHD, kv_cache, probs = cached_attention(
-          q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, stream, positions_BT, kv_cache, return_probs)
+          cfg, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, stream, depth_start, positions_BT, (k_cache, v_cache),
+          return_probs, ring=depth_ring[0] if depth_ring else None)
     else:
       q_BTHD = nn.with_logical_constraint(q_BTHD, heads)
       if depth_q_BTHD is not None:
@@ -101,7 +104,8 @@ class MoDAAttention(nn.Module):
       v_BTKD = nn.with_logical_constraint(v_BTKD, kv_heads)
       out_BTHD = sharded_moda_attention(
           q_BTHD, k_BTKD, v_BTKD, stream.k_BTLKD, stream.v_BTLKD, depth_len=stream.length,
-          segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl, depth_q_BTHD=depth_q_BTHD)
+          depth_start=depth_start, segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl,
+          depth_q_BTHD=depth_q_BTHD, depth_chunk=cfg.depth_chunk)
       out_BTHD = checkpoint_name(out_BTHD, ATTENTION_OUT_NAME)
       out_BTHD = nn.with_logical_constraint(out_BTHD, heads)
     out_BTM = projection(cfg, cfg.d_model, (-2, -1), ("q_heads", "head_dim", "embed"), "out")(out_BTHD)

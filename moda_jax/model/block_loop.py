@@ -54,11 +54,18 @@ def block_fn(config: ModelConfig, writes_depth: bool, *, remat: bool = True) -> 
                         static_argnums=(6,))
 
 
-def writer_step(block: Callable, positions_BT, segment_ids_BT, return_probs: bool = False) -> Callable:
-  """The loop step of the depth-writing blocks: carry (x, stream) -> (carry, (kv_cache, probs))."""
+def writer_step(block: Callable, positions_BT, segment_ids_BT, return_probs: bool = False,
+                depth_ring=None) -> Callable:
+  """The loop step of the depth-writing blocks: carry (x, stream) -> (carry, (kv_cache, probs)).
+
+  Decoding passes each layer's (k, v) cache as the per-layer input; `depth_ring` (chunk-visible
+  depth: the chunk's earlier tokens' depth, shared by every layer) is handed to each layer with it.
+  """
 
   def step(carry, params, kv_cache, layer):
     del layer
+    if kv_cache is not None and depth_ring is not None:
+      kv_cache = (*kv_cache, depth_ring)
     x_BTM, stream = carry
     x_BTM, slots, kv_cache, probs = block(params, x_BTM, stream, positions_BT, segment_ids_BT,
                                           kv_cache, return_probs)

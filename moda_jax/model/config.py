@@ -15,6 +15,7 @@ REMAT_OPTIONS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_savea
                  "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
 _RETIRED_FIELDS = ("z_loss_weight", "depth_memory")
+_NEUTRAL = {"depth_chunk": 1, "depth_window": 0}  # the values that keep plain MoDA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,11 @@ class ModelConfig:
     dtype, param_dtype: compute and parameter dtypes. attention_impl: `moda_attention`'s
       `implementation=` (None = best for the platform).
     init_std: N(0, init_std) weights. norm_eps: RMSNorm epsilon.
+    depth_chunk: C >= 1, chunk-visible MoDA in every attention: a token reads the depth slots of
+      every earlier token of its chunk [(t // C) * C, t] (same document), not only its own. 1 is
+      plain MoDA.
+    depth_window: W >= 0: each attention reads only the W most recent depth slots
+      (depth_start = max(0, depth_len - W)); 0 reads all.
   """
 
   vocab_size: int
@@ -60,6 +66,8 @@ class ModelConfig:
   attention_impl: str | None = None
   init_std: float = 0.02
   norm_eps: float = 1e-6
+  depth_chunk: int = 1
+  depth_window: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
@@ -77,6 +85,13 @@ class ModelConfig:
                           ("remat", REMAT_OPTIONS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}.")
+    for name, lowest in (("depth_chunk", 1), ("depth_window", 0)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ValueError(f"ModelConfig.{name}={value!r}: expected an int >= {lowest}.")
+      if value != _NEUTRAL[name] and not self.uses_depth:
+        raise ValueError(f"ModelConfig.{name}={value!r} needs a depth stream, but depth_kv='none'; "
+                         f"use depth_kv='attn' or another variant, or {name}={_NEUTRAL[name]}.")
     for name in ("qk_norm", "tie_embeddings", "scan_layers"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected a bool.")
@@ -106,7 +121,7 @@ class ModelConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  # --- The depth stream's layout, derived from `depth_kv` (DESIGN.md §1). ---
+  # --- The depth stream's layout, derived from `depth_kv` (docs/moda.md). ---
 
   @property
   def uses_depth(self) -> bool:
@@ -135,6 +150,13 @@ class ModelConfig:
     sublayer, so they are neither computed (no parameters for them) nor stored.
     """
     return (self.num_layers - 1) * self.slots_per_block
+
+  def depth_read_start(self, depth_len):
+    """The first slot an attention reading `depth_len` slots sees: the bounded window's start."""
+    if self.depth_window == 0:
+      return 0
+    start = depth_len - self.depth_window
+    return max(start, 0) if isinstance(start, int) else start.clip(min=0)
 
   def depth_len_of_block(self, block: int) -> int:
     """Slots written before block `block`'s attention reads the stream."""

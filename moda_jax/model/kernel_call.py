@@ -29,19 +29,30 @@ def _active_mesh():
 
 
 def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, *, depth_len,
-                           segment_ids_BT, implementation, depth_q_BTHD=None):
+                           segment_ids_BT, implementation, depth_q_BTHD=None, depth_start=None,
+                           depth_chunk: int = 1):
   """`moda_attention` (causal), wrapped in `shard_map` when a mesh with the model's axes is set.
 
-  `depth_q_BTHD` (None: q) scores the depth keys; it shards like q."""
-  call = functools.partial(moda_attention, implementation=implementation)
-  if depth_k_BTLKD is None:
-    depth_len = None  # the model's count is an array even when there is no depth buffer
-    depth_q_BTHD = None
+  `depth_q_BTHD` (None: q) scores the depth keys; it shards like q. `depth_start` / `depth_chunk`:
+  the bounded depth window and chunk-visible depth (the operator's arguments of the same names)."""
+  has_depth = depth_k_BTLKD is not None
+  # The model's counts are arrays even when there is no depth buffer; the operator wants None then.
+  arrays = dict(q=q_BTHD, k=k_BTKD, v=v_BTKD, depth_k=depth_k_BTLKD, depth_v=depth_v_BTLKD,
+                depth_q=depth_q_BTHD if has_depth else None,
+                depth_len=_scalar(depth_len) if has_depth else None,
+                depth_start=_scalar(depth_start) if has_depth and depth_start is not None else None,
+                segment_ids=segment_ids_BT)
+  arrays = {name: a for name, a in arrays.items() if a is not None}  # None cannot pass shard_map
+  options = dict(implementation=implementation, depth_chunk=None if depth_chunk == 1 else depth_chunk)
+
+  def call(arrays):
+    q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
+    depth_k, depth_v = arrays.pop("depth_k", None), arrays.pop("depth_v", None)
+    return moda_attention(q, k, v, depth_k, depth_v, **arrays, **options)
+
   mesh = _active_mesh()
   if mesh is None:
-    return call(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len=depth_len,
-                segment_ids=segment_ids_BT, depth_q=depth_q_BTHD)
-
+    return call(arrays)
   # An axis that does not divide its dimension (e.g. batch 1 at evaluation) is left unsharded.
   batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   if not batch or q_BTHD.shape[0] % math.prod(mesh.shape[a] for a in batch):
@@ -50,36 +61,13 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
   if heads and k_BTKD.shape[2] % mesh.shape[heads]:
     heads = None
   heads_spec = P(batch, None, heads, None)
-  depth_spec = P(batch, None, None, heads, None)
-  seq_spec = P(batch, None)
-  has_depth = depth_k_BTLKD is not None
-  has_depth_q = depth_q_BTHD is not None
-  has_segments = segment_ids_BT is not None
-
-  # None operands cannot pass through shard_map; only the present ones are mapped.
-  args = [q_BTHD, k_BTKD, v_BTKD]
-  specs = [heads_spec, heads_spec, heads_spec]
-  if has_depth:
-    args += [depth_k_BTLKD, depth_v_BTLKD, jax.numpy.asarray(
-        depth_k_BTLKD.shape[2] if depth_len is None else depth_len, jax.numpy.int32)]
-    specs += [depth_spec, depth_spec, P()]
-  if has_depth_q:
-    args.append(depth_q_BTHD)
-    specs.append(heads_spec)
-  if has_segments:
-    args.append(segment_ids_BT)
-    specs.append(seq_spec)
-
-  def local(*local_args):
-    q, k, v, *rest = local_args
-    depth_k = depth_v = local_len = depth_q = segments = None
-    if has_depth:
-      depth_k, depth_v, local_len, *rest = rest
-    if has_depth_q:
-      depth_q, *rest = rest
-    if has_segments:
-      (segments,) = rest
-    return call(q, k, v, depth_k, depth_v, depth_len=local_len, segment_ids=segments, depth_q=depth_q)
-
+  specs = dict(q=heads_spec, k=heads_spec, v=heads_spec, depth_q=heads_spec,
+               depth_k=P(batch, None, None, heads, None), depth_v=P(batch, None, None, heads, None),
+               depth_len=P(), depth_start=P(), segment_ids=P(batch, None))
   # check_vma=False: interpreted/Pallas kernel bodies do not carry varying-axis annotations.
-  return jax.shard_map(local, in_specs=tuple(specs), out_specs=heads_spec, check_vma=False)(*args)
+  return jax.shard_map(call, in_specs=({name: specs[name] for name in arrays},), out_specs=heads_spec,
+                       check_vma=False)(arrays)
+
+
+def _scalar(value):
+  return jax.numpy.asarray(value, jax.numpy.int32)

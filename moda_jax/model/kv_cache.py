@@ -4,9 +4,11 @@
 seen so far. Caches:
   * sequence: per attention sublayer, K (after QK-norm and RoPE, exactly what the logits read) and V
     of every position written so far: [B, S_max, Hk, D] each.
-  * depth: depth attention reads the token's own slots, produced during its own forward pass and read
-    by no later token, so nothing about depth is stored across steps: the new tokens' depth stream
-    is built layer by layer during the step (by the block loop) and dropped afterwards.
+  * depth: plain MoDA reads the token's own slots, produced during its own forward pass and read by
+    no later token, so nothing about depth is stored across steps: the new tokens' depth stream is
+    built layer by layer during the step (by the block loop) and dropped afterwards. Chunk-visible
+    depth (`depth_chunk = C > 1`) also reads the earlier tokens of the chunk: their final depth
+    buffers are kept in a ring of C tokens ([B, C, L_max, Hk, D], index = position % C).
 
 The attention itself is the reference's dense softmax with explicit positions
 (`pallas_kernels.reference.dense_attention`): what each query sees comes from `pallas_kernels.spec`,
@@ -16,6 +18,7 @@ wanted anyway for the analysis (`return_probs=True`).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -35,6 +38,8 @@ class Cache(NamedTuple):
   last_k_BSKD: jax.Array     # the last block's attention
   last_v_BSKD: jax.Array
   length: jax.Array          # int32 scalar: positions 0 .. length - 1 are filled
+  chunk_k_BCLKD: jax.Array | None = None  # depth_chunk > 1: the chunk's earlier tokens' depth K/V
+  chunk_v_BCLKD: jax.Array | None = None
 
   @property
   def max_len(self) -> int:
@@ -49,15 +54,45 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
   dtype = jnp.dtype(config.dtype)
   blocks = jnp.zeros((config.num_layers - 1,) + layer, dtype)
   last = jnp.zeros(layer, dtype)
-  return Cache(blocks, blocks, last, last, jnp.zeros((), jnp.int32))
+  ring = None
+  if config.depth_chunk > 1 and config.num_depth_slots:
+    ring = jnp.zeros((batch, config.depth_chunk, config.num_depth_slots, config.num_kv_heads,
+                      config.head_dim), dtype)
+  return Cache(blocks, blocks, last, last, jnp.zeros((), jnp.int32), ring, ring)
 
 
-def cached_attention(q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, stream, positions_BT, kv_cache,
-                     return_probs: bool):
+def _ring_positions(cache: Cache, chunk: int) -> jax.Array:
+  """[C] positions of the tokens in the ring; -1 (seen by no query) where the slot holds none."""
+  first = (cache.length // chunk) * chunk
+  positions = first + jnp.arange(chunk, dtype=jnp.int32)
+  return jnp.where(positions < cache.length, positions, -1)
+
+
+def update_ring(config: ModelConfig, cache: Cache, stream, positions_BT) -> Cache:
+  """The cache after a step whose tokens at `positions_BT` ended with the depth `stream`: the ring
+  keeps the final buffers of the tokens of the chunk that the next token belongs to."""
+  if cache.chunk_k_BCLKD is None:
+    return cache
+  chunk = config.depth_chunk
+  new_length = positions_BT[0, -1] + 1
+  keep = positions_BT[0] >= (new_length // chunk) * chunk
+  # Tokens of earlier chunks are dropped (an out-of-range index), so no ring index is written twice.
+  index = jnp.where(keep, positions_BT[0] % chunk, chunk)
+  ring = lambda old, new: old.at[:, index].set(new.astype(old.dtype), mode="drop")
+  return cache._replace(chunk_k_BCLKD=ring(cache.chunk_k_BCLKD, stream.k_BTLKD),
+                        chunk_v_BCLKD=ring(cache.chunk_v_BCLKD, stream.v_BTLKD))
+
+
+def cached_attention(config: ModelConfig, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, stream, depth_start,
+                     positions_BT, kv_cache, return_probs: bool, ring=None):
   """Writes the new keys / values at `positions_BT` and attends the queries to the whole cache.
 
-  Returns (out_BTHD, (k_cache, v_cache), probs_BTHC or None) with C = S_max + L columns,
-  [sequence | depth]. All rows advance together: row 0's first position is where the new tokens go.
+  `stream` holds the new tokens' depth slots written so far (its length is this layer's depth_len);
+  `depth_start` the bounded window's first slot (None: 0); `ring` the (k, v) ring of the chunk's
+  earlier tokens when depth_chunk > 1. Returns (out_BTHD, (k_cache, v_cache), probs_BTHC or None)
+  with C = S_max + L columns, [sequence | depth]: a depth column sums the slot's mass over the tokens
+  whose slots the query reads. All rows advance together: row 0's first position is where the new
+  tokens go.
   """
   k_cache, v_cache = kv_cache
   start = (0, positions_BT[0, 0], 0, 0)
@@ -66,22 +101,45 @@ def cached_attention(q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, stream, positions_BT,
   batch, max_len = k_cache.shape[:2]
   num_slots = 0 if stream.k_BTLKD is None else stream.k_BTLKD.shape[2]
   # Keys are cache positions 0 .. S_max - 1; causality (s <= p) hides the unfilled ones.
-  spec = spec_lib.Spec(seq_len=max_len, num_slots=num_slots, causal=True,
-                       scale=q_BTHD.shape[-1] ** -0.5)
-  k_tokens_BS = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+  spec = spec_lib.Spec(seq_len=max_len, num_slots=num_slots, causal=True, scale=q_BTHD.shape[-1] ** -0.5,
+                       depth_chunk=config.depth_chunk)
+  tokens = lambda positions_X: jnp.broadcast_to(positions_X, (batch, positions_X.shape[-1]))
+  attend = functools.partial(
+      reference.dense_attention, k_BSKD=k_cache, v_BSKD=v_cache, spec=spec,
+      k_tokens_BS=tokens(jnp.arange(max_len, dtype=jnp.int32)),
+      depth_start=0 if depth_start is None else depth_start, depth_len=stream.length, return_probs=True)
 
-  def one_query(q_BHD, depth_q_BHD, depth_k_BLKD, depth_v_BLKD, position_B):
-    # One query token against the cache and its own depth slots: probs [B, 1, H, S_max + L], the
-    # depth columns being the token's own slots (depth attention reads only those).
-    one = lambda x: None if x is None else x[:, None]
-    out_B1HD, _, probs_B1HC = reference.dense_attention(
-        one(q_BHD), k_cache, v_cache, one(depth_q_BHD), one(depth_k_BLKD), one(depth_v_BLKD),
-        spec=spec, q_tokens_BT=one(position_B), k_tokens_BS=k_tokens_BS,
-        depth_tokens_BX=one(position_B), depth_start=0, depth_len=stream.length, return_probs=True)
-    return out_B1HD[:, 0], probs_B1HC[:, 0]
+  if ring is None or num_slots == 0:
+    # Own-token depth: one query token at a time against the cache and its own slots, so the depth
+    # columns of probs are that token's L slots.
+    def one_query(q_BHD, depth_q_BHD, depth_k_BLKD, depth_v_BLKD, position_B):
+      one = lambda x: None if x is None else x[:, None]
+      out_B1HD, _, probs_B1HC = attend(one(q_BHD), depth_q_BTHD=one(depth_q_BHD), depth_k_BXLKD=one(depth_k_BLKD),
+                                       depth_v_BXLKD=one(depth_v_BLKD), q_tokens_BT=one(position_B),
+                                       depth_tokens_BX=one(position_B))
+      return out_B1HD[:, 0], probs_B1HC[:, 0]
 
-  axis = lambda x: None if x is None else 1
-  out_BTHD, probs_BTHC = jax.vmap(
-      one_query, in_axes=(1, axis(depth_q_BTHD), axis(stream.k_BTLKD), axis(stream.v_BTLKD), 1),
-      out_axes=1)(q_BTHD, depth_q_BTHD, stream.k_BTLKD, stream.v_BTLKD, positions_BT)
+    axis = lambda x: None if x is None else 1
+    out_BTHD, probs_BTHC = jax.vmap(
+        one_query, in_axes=(1, axis(depth_q_BTHD), axis(stream.k_BTLKD), axis(stream.v_BTLKD), 1),
+        out_axes=1)(q_BTHD, depth_q_BTHD, stream.k_BTLKD, stream.v_BTLKD, positions_BT)
+  else:
+    # Chunk-visible depth: the ring's tokens and the new ones, positions deciding who sees whom.
+    ring_k, ring_v, ring_positions_C = ring
+    out_BTHD, _, probs_BTHC = attend(
+        q_BTHD, depth_q_BTHD=depth_q_BTHD,
+        depth_k_BXLKD=jnp.concatenate([ring_k.astype(stream.k_BTLKD.dtype), stream.k_BTLKD], axis=1),
+        depth_v_BXLKD=jnp.concatenate([ring_v.astype(stream.v_BTLKD.dtype), stream.v_BTLKD], axis=1),
+        q_tokens_BT=positions_BT,
+        depth_tokens_BX=tokens(jnp.concatenate([ring_positions_C, positions_BT[0]])))
+    seq_BTHS, depth_BTHXL = probs_BTHC[..., :max_len], probs_BTHC[..., max_len:]
+    depth_BTHL = depth_BTHXL.reshape(*depth_BTHXL.shape[:3], -1, num_slots).sum(axis=3)
+    probs_BTHC = jnp.concatenate([seq_BTHS, depth_BTHL], axis=-1)
   return out_BTHD, (k_cache, v_cache), (probs_BTHC if return_probs else None)
+
+
+def ring_of(config: ModelConfig, cache: Cache):
+  """(k, v, positions) of the chunk ring for `cached_attention`, or None without one."""
+  if cache.chunk_k_BCLKD is None:
+    return None
+  return cache.chunk_k_BCLKD, cache.chunk_v_BCLKD, _ring_positions(cache, config.depth_chunk)

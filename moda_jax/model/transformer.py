@@ -25,6 +25,7 @@ from moda_jax.model import block_loop
 from moda_jax.model import depth_stream
 from moda_jax.model.config import ModelConfig
 from moda_jax.model.depth_stack import linear_memory_stack
+from moda_jax.model import kv_cache
 from moda_jax.model.kv_cache import Cache
 from moda_jax.model.layers import Embedding, RMSNorm, dtype_of
 
@@ -66,8 +67,9 @@ class Transformer(nn.Module):
     stream = depth_stream.empty(cfg, batch, seq_len)
 
     block_caches, probs = None, []
+    ring = None if cache is None else kv_cache.ring_of(cfg, cache)
     if cache is not None:
-      step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, None, return_probs)
+      step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, None, return_probs, ring)
       (x_BTM, stream), (block_caches, block_probs) = block_loop.over_layers(
           step, (x_BTM, stream), writers, (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD))
       probs = [] if block_probs is None else list(block_probs)
@@ -78,7 +80,9 @@ class Transformer(nn.Module):
       step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, segment_ids)
       (x_BTM, stream), _ = block_loop.over_layers(step, (x_BTM, stream), writers)
 
-    last_cache = None if cache is None else (cache.last_k_BSKD, cache.last_v_BSKD)
+    last_cache = None
+    if cache is not None:
+      last_cache = (cache.last_k_BSKD, cache.last_v_BSKD) + (() if ring is None else (ring,))
     x_BTM, _, last_cache, last_probs = block_loop.block_fn(cfg, False)(
         last, x_BTM, stream, positions, segment_ids, last_cache, return_probs)
     x_BTM = RMSNorm(cfg, name="final_norm")(x_BTM)
@@ -96,7 +100,9 @@ class Transformer(nn.Module):
       return logits_BTV
     if block_caches is None:  # a one-layer model: no writer blocks
       block_caches = (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD)
-    new_cache = Cache(*block_caches, *last_cache, cache.length + seq_len)
+    new_cache = Cache(*block_caches, *last_cache, cache.length + seq_len, cache.chunk_k_BCLKD,
+                      cache.chunk_v_BCLKD)
+    new_cache = kv_cache.update_ring(cfg, new_cache, stream, positions)
     all_probs = jnp.stack(probs + [last_probs]) if return_probs else None
     return logits_BTV, new_cache, all_probs
 
