@@ -103,7 +103,7 @@ class ChunkWindows:
     self.geo = geo
     chunk, block = geo.spec.depth_chunk, geo.block
     first_row_token = i * block
-    q_tokens_nS = first_row_token + jnp.arange(block)  # reshaped to [n, s] below
+    row_tokens = first_row_token + jnp.arange(block)
     if not sliding(geo):
       self.windows, self.sub_block, self.width = block // chunk, chunk, chunk
       self.start = first_row_token
@@ -111,7 +111,7 @@ class ChunkWindows:
                                                    *x_BKtLD.shape[3:])
       self.k_BKnWLD = to_windows(depth_block(depth_k_BTLKD, i, geo))
       self.v_BKnWLD = to_windows(depth_block(depth_v_BTLKD, i, geo))
-      window_tokens_nW = q_tokens_nS.reshape(self.windows, chunk)
+      window_tokens_nW = row_tokens.reshape(self.windows, chunk)
     else:
       self.windows, self.sub_block = 1, block
       self.width = min(block + chunk - 1, geo.padded_len)
@@ -122,7 +122,7 @@ class ChunkWindows:
                                        (0, 3, 1, 2, 4))[:, :, None]
       self.k_BKnWLD, self.v_BKnWLD = window(depth_k_BTLKD), window(depth_v_BTLKD)
       window_tokens_nW = (self.start + jnp.arange(self.width))[None]
-    q_tokens_nS = q_tokens_nS.reshape(self.windows, self.sub_block)
+    q_tokens_nS = row_tokens.reshape(self.windows, self.sub_block)
 
     if segment_ids_BT is None:
       token_visible = moda_spec.depth_token_visible(geo.spec, q_tokens_nS[:, :, None],
