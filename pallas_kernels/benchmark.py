@@ -107,10 +107,9 @@ def build(impl: str, block_sizes: BlockSizes | None = None):
     attend = lambda q, k, v, dk, dv, dq: moda_attention(q, k, v, dk, dv, depth_q=dq, causal=True,
                                                         implementation="pallas_triton")
   elif block_sizes is not None:
-    from pallas_kernels import triton
-    attend = lambda q, k, v, dk, dv: triton.attention(
-        q, k, v, dk, dv, None if dk is None else jnp.int32(dk.shape[2]), None, causal=True,
-        scale=q.shape[-1] ** -0.5, block_sizes=block_sizes)[0]
+    from pallas_kernels import api, triton
+    attend = lambda q, k, v, dk, dv: triton.attention(*api.prepare(q, k, v, dk, dv, causal=True),
+                                                      block_sizes=block_sizes)[0]
   else:
     attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl)
 

@@ -3,6 +3,7 @@
 A query tile holds `block_q` *folded rows*: `block_q // Gp` tokens times the `Gp = next_pow2(G)` query heads
 of one kv head (rows with g >= G are padding), so one sequence K/V block and one depth block serve all G
 heads. Every tile covers whole tokens, which is what lets the backward store depth gradients without atomics.
+Why the defaults are what they are (the measurements): BENCHMARKS.md §1.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+
+# The measured default of `KernelBlocks.per_query_head` (None): dk/dv per query head when G is at least
+# this, or when the per-kv-head launch would have fewer programs than the second number.
+PER_QUERY_HEAD_MIN_GROUP = 8
+PER_QUERY_HEAD_MAX_PROGRAMS = 1024
 
 
 def next_pow2(n: int) -> int:
@@ -26,34 +32,26 @@ class KernelBlocks:
 
   block_q: folded query rows per program (power of two, >= 16).
   block_k: sequence keys per inner step (power of two, >= 16).
-  depth_cols: depth columns (tokens of the tile x slots) per inner step of the "dense" depth phase.
+  depth_cols: depth columns (tokens of the tile x slots) per inner step of the depth phase: one
+    tensor-core matmul of the rows against all their tokens' slots, invisible entries masked.
   num_warps, num_stages: Triton launch parameters.
-  depth_mode: how depth logits q[t, g] . depth_k[t, l] are formed.
-    "dense": one tensor-core matmul of the tile's rows against all its tokens' slots, off-token entries
-      masked (the official kernel's layout): tokens_per_tile x the useful FLOPs.
-    "per_token": each row gathers its own token's slot and reduces q * depth_k over D on the CUDA cores:
-      no wasted FLOPs, but ~12x lower peak rate. Wins once a tile holds many tokens (small G).
-  per_token_slots: slots gathered per step in "per_token" mode (loads in flight per rescale).
   separate_depth_kernel: (dq kernel only) run the depth backward as its own kernel instead of fused into
     the dq kernel.
   depth_rows: (forward and dq kernels) rows per part of the depth phase, which splits the tile into parts
-    of whole tokens: a "dense" depth step multiplies a part's rows against its own tokens' slots only, so
-    the masked waste is tokens_per_part x, not tokens_per_tile x. 0 = the whole tile.
-  per_query_head_below: (dk/dv kernel only) when the launch would have fewer programs than this (key
-    blocks x batch x kv heads), run one program per key block and *query* head instead of per kv head and
-    sum the G float32 partial dk/dv outside the kernel: G times the programs, for short sequences whose
-    few key blocks leave SMs idle. 0: never.
+    of whole tokens (and whole depth chunks): a depth step multiplies a part's rows against its own
+    tokens' slots only, so the masked waste is tokens_per_part x, not tokens_per_tile x. 0 = the whole tile.
+  per_query_head: (dk/dv kernel only) one program per key block and *query* head instead of per kv head,
+    the G float32 partial dk/dv summed outside the kernel: G times the programs. None: the measured
+    default, `dkv_per_query_head`.
   """
   block_q: int
   block_k: int
   depth_cols: int = 64
   num_warps: int = 4
   num_stages: int = 2
-  depth_mode: str = "dense"
-  per_token_slots: int = 2
   separate_depth_kernel: bool = False
   depth_rows: int = 0
-  per_query_head_below: int = 0
+  per_query_head: bool | None = None
 
   def validate(self, name: str, group_padded: int) -> None:
     for field in ("block_q", "block_k", "depth_cols"):
@@ -65,14 +63,11 @@ class KernelBlocks:
                        "tile holds whole tokens.")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"{name}.num_warps={self.num_warps!r}: expected 1, 2, 4, 8 or 16.")
-    if self.depth_mode not in ("dense", "per_token"):
-      raise ValueError(f"{name}.depth_mode={self.depth_mode!r}: expected 'dense' or 'per_token'.")
-    if not isinstance(self.per_token_slots, int) or not 1 <= self.per_token_slots <= 8:
-      raise ValueError(f"{name}.per_token_slots={self.per_token_slots!r}: expected an int in [1, 8].")
     if not isinstance(self.separate_depth_kernel, bool):
       raise ValueError(f"{name}.separate_depth_kernel={self.separate_depth_kernel!r}: expected a bool.")
-    if not isinstance(self.per_query_head_below, int) or self.per_query_head_below < 0:
-      raise ValueError(f"{name}.per_query_head_below={self.per_query_head_below!r}: expected an int >= 0.")
+    if self.per_query_head is not None and not isinstance(self.per_query_head, bool):
+      raise ValueError(f"{name}.per_query_head={self.per_query_head!r}: expected None (the measured default) "
+                       "or a bool.")
     rows = self.depth_rows
     valid_rows = isinstance(rows, int) and _is_pow2(rows) and max(16, group_padded) <= rows <= self.block_q
     if rows != 0 and not valid_rows:
@@ -80,6 +75,19 @@ class KernelBlocks:
                        f"[max(16, next_pow2(G)={group_padded}), block_q={self.block_q}].")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"{name}.num_stages={self.num_stages!r}: expected a positive int.")
+
+
+def dkv_per_query_head(blocks: KernelBlocks, group: int, num_kv_head_programs: int) -> bool:
+  """Whether the dk/dv kernel runs one program per query head (see `KernelBlocks.per_query_head`).
+
+  The default (None): yes when G >= 8 (a per-kv-head tile then holds only block_q / G tokens), or when the
+  per-kv-head launch (key blocks x batch x kv heads) has fewer than 1024 programs, too few for the SMs.
+  """
+  if group == 1:
+    return False
+  if blocks.per_query_head is not None:
+    return blocks.per_query_head
+  return group >= PER_QUERY_HEAD_MIN_GROUP or num_kv_head_programs < PER_QUERY_HEAD_MAX_PROGRAMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,37 +106,19 @@ class BlockSizes:
     """
     del device_kind  # One table today; the argument keeps the call sites ready for per-device tables.
     group_padded = next_pow2(group)
-    # Measured on the H200 (benchmark --tune, 2026-11-28): 64-row forward tiles beat 128-row ones on
-    # T16K G8 (6.5 vs 7.3 ms), T4K G8 (0.66 vs 0.77) and B8 T4K G2 L72 (2.2 vs 2.7): the dense depth
-    # phase costs tokens_per_tile x the useful FLOPs, and halving the tile halves that waste.
-    # Measured on the H200 (fwd+bwd ms, BENCHMARKS.md §1, "Fourth round"):
-    # * dq depth_rows=16 (the depth backward in parts of 16 rows, a quarter of the dense waste of 64):
-    #   B8 T4K G2 L72 7.91 vs 8.47, D128 14.39 vs 16.22; T4K G8 2.30 vs 2.27, T64K 398.8 vs 400.6.
-    #   The forward's depth phase gained nothing from parts (it streams depth K/V at ~HBM bandwidth
-    #   already: 1.92 ms either way at B8 T4K G2), except 1.4% at D128.
-    # * dk/dv per query head below 1024 programs: T4K G8 (512 programs) 2.30 vs 2.53; B8 T4K G2 (4096)
-    #   7.91 vs 7.76 when forced; T64K (8192) even.
-    # Fifth round (§1): at G >= 8 per query head at any size. T8K G8 (1024 programs) 7.54 vs 7.75/7.78,
-    # T16K G8 (2048) 26.87 vs 27.51/27.33, T16K G16 51.39 vs 55.79/56.17, T64K G8 even (above); but T16K
-    # G2 8.19 vs 8.16 and G4 14.54 vs 14.43. A per-kv-head tile holds only 64/G tokens at G >= 8.
     if head_dim <= 64:
       fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=3)
-      # The depth backward as its own kernel (fwd+bwd ms, H200, BENCHMARKS.md §1): T4K G8 2.77 vs 2.96
-      # fused, T64K 388 vs 444, B8 T4K G2 L72 8.49 vs 8.42. Fused, its depth work lengthens every step
-      # of the dq kernel's O(T^2) loop; separate, it re-reads q / do once. Not yet measured at D > 64.
       dq = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
                         separate_depth_kernel=True, depth_rows=16)
-      dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2,
-                         per_query_head_below=2 ** 31 if group >= 8 else 1024)
+      dkv = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2, per_query_head=None)
     elif head_dim <= 128:
-      # D128 (B8 T4K G2 L72): fused depth backward 16.22 vs 16.65 separate; dk/dv per query head 16.49.
       fwd = KernelBlocks(block_q=64, block_k=64, depth_cols=64, num_warps=4, num_stages=2, depth_rows=16)
       dq = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=4, num_stages=2, depth_rows=16)
-      dkv = KernelBlocks(block_q=32, block_k=64, depth_cols=32, num_warps=4, num_stages=2)
+      dkv = KernelBlocks(block_q=32, block_k=64, depth_cols=32, num_warps=4, num_stages=2, per_query_head=False)
     else:
       fwd = KernelBlocks(block_q=64, block_k=32, depth_cols=32, num_warps=8, num_stages=2)
       dq = KernelBlocks(block_q=32, block_k=32, depth_cols=32, num_warps=8, num_stages=1)
-      dkv = KernelBlocks(block_q=32, block_k=32, depth_cols=32, num_warps=8, num_stages=1)
+      dkv = KernelBlocks(block_q=32, block_k=32, depth_cols=32, num_warps=8, num_stages=1, per_query_head=False)
     if jax.numpy.dtype(dtype).itemsize == 4:
       fwd, dq, dkv = (dataclasses.replace(b, block_q=max(16, b.block_q // 2)) for b in (fwd, dq, dkv))
     # A tile, and a depth part, must hold at least one whole token of Gp folded rows.

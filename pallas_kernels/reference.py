@@ -1,7 +1,10 @@
-"""Dense float32 MoDA: one softmax over the concatenated [sequence | depth] logits.
+"""Dense float32 MoDA: one softmax over the concatenated [sequence | depth] logits of each query.
 
-Readable above all: this is the formulation the fast backends are checked against. Memory is
-O(T^2 + T * L) per head; use `xla` or a Pallas backend for long sequences.
+Readable above all: this is the formulation the fast backends are checked against, and the one the
+model's decoding calls with explicit token positions (`dense_attention`: queries, sequence keys and
+depth tokens each at their own positions, e.g. one new token against a KV cache). Which logits a query
+sees comes only from `pallas_kernels.spec`. Memory is O(T * (S + X * L)) per head (for `attention`,
+S = X = T); use `xla` or a Pallas backend for long sequences.
 """
 
 from __future__ import annotations
@@ -9,52 +12,111 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import spec as moda_spec
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret=False, depth_q_BTHD=None):
-  """See `pallas_kernels.api` for the normalized backend signature. `interpret` is ignored."""
-  del interpret
-  batch, seq_len, num_q_heads, head_dim = q_BTHD.shape
-  num_kv_heads = k_BTKD.shape[2]
+def check_supported(inputs: moda_spec.Inputs, spec: moda_spec.Spec, interpret) -> None:
+  """Every combination the api accepts is supported: depth-only, chunks, depth_start, segments, GQA."""
+  del inputs, spec, interpret
+
+
+def attention(inputs: moda_spec.Inputs, spec: moda_spec.Spec, *, interpret=False):
+  """See `pallas_kernels.api` for the backend protocol. `interpret` is ignored.
+
+  `dense_attention` with every token at its own position arange(T).
+  """
+  check_supported(inputs, spec, interpret)
+  batch, seq_len = inputs.q.shape[:2]
+  tokens_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+  segments_BT = inputs.segment_ids
+  return dense_attention(
+      inputs.q, inputs.k, inputs.v, inputs.depth_q, inputs.depth_k, inputs.depth_v, spec=spec,
+      q_tokens_BT=tokens_BT, k_tokens_BS=tokens_BT, depth_tokens_BX=tokens_BT,
+      depth_start=inputs.depth_start, depth_len=inputs.depth_len, q_segments_BT=segments_BT,
+      k_segments_BS=segments_BT, depth_segments_BX=segments_BT)
+
+
+def dense_attention(q_BTHD, k_BSKD, v_BSKD, depth_q_BTHD, depth_k_BXLKD, depth_v_BXLKD, *, spec,
+                    q_tokens_BT, k_tokens_BS, depth_tokens_BX, depth_start, depth_len,
+                    q_segments_BT=None, k_segments_BS=None, depth_segments_BX=None,
+                    return_probs=False):
+  """MoDA for T queries against S sequence keys and the L depth slots of X depth tokens.
+
+  Args:
+    q_BTHD: queries; query head h reads kv head h // (Hq // Hk).
+    k_BSKD, v_BSKD: sequence keys / values (both None: depth-only attention).
+    depth_q_BTHD: the queries scored against depth keys (None: q).
+    depth_k_BXLKD, depth_v_BXLKD: depth keys / values of X tokens, L slots each (both None: no depth).
+    spec: the call's `Spec` (causal, scale, depth_chunk; keys at token >= spec.seq_len are never seen).
+    q_tokens_BT, k_tokens_BS, depth_tokens_BX: integer token positions of the queries, the sequence
+      keys and the depth tokens.
+    depth_start, depth_len: only slots depth_start <= l < depth_len are visible (ints or int32 scalars;
+      ignored without depth).
+    q_segments_BT, k_segments_BS, depth_segments_BX: segment ids (all None: no segments).
+    return_probs: also return the attention weights.
+
+  Returns:
+    (out_BTHD in q's dtype, lse_BTH float32[, probs_BTHC float32]) where the C = S + X * L columns
+    of probs are the sequence keys, then the depth slots ordered token-major (x * L + l). A query that
+    sees nothing gets out 0, lse -inf and probs 0, and its gradients are 0 (not NaN).
+  """
+  batch, num_queries, num_q_heads, head_dim = q_BTHD.shape
+  num_kv_heads = (k_BSKD if k_BSKD is not None else depth_k_BXLKD).shape[-2]
   group = num_q_heads // num_kv_heads
+  # Query head h reads kv head h // G: view the queries as [B, T, Hk, G, D].
+  heads = lambda x_BTHD: x_BTHD.astype(jnp.float32).reshape(batch, num_queries, num_kv_heads, group, head_dim)
+  q_tokens_BT1 = q_tokens_BT[:, :, None]
+  q_segments_BT1 = None if q_segments_BT is None else q_segments_BT[:, :, None]
 
-  # Query head h reads kv head h // G: view q as [B, T, Hk, G, D].
-  q_BTKGD = q_BTHD.astype(jnp.float32).reshape(batch, seq_len, num_kv_heads, group, head_dim)
-  k_BSKD = k_BTKD.astype(jnp.float32)
-  v_BSKD = v_BTKD.astype(jnp.float32)
+  logits, values = [], []  # per kind: [B, Hk, G, T, columns] and [B, columns, Hk, D]
+  if k_BSKD is not None:
+    seq_logits = spec.scale * jnp.einsum("btkgd,bskd->bkgts", heads(q_BTHD), k_BSKD.astype(jnp.float32),
+                                         precision=_HIGHEST)
+    visible_BTS = moda_spec.sequence_visible(
+        spec, q_tokens_BT1, k_tokens_BS[:, None, :], q_segments_BT1,
+        None if k_segments_BS is None else k_segments_BS[:, None, :])
+    logits.append(jnp.where(visible_BTS[:, None, None], seq_logits, -jnp.inf))
+    values.append(v_BSKD.astype(jnp.float32))
 
-  # Sequence logits [B, Hk, G, T, S] and which of them a query may see.
-  seq_logits = scale * jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, precision=_HIGHEST)
-  visible_TS = jnp.ones((seq_len, seq_len), bool)
-  if causal:
-    visible_TS = jnp.tril(visible_TS)
-  visible_BTS = jnp.broadcast_to(visible_TS, (batch, seq_len, seq_len))
-  if segment_ids_BT is not None:
-    visible_BTS = visible_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-  seq_logits = jnp.where(visible_BTS[:, None, None], seq_logits, -jnp.inf)
+  if depth_k_BXLKD is not None:
+    num_depth_tokens, num_slots = depth_k_BXLKD.shape[1:3]
+    depth_q = heads(q_BTHD if depth_q_BTHD is None else depth_q_BTHD)
+    depth_logits = spec.scale * jnp.einsum("btkgd,bxlkd->bkgtxl", depth_q,
+                                           depth_k_BXLKD.astype(jnp.float32), precision=_HIGHEST)
+    token_visible_BTX = moda_spec.depth_token_visible(
+        spec, q_tokens_BT1, depth_tokens_BX[:, None, :], q_segments_BT1,
+        None if depth_segments_BX is None else depth_segments_BX[:, None, :])
+    slot_visible_L = moda_spec.depth_slot_visible(jnp.arange(num_slots), depth_start, depth_len)
+    visible_BTXL = token_visible_BTX[:, :, :, None] & slot_visible_L[None, None, None, :]
+    depth_logits = jnp.where(visible_BTXL[:, None, None], depth_logits, -jnp.inf)
+    logits.append(depth_logits.reshape(*depth_logits.shape[:4], num_depth_tokens * num_slots))
+    values.append(depth_v_BXLKD.astype(jnp.float32).reshape(
+        batch, num_depth_tokens * num_slots, num_kv_heads, head_dim))
 
-  if depth_k_BTLKD is None:
-    logits, values = seq_logits, None
-  else:
-    num_slots = depth_k_BTLKD.shape[2]
-    depth_q_BTKGD = q_BTKGD if depth_q_BTHD is None else depth_q_BTHD.astype(jnp.float32).reshape(
-        q_BTKGD.shape)
-    # Depth logits [B, Hk, G, T, L]: each token only sees its own slots l < depth_len.
-    depth_logits = scale * jnp.einsum("btkgd,btlkd->bkgtl", depth_q_BTKGD,
-                                      depth_k_BTLKD.astype(jnp.float32), precision=_HIGHEST)
-    slot_valid_L = jnp.arange(num_slots) < depth_len
-    depth_logits = jnp.where(slot_valid_L, depth_logits, -jnp.inf)
-    logits = jnp.concatenate([seq_logits, depth_logits], axis=-1)
+  probs_BKGTC, lse_BKGT = _softmax(jnp.concatenate(logits, axis=-1))
+  out_BTKGD = jnp.einsum("bkgtc,bckd->btkgd", probs_BKGTC, jnp.concatenate(values, axis=1),
+                         precision=_HIGHEST)
+  out_BTHD = out_BTKGD.reshape(q_BTHD.shape).astype(q_BTHD.dtype)
+  lse_BTH = jnp.transpose(lse_BKGT, (0, 3, 1, 2)).reshape(batch, num_queries, num_q_heads)
+  if not return_probs:
+    return out_BTHD, lse_BTH
+  probs_BTHC = jnp.transpose(probs_BKGTC, (0, 3, 1, 2, 4)).reshape(batch, num_queries, num_q_heads, -1)
+  return out_BTHD, lse_BTH, probs_BTHC
 
-  lse_BKGT = jax.nn.logsumexp(logits, axis=-1)
-  probs = jnp.exp(logits - lse_BKGT[..., None])
-  out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs[..., :seq_len], v_BSKD, precision=_HIGHEST)
-  if depth_k_BTLKD is not None:
-    out_BTKGD += jnp.einsum("bkgtl,btlkd->btkgd", probs[..., seq_len:],
-                            depth_v_BTLKD.astype(jnp.float32), precision=_HIGHEST)
 
-  out_BTHD = out_BTKGD.reshape(batch, seq_len, num_q_heads, head_dim).astype(q_BTHD.dtype)
-  lse_BTH = jnp.transpose(lse_BKGT, (0, 3, 1, 2)).reshape(batch, seq_len, num_q_heads)
-  return out_BTHD, lse_BTH
+def _softmax(logits):
+  """(probs, logsumexp) over the last axis, where masked logits are -inf.
+
+  A row whose logits are all -inf gets probs 0 and lse -inf. Every division and log only ever sees a
+  positive total (the empty rows' is replaced by 1), so their gradients are 0, never NaN.
+  """
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
+  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  weights = jnp.exp(logits - peak)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  nonempty = total > 0
+  safe_total = jnp.where(nonempty, total, 1.0)
+  lse = jnp.where(nonempty, peak + jnp.log(safe_total), -jnp.inf)
+  return weights / safe_total, lse[..., 0]

@@ -109,7 +109,16 @@ def chunk_start(spec: Spec, q_token):
   return (q_token // spec.depth_chunk) * spec.depth_chunk
 
 
+def same_segment(q_segment, k_segment):
+  """Whether two tokens share a segment (bool, broadcast): the segment part of both rules above.
+
+  On its own it serves blocks a backend already knows to be visible by position (e.g. keys wholly
+  before a causal query tile and below T), where nothing else of `sequence_visible` is left to check.
+  """
+  return q_segment == k_segment
+
+
 def _same_segment(visible, q_segment, k_segment):
   if q_segment is None or k_segment is None:
     return visible
-  return visible & (q_segment == k_segment)
+  return visible & same_segment(q_segment, k_segment)

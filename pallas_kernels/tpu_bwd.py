@@ -3,8 +3,8 @@
 `dq_and_depth`: query-tile parallel, grid (B, Hk, query tiles, key blocks + depth blocks), like the
 forward. The sequence steps accumulate dq, the depth steps d depth_q (a separate output); each depth
 step owns its (slots x tile tokens) block of the depth cotangents outright (a depth key is read by its
-own token's G query heads only, all in this tile), so it writes them directly: computed for slots
-< depth_len, exactly zero for the rest.
+own token's G query heads only, all in this tile), so it writes them directly: computed for the
+readable slots depth_start <= l < depth_len, exactly zero for the rest.
 
 `dk_dv`: key-block parallel, grid (B, Hk, key blocks, query tiles); sums over the G query heads of the
 kv head in VMEM, so no per-head partial cotangents reach HBM. Causal tiles before the block are skipped.
@@ -38,7 +38,7 @@ class Operands(NamedTuple):
   depth_q: jax.Array | None   # [B, Hk, G, T, D]: the queries scored against depth keys
   depth_k: jax.Array | None   # [B, Hk, L, T, D]
   depth_v: jax.Array | None
-  depth_len: jax.Array  # int32[1], scalar prefetch
+  depth_range: jax.Array  # int32 [depth_start, depth_len], scalar prefetch
   q_seg: jax.Array | None     # [B, T, 128] int32
   kv_seg: jax.Array | None    # [B, 8, T] int32
 
@@ -66,17 +66,17 @@ def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
   b = cfg.blocks
   num_seq = cfg.num_seq_steps
 
-  def row_map(bi, h, i, j, depth_len_ref):
+  def row_map(bi, h, i, j, depth_ref):
     return bi, h, 0, i, 0
 
-  def kv_map(bi, h, i, j, depth_len_ref):
+  def kv_map(bi, h, i, j, depth_ref):
     return bi, h, tiles.fetched_k_block(cfg, i, j), 0
 
-  def depth_in_map(bi, h, i, j, depth_len_ref):
-    return bi, h, jnp.clip(j - num_seq, 0, tiles.last_depth_block(cfg, depth_len_ref[0])), i, 0
+  def depth_in_map(bi, h, i, j, depth_ref):
+    return bi, h, tiles.fetched_depth_block(cfg, j - num_seq, depth_ref), i, 0
 
-  def depth_out_map(bi, h, i, j, depth_len_ref):
-    # Every depth block is visited (unwritten ones get their zeros here), so no clamp to depth_len.
+  def depth_out_map(bi, h, i, j, depth_ref):
+    # Every depth block is visited (unread ones get their zeros here), so no clamp to the readable ones.
     return bi, h, jnp.clip(j - num_seq, 0, cfg.num_depth_steps - 1), i, 0
 
   rows_spec = pl.BlockSpec((None, None, group, b.block_q, head_dim), row_map)
@@ -87,17 +87,17 @@ def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
   out_specs = [rows_spec]
   out_shape = [jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)]
   scratch = [pltpu.VMEM((group, b.block_q, head_dim), jnp.float32)]   # dq accumulator
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     in_specs += [rows_spec] + [pl.BlockSpec((None, None, b.block_slots, b.block_q, head_dim), depth_in_map)] * 2
     inputs += [ops.depth_q, ops.depth_k, ops.depth_v]
     out_specs += [rows_spec] + [pl.BlockSpec((None, None, b.block_slots, b.block_q, head_dim), depth_out_map)] * 2
     out_shape += [jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)]
     out_shape += [jax.ShapeDtypeStruct(ops.depth_k.shape, ops.depth_k.dtype)] * 2
     scratch.append(pltpu.VMEM((group, b.block_q, head_dim), jnp.float32))   # d depth_q accumulator
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, b.block_q, tiles.LANES), lambda bi, h, i, j, dl: (bi, i, 0)),
+  if cfg.spec.has_segments:
+    in_specs += [pl.BlockSpec((None, b.block_q, tiles.LANES), lambda bi, h, i, j, depth_ref: (bi, i, 0)),
                  pl.BlockSpec((None, tiles.SUBLANES, b.block_k),
-                              lambda bi, h, i, j, dl: (bi, 0, tiles.fetched_k_block(cfg, i, j)))]
+                              lambda bi, h, i, j, depth_ref: (bi, 0, tiles.fetched_k_block(cfg, i, j)))]
     inputs += [ops.q_seg, ops.kv_seg]
 
   results = pl.pallas_call(
@@ -111,24 +111,24 @@ def dq_and_depth(ops: Operands, *, cfg: KernelConfig, interpret):
       compiler_params=tiles.compiler_params(),
       interpret=interpret,
       name="moda_tpu_bwd_dq_depth",
-  )(ops.depth_len, *inputs)
-  return tuple(results) if cfg.has_depth else (results[0], None, None, None)
+  )(ops.depth_range, *inputs)
+  return tuple(results) if cfg.spec.has_depth else (results[0], None, None, None)
 
 
-def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+def _dq_kernel(depth_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                cfg: KernelConfig):
   refs = list(refs)
   depth_q_ref = dk_ref = dv_ref = q_seg_ref = kv_seg_ref = None
   d_depth_q_ref = d_depth_k_ref = d_depth_v_ref = ddq_acc_ref = None
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     depth_q_ref, dk_ref, dv_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-  if cfg.has_segments:
+  if cfg.spec.has_segments:
     q_seg_ref, kv_seg_ref = refs.pop(0), refs.pop(0)
   dq_ref = refs.pop(0)
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     d_depth_q_ref, d_depth_k_ref, d_depth_v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
   dq_acc_ref = refs.pop(0)
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     (ddq_acc_ref,) = refs
 
   i, j = pl.program_id(2), pl.program_id(3)
@@ -137,7 +137,7 @@ def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
   @pl.when(j == 0)
   def _init():
     dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
-    if cfg.has_depth:
+    if cfg.spec.has_depth:
       ddq_acc_ref[...] = jnp.zeros(ddq_acc_ref.shape, jnp.float32)
 
   def sequence_step(masked: bool):
@@ -146,40 +146,39 @@ def _dq_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
     width = k.shape[0]
 
     def head(g):
-      s = tiles.matmul(q_ref[g], k, tiles.NT_DIMS) * cfg.scale
+      s = tiles.matmul(q_ref[g], k, tiles.NT_DIMS) * cfg.spec.scale
       if visible is not None:
         s = jnp.where(visible, s, tiles.MASK_VALUE)
       p = jnp.exp(s - tiles.lanes(lse_ref[g], width))
       dp = tiles.matmul(do_ref[g], v, tiles.NT_DIMS)
       ds = p * (dp - tiles.lanes(delta_ref[g], width))
-      dq_acc_ref[g] += tiles.matmul(ds.astype(k.dtype), k, tiles.NN_DIMS) * cfg.scale
+      dq_acc_ref[g] += tiles.matmul(ds.astype(k.dtype), k, tiles.NN_DIMS) * cfg.spec.scale
 
     tiles.for_each(cfg.group, head)
 
   tiles.run_sequence_step(cfg, i, j, jnp.less(j, num_seq), sequence_step)
 
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     @pl.when(j >= num_seq)
     def _depth():
-      first_slot = (j - num_seq) * cfg.blocks.block_slots
-      num_written = jnp.clip(depth_len_ref[0] - first_slot, 0, cfg.blocks.block_slots)
-      tiles.for_each(num_written, functools.partial(
+      lo, hi = tiles.readable_slots(cfg, j - num_seq, depth_ref)
+      tiles.for_each(hi, functools.partial(
           _depth_slot_grads, depth_q_ref=depth_q_ref, do_ref=do_ref, lse_ref=lse_ref, delta_ref=delta_ref,
           dk_ref=dk_ref, dv_ref=dv_ref, ddq_acc_ref=ddq_acc_ref, d_depth_k_ref=d_depth_k_ref,
-          d_depth_v_ref=d_depth_v_ref, cfg=cfg))
+          d_depth_v_ref=d_depth_v_ref, cfg=cfg), start=lo)
 
-      # This step owns the block's cotangents: unwritten slots get exact zeros.
-      def zero(unwritten):
-        slot = num_written + unwritten
+      # This step owns the block's cotangents: the unread slots (below lo, at or past hi) get exact zeros.
+      def zero(slot):
         d_depth_k_ref[slot] = jnp.zeros(d_depth_k_ref.shape[1:], d_depth_k_ref.dtype)
         d_depth_v_ref[slot] = jnp.zeros(d_depth_v_ref.shape[1:], d_depth_v_ref.dtype)
 
-      tiles.for_each(cfg.blocks.block_slots - num_written, zero)
+      tiles.for_each(lo, zero)
+      tiles.for_each(cfg.blocks.block_slots, zero, start=hi)
 
   @pl.when(j == num_seq + cfg.num_depth_steps - 1)
   def _finalize():
     dq_ref[...] = dq_acc_ref[...].astype(dq_ref.dtype)
-    if cfg.has_depth:
+    if cfg.spec.has_depth:
       d_depth_q_ref[...] = ddq_acc_ref[...].astype(d_depth_q_ref.dtype)
 
 
@@ -193,10 +192,10 @@ def _depth_slot_grads(slot_in_block, *, depth_q_ref, do_ref, lse_ref, delta_ref,
     d_depth_k, d_depth_v = cotangents
     q = depth_q_ref[g].astype(jnp.float32)
     do = do_ref[g].astype(jnp.float32)
-    c = jnp.sum(q * depth_k, axis=-1, keepdims=True) * cfg.scale            # [bq, 1]
+    c = jnp.sum(q * depth_k, axis=-1, keepdims=True) * cfg.spec.scale       # [bq, 1]
     p = jnp.exp(c - lse_ref[g][:, :1])
     dp = jnp.sum(do * depth_v, axis=-1, keepdims=True)
-    ds_scaled = p * (dp - delta_ref[g][:, :1]) * cfg.scale
+    ds_scaled = p * (dp - delta_ref[g][:, :1]) * cfg.spec.scale
     ddq_acc_ref[g] += ds_scaled * depth_k
     return d_depth_k + ds_scaled * q, d_depth_v + p * do
 
@@ -215,10 +214,10 @@ def dk_dv(ops: Operands, *, cfg: KernelConfig, interpret):
     # Causal: query tiles before the key block see none of it; clamp so they are not fetched.
     return jnp.maximum(i, tiles.first_q_block(cfg, j))
 
-  def row_map(bi, h, j, i, depth_len_ref):
+  def row_map(bi, h, j, i, depth_ref):
     return bi, h, 0, q_index(j, i), 0
 
-  def kv_map(bi, h, j, i, depth_len_ref):
+  def kv_map(bi, h, j, i, depth_ref):
     return bi, h, j, 0
 
   rows_spec = pl.BlockSpec((None, None, group, b.block_q, head_dim), row_map)
@@ -226,10 +225,10 @@ def dk_dv(ops: Operands, *, cfg: KernelConfig, interpret):
   kv_spec = pl.BlockSpec((None, None, b.block_k, head_dim), kv_map)
   in_specs = [rows_spec, kv_spec, kv_spec, rows_spec, stat_spec, stat_spec]
   inputs = [ops.q, ops.k, ops.v, ops.d_out, ops.lse, ops.delta]
-  if cfg.has_segments:
+  if cfg.spec.has_segments:
     in_specs += [pl.BlockSpec((None, b.block_q, tiles.LANES),
-                              lambda bi, h, j, i, dl: (bi, q_index(j, i), 0)),
-                 pl.BlockSpec((None, tiles.SUBLANES, b.block_k), lambda bi, h, j, i, dl: (bi, 0, j))]
+                              lambda bi, h, j, i, depth_ref: (bi, q_index(j, i), 0)),
+                 pl.BlockSpec((None, tiles.SUBLANES, b.block_k), lambda bi, h, j, i, depth_ref: (bi, 0, j))]
     inputs += [ops.q_seg, ops.kv_seg]
 
   return pl.pallas_call(
@@ -242,15 +241,15 @@ def dk_dv(ops: Operands, *, cfg: KernelConfig, interpret):
       compiler_params=tiles.compiler_params(),
       interpret=interpret,
       name="moda_tpu_bwd_dk_dv",
-  )(ops.depth_len, *inputs)
+  )(ops.depth_range, *inputs)
 
 
-def _dk_dv_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+def _dk_dv_kernel(depth_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                   cfg: KernelConfig):
-  del depth_len_ref  # depth does not touch the sequence keys
+  del depth_ref  # depth does not touch the sequence keys
   refs = list(refs)
   q_seg_ref = kv_seg_ref = None
-  if cfg.has_segments:
+  if cfg.spec.has_segments:
     q_seg_ref, kv_seg_ref = refs.pop(0), refs.pop(0)
   dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
 
@@ -268,14 +267,14 @@ def _dk_dv_kernel(depth_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
 
     def head(g):
       q, do = q_ref[g], do_ref[g]
-      s = tiles.matmul(q, k, tiles.NT_DIMS) * cfg.scale                   # [bq, bk]
+      s = tiles.matmul(q, k, tiles.NT_DIMS) * cfg.spec.scale              # [bq, bk]
       if visible is not None:
         s = jnp.where(visible, s, tiles.MASK_VALUE)
       p = jnp.exp(s - tiles.lanes(lse_ref[g], width))
       dv_acc_ref[...] += tiles.matmul(p.T.astype(do.dtype), do, tiles.NN_DIMS)
       dp = tiles.matmul(do, v, tiles.NT_DIMS)
       ds = p * (dp - tiles.lanes(delta_ref[g], width))
-      dk_acc_ref[...] += tiles.matmul(ds.T.astype(q.dtype), q, tiles.NN_DIMS) * cfg.scale
+      dk_acc_ref[...] += tiles.matmul(ds.T.astype(q.dtype), q, tiles.NN_DIMS) * cfg.spec.scale
 
     tiles.for_each(cfg.group, head)
 

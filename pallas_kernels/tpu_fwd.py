@@ -3,11 +3,11 @@
 Grid (B, Hk, query tiles, key blocks + depth blocks). For one query tile (all G heads of one kv head)
 the last axis first walks the sequence key blocks (blocks above the causal diagonal are skipped and
 not fetched; only diagonal / segment / padding blocks are masked), then walks the depth slots in
-blocks of `block_slots`. Depth step d only runs for slots < depth_len, which is a scalar-prefetch
-argument: the depth index map clamps to the last written block, so unwritten blocks are never copied
-into VMEM. Depth logits score `depth_q` (fetched once per query tile, like q) and are per-row dot
-products (each query row has its own depth keys), done on the VPU as multiply + lane reduction; they
-update the same (max, sum, acc) state as the sequence phase.
+blocks of `block_slots`. Depth step d only runs for the readable slots depth_start <= l < depth_len,
+a scalar-prefetch argument: the depth index map clamps into the blocks holding readable slots, so
+blocks wholly outside them are never copied into VMEM. Depth logits score `depth_q` (fetched once per
+query tile, like q) and are per-row dot products (each query row has its own depth keys), done on the
+VPU as multiply + lane reduction; they update the same (max, sum, acc) state as the sequence phase.
 """
 
 from __future__ import annotations
@@ -23,35 +23,37 @@ from pallas_kernels import tpu_tiles as tiles
 from pallas_kernels.tpu_tiles import KernelConfig
 
 
-def forward(q_BKGTD, k_BKTD, v_BKTD, depth_q_BKGTD, depth_k_BKLTD, depth_v_BKLTD, depth_len_1, q_seg_BT128,
+def forward(q_BKGTD, k_BKTD, v_BKTD, depth_q_BKGTD, depth_k_BKLTD, depth_v_BKLTD, depth_range_2, q_seg_BT128,
             kv_seg_B8T, *, cfg: KernelConfig, interpret):
-  """Returns (out [B, Hk, G, T, D] in q's dtype, lse [B, Hk, G, T, 128] float32 lane-broadcast)."""
+  """`depth_range_2` is int32 [depth_start, depth_len] (`tiles.DEPTH_START`, `tiles.DEPTH_LEN`).
+
+  Returns (out [B, Hk, G, T, D] in q's dtype, lse [B, Hk, G, T, 128] float32 lane-broadcast)."""
   batch, num_kv_heads, group, padded_len, head_dim = q_BKGTD.shape
   blocks = cfg.blocks
   bq, bk, bl = blocks.block_q, blocks.block_k, blocks.block_slots
   num_seq = cfg.num_seq_steps
 
-  def q_map(b, h, i, j, depth_len_ref):
+  def q_map(b, h, i, j, depth_ref):
     return b, h, 0, i, 0
 
-  def kv_map(b, h, i, j, depth_len_ref):
+  def kv_map(b, h, i, j, depth_ref):
     return b, h, tiles.fetched_k_block(cfg, i, j), 0
 
-  def depth_map(b, h, i, j, depth_len_ref):
-    last = tiles.last_depth_block(cfg, depth_len_ref[0])
-    return b, h, jnp.clip(j - num_seq, 0, last), i, 0
+  def depth_map(b, h, i, j, depth_ref):
+    return b, h, tiles.fetched_depth_block(cfg, j - num_seq, depth_ref), i, 0
 
   in_specs = [pl.BlockSpec((None, None, group, bq, head_dim), q_map),
               pl.BlockSpec((None, None, bk, head_dim), kv_map),
               pl.BlockSpec((None, None, bk, head_dim), kv_map)]
   inputs = [q_BKGTD, k_BKTD, v_BKTD]
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     in_specs += [pl.BlockSpec((None, None, group, bq, head_dim), q_map)]
     in_specs += [pl.BlockSpec((None, None, bl, bq, head_dim), depth_map)] * 2
     inputs += [depth_q_BKGTD, depth_k_BKLTD, depth_v_BKLTD]
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, tiles.LANES), lambda b, h, i, j, dl: (b, i, 0)),
-                 pl.BlockSpec((None, tiles.SUBLANES, bk), lambda b, h, i, j, dl: (b, 0, tiles.fetched_k_block(cfg, i, j)))]
+  if cfg.spec.has_segments:
+    in_specs += [pl.BlockSpec((None, bq, tiles.LANES), lambda b, h, i, j, depth_ref: (b, i, 0)),
+                 pl.BlockSpec((None, tiles.SUBLANES, bk),
+                              lambda b, h, i, j, depth_ref: (b, 0, tiles.fetched_k_block(cfg, i, j)))]
     inputs += [q_seg_BT128, kv_seg_B8T]
 
   out_specs = [pl.BlockSpec((None, None, group, bq, head_dim), q_map),
@@ -71,15 +73,15 @@ def forward(q_BKGTD, k_BKTD, v_BKTD, depth_q_BKGTD, depth_k_BKLTD, depth_v_BKLTD
       compiler_params=tiles.compiler_params(),
       interpret=interpret,
       name="moda_tpu_fwd",
-  )(depth_len_1, *inputs)
+  )(depth_range_2, *inputs)
 
 
-def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
+def _kernel(depth_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
   refs = list(refs)
   depth_q_ref = dk_ref = dv_ref = q_seg_ref = kv_seg_ref = None
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     depth_q_ref, dk_ref, dv_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-  if cfg.has_segments:
+  if cfg.spec.has_segments:
     q_seg_ref, kv_seg_ref = refs.pop(0), refs.pop(0)
   out_ref, lse_ref, m_ref, l_ref, acc_ref = refs
 
@@ -97,7 +99,7 @@ def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
     visible = tiles.visible_logits(cfg, i, j, q_seg_ref, kv_seg_ref) if masked else None
 
     def head(g):
-      s = tiles.matmul(q_ref[g], k, tiles.NT_DIMS) * cfg.scale            # [bq, bk] float32
+      s = tiles.matmul(q_ref[g], k, tiles.NT_DIMS) * cfg.spec.scale       # [bq, bk] float32
       if visible is not None:
         s = jnp.where(visible, s, tiles.MASK_VALUE)
       m_prev = m_ref[g]
@@ -113,16 +115,15 @@ def _kernel(depth_len_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
 
   tiles.run_sequence_step(cfg, i, j, jnp.less(j, num_seq), sequence_step)
 
-  if cfg.has_depth:
+  if cfg.spec.has_depth:
     @pl.when(j >= num_seq)
     def _depth():
-      # Only the written slots of this block; unwritten ones may hold anything (even inf): a loop
+      # Only the readable slots of this block; the others may hold anything (even inf): a loop
       # bound, not a mask, keeps them out of the arithmetic.
-      first_slot = (j - num_seq) * cfg.blocks.block_slots
-      num_written = jnp.clip(depth_len_ref[0] - first_slot, 0, cfg.blocks.block_slots)
-      tiles.for_each(num_written, functools.partial(
+      lo, hi = tiles.readable_slots(cfg, j - num_seq, depth_ref)
+      tiles.for_each(hi, functools.partial(
           _depth_slot, depth_q_ref=depth_q_ref, dk_ref=dk_ref, dv_ref=dv_ref, m_ref=m_ref, l_ref=l_ref,
-          acc_ref=acc_ref, cfg=cfg))
+          acc_ref=acc_ref, cfg=cfg), start=lo)
 
   @pl.when(j == num_seq + cfg.num_depth_steps - 1)
   def _finalize():
@@ -140,7 +141,7 @@ def _depth_slot(slot_in_block, *, depth_q_ref, dk_ref, dv_ref, m_ref, l_ref, acc
   depth_v = dv_ref[slot_in_block].astype(jnp.float32)
 
   def head(g):
-    c = jnp.sum(depth_q_ref[g].astype(jnp.float32) * depth_k, axis=-1, keepdims=True) * cfg.scale  # [bq, 1]
+    c = jnp.sum(depth_q_ref[g].astype(jnp.float32) * depth_k, axis=-1, keepdims=True) * cfg.spec.scale  # [bq, 1]
     m_prev = m_ref[g]
     m_next = jnp.maximum(m_prev, c)                       # [bq, 128]
     alpha = jnp.exp(m_prev - m_next)

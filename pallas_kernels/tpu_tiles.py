@@ -10,9 +10,10 @@ Kernel-side layouts, per batch b and kv head h (G query heads per kv head, T pad
     q segment ids [B, T, 128]           lane-broadcast, compared against
     kv segment ids[B, 8, T]             sublane-broadcast key ids
 
-This module decides which (query tile, key block) pairs are visited, which need a mask, and the index
-maps that keep skipped blocks from being fetched (a block whose index does not change between two grid
-steps is not copied again).
+This module decides which (query tile, key block) pairs and depth steps are visited, which need a mask,
+and the index maps that keep skipped blocks from being fetched (a block whose index does not change
+between two grid steps is not copied again). Which entries are visible is `pallas_kernels.spec`'s rule,
+evaluated here on the tile's token indices.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.spec import Spec, sequence_visible
 from pallas_kernels.tpu_block_sizes import FittedBlocks
 
 LANES = 128
@@ -34,18 +36,22 @@ SUBLANES = 8
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+# The scalar-prefetch operand int32[2] that every kernel gets first: the readable depth slots are
+# [depth_start, depth_len) (spec.depth_slot_visible); [0, 0] without depth.
+DEPTH_START, DEPTH_LEN = 0, 1
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Everything static a kernel body needs."""
+  """Everything static a kernel body needs: the call's `Spec` plus the tile geometry.
 
+  Causality, scale, segments and depth are the Spec's facts (read through `cfg.spec`), not copies.
+  """
+
+  spec: Spec
   blocks: FittedBlocks
-  seq_len: int         # unpadded T
   group: int           # G = Hq // Hk
   head_dim: int
-  causal: bool
-  scale: float
-  has_segments: bool
-  has_depth: bool
 
   @property
   def num_seq_steps(self) -> int:
@@ -53,16 +59,16 @@ class KernelConfig:
 
   @property
   def num_depth_steps(self) -> int:
-    return self.blocks.num_depth_blocks if self.has_depth else 0
+    return self.blocks.num_depth_blocks if self.spec.has_depth else 0
 
   @property
   def pads_keys(self) -> bool:
-    return self.blocks.padded_len != self.seq_len
+    return self.blocks.padded_len != self.spec.seq_len
 
 
 def last_k_block(cfg: KernelConfig, q_block):
   """Last key block a query tile sees (the diagonal one when causal)."""
-  if not cfg.causal:
+  if not cfg.spec.causal:
     return cfg.blocks.num_k_blocks - 1
   return lax.div((q_block + 1) * cfg.blocks.block_q - 1, cfg.blocks.block_k)
 
@@ -75,28 +81,45 @@ def fetched_k_block(cfg: KernelConfig, q_block, step):
 
 def first_q_block(cfg: KernelConfig, k_block):
   """First query tile that sees a key block (causal: the one holding the block's first token)."""
-  if not cfg.causal:
+  if not cfg.spec.causal:
     return 0
   return lax.div(k_block * cfg.blocks.block_k, cfg.blocks.block_q)
 
 
-def last_depth_block(cfg: KernelConfig, depth_len):
-  """Last depth step holding a written slot; 0 when none is (that block is then never computed)."""
-  return lax.div(jnp.maximum(depth_len - 1, 0), cfg.blocks.block_slots)
+def fetched_depth_block(cfg: KernelConfig, step, depth_ref):
+  """The depth block fetched at depth step `step`: clamped into the blocks holding readable slots, so
+  steps wholly below depth_start or at / past depth_len re-use a resident block instead of a DMA (and
+  are never computed: see `readable_slots`)."""
+  first = lax.div(depth_ref[DEPTH_START], cfg.blocks.block_slots)
+  last = lax.div(jnp.maximum(depth_ref[DEPTH_LEN] - 1, 0), cfg.blocks.block_slots)
+  return jnp.minimum(jnp.maximum(step, first), last)
+
+
+def readable_slots(cfg: KernelConfig, step, depth_ref):
+  """The readable slots of depth step `step` as in-block indices [lo, hi), lo <= hi.
+
+  Readable means `spec.depth_slot_visible` (depth_start <= slot < depth_len), here as the interval
+  it is, because the kernels bound their slot loops instead of masking: unread slots may hold
+  anything (even inf or NaN) and must stay out of the arithmetic.
+  """
+  first_slot = step * cfg.blocks.block_slots
+  lo = jnp.clip(depth_ref[DEPTH_START] - first_slot, 0, cfg.blocks.block_slots)
+  hi = jnp.clip(depth_ref[DEPTH_LEN] - first_slot, lo, cfg.blocks.block_slots)
+  return lo, hi
 
 
 def seq_block_visible(cfg: KernelConfig, q_block, k_block):
   """Whether any query of the tile sees any key of the block."""
-  if not cfg.causal:
+  if not cfg.spec.causal:
     return True
   return k_block * cfg.blocks.block_k <= (q_block + 1) * cfg.blocks.block_q - 1
 
 
 def seq_block_needs_mask(cfg: KernelConfig, q_block, k_block):
   """Whether the (query tile, key block) pair has any invisible entry to mask (static when possible)."""
-  if cfg.has_segments:
+  if cfg.spec.has_segments:
     return True
-  if cfg.causal:
+  if cfg.spec.causal:
     # Some key of the block is later than the tile's first query: the diagonal blocks.
     return (k_block + 1) * cfg.blocks.block_k - 1 > q_block * cfg.blocks.block_q
   if cfg.pads_keys:
@@ -105,21 +128,19 @@ def seq_block_needs_mask(cfg: KernelConfig, q_block, k_block):
 
 
 def visible_logits(cfg: KernelConfig, q_block, k_block, q_seg_ref, kv_seg_ref):
-  """[block_q, block_k] bool: which query rows of the tile see which keys of the block."""
+  """[block_q, block_k] bool: which query rows of the tile see which keys of the block.
+
+  `spec.sequence_visible` on the tile's token indices (and segment ids); padded keys (>= T) are
+  invisible by that rule too.
+  """
   shape = (cfg.blocks.block_q, cfg.blocks.block_k)
-  col = lax.broadcasted_iota(jnp.int32, shape, 1) + k_block * cfg.blocks.block_k
-  visible = jnp.ones(shape, jnp.bool_)
-  if cfg.causal:
-    row = lax.broadcasted_iota(jnp.int32, shape, 0) + q_block * cfg.blocks.block_q
-    visible = col <= row
-  elif cfg.pads_keys:
-    # Causal rows never see padded keys (they come after every real query); non-causal rows must not.
-    visible = col < cfg.seq_len
-  if cfg.has_segments:
-    q_seg = lanes(q_seg_ref[...], cfg.blocks.block_k)     # [block_q, block_k]
-    kv_seg = kv_seg_ref[0:1, :]                            # [1, block_k]
-    visible = jnp.logical_and(visible, q_seg == kv_seg)
-  return visible
+  q_token = lax.broadcasted_iota(jnp.int32, shape, 0) + q_block * cfg.blocks.block_q
+  k_token = lax.broadcasted_iota(jnp.int32, shape, 1) + k_block * cfg.blocks.block_k
+  q_segment = k_segment = None
+  if cfg.spec.has_segments:
+    q_segment = lanes(q_seg_ref[...], cfg.blocks.block_k)     # [block_q, block_k]
+    k_segment = kv_seg_ref[0:1, :]                             # [1, block_k]
+  return sequence_visible(cfg.spec, q_token, k_token, q_segment, k_segment)
 
 
 def lanes(x_R128: jax.Array, width: int) -> jax.Array:
@@ -147,13 +168,13 @@ def matmul(a: jax.Array, b: jax.Array, dims) -> jax.Array:
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def for_each(count, body) -> None:
-  """Runs body(index) for index in [0, count) as a rolled loop (count may be traced).
+def for_each(stop, body, start=0) -> None:
+  """Runs body(index) for index in [start, stop) as a rolled loop (bounds may be traced).
 
   Rolled rather than unrolled over heads and slots: the kernel stays small to compile (and to
   interpret on CPU) whatever G and block_slots are.
   """
-  lax.fori_loop(0, count, lambda index, carry: (body(index), carry)[1], None)
+  lax.fori_loop(start, stop, lambda index, carry: (body(index), carry)[1], None)
 
 
 def run_sequence_step(cfg: KernelConfig, q_block, k_block, active, step) -> None:

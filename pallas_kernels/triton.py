@@ -1,9 +1,13 @@
 """`implementation="pallas_triton"`: the MoDA backend built from Pallas kernels lowered through Triton.
 
-This file owns the layout glue and the `custom_vjp`; the kernels live in `triton_fwd.py` / `triton_bwd.py`.
-No transposes: q is viewed as [B, T, Hk, G, D] (a free reshape) and every kernel reads the native layouts.
-Head dims that are not a power of two >= 16 are zero-padded here (zero columns change no logit, and the
-padded output columns are sliced off). fp32 dots run in IEEE fp32, not TF32.
+This file owns the layout glue, what the backend supports and the `custom_vjp`; the kernels live in
+`triton_fwd.py` / `triton_bwd.py`. No transposes: q is viewed as [B, T, Hk, G, D] (a free reshape) and every
+kernel reads the native layouts. Head dims that are not a power of two >= 16 are zero-padded here (zero
+columns change no logit, and the padded output columns are sliced off). fp32 dots run in IEEE fp32, not TF32.
+
+Supported: every `moda_attention` call except depth_chunk C > 1 where a query tile (or a depth part) does
+not hold whole chunks (its tokens are not a multiple of C): there a depth slot would take its gradient from
+two programs.
 """
 
 from __future__ import annotations
@@ -13,37 +17,75 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton_bwd, triton_fwd
+from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import BlockSizes, next_pow2
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-              *, causal: bool, scale: float, interpret=False, block_sizes: BlockSizes | None = None,
-              depth_q_BTHD=None):
-  """See `pallas_kernels.api` for the normalized backend signature.
+def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
+              block_sizes: BlockSizes | None = None):
+  """The backend protocol of `pallas_kernels.api`: (out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] float32).
 
   `block_sizes` overrides the per-device default tiles (benchmarks and tests use it).
   """
-  batch, seq_len, num_q_heads, head_dim = q_BTHD.shape
-  num_kv_heads = k_BTKD.shape[2]
+  block_sizes = _block_sizes(inputs, block_sizes)
+  check_supported(inputs, spec, interpret, block_sizes=block_sizes)
+  batch, seq_len, num_q_heads, head_dim = inputs.q.shape
+  num_kv_heads = inputs.num_kv_heads
   group = num_q_heads // num_kv_heads
-  padded_dim = max(16, next_pow2(head_dim))
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(padded_dim, group, q_BTHD.dtype, _device_kind())
-  block_sizes.validate(group)
+  padded_dim = _padded_dim(head_dim)
 
-  pad = lambda x: x if padded_dim == head_dim else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_dim - head_dim)])
-  q_BTKGD = pad(q_BTHD).reshape(batch, seq_len, num_kv_heads, group, padded_dim)
-  has_depth = depth_k_BTLKD is not None
-  depth = (None, None, None)
-  if has_depth:
+  def pad(x):
+    if x is None or padded_dim == head_dim:
+      return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_dim - head_dim)])
+
+  per_kv_head = lambda x: None if x is None else pad(x).reshape(batch, seq_len, num_kv_heads, group, padded_dim)
+  q_BTKGD = per_kv_head(inputs.q)
+  operands = tt.Operands(q=q_BTKGD if spec.has_sequence else None, k=pad(inputs.k), v=pad(inputs.v),
+                         segment_ids=inputs.segment_ids)
+  if spec.has_depth:
     # q itself when not given: the same array twice, JAX sums its two cotangents.
-    depth_q_BTKGD = q_BTKGD if depth_q_BTHD is None else pad(depth_q_BTHD).reshape(q_BTKGD.shape)
-    depth = (depth_q_BTKGD, pad(depth_k_BTLKD), pad(depth_v_BTLKD))
-  out_BTKGD, lse_BTKG = _moda(q_BTKGD, pad(k_BTKD), pad(v_BTKD), *depth, depth_len, segment_ids_BT,
-                              causal, float(scale), block_sizes, interpret)
+    bounds = jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32)
+    operands = operands._replace(depth_q=q_BTKGD if inputs.depth_q is None else per_kv_head(inputs.depth_q),
+                                 depth_k=pad(inputs.depth_k), depth_v=pad(inputs.depth_v), depth_bounds=bounds)
+  out_BTKGD, lse_BTKG = _moda(operands, spec, block_sizes, interpret)
   out_BTHD = out_BTKGD.reshape(batch, seq_len, num_q_heads, padded_dim)[..., :head_dim]
   return out_BTHD, lse_BTKG.reshape(batch, seq_len, num_q_heads)
+
+
+def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret, *,
+                    block_sizes: BlockSizes | None = None) -> None:
+  """Raises NotImplementedError for what this backend cannot do (the dispatcher then falls back)."""
+  del interpret  # Interpret mode runs the same kernels: it supports the same calls.
+  seq_len = inputs.q.shape[1]
+  if spec.seq_len != seq_len:
+    raise NotImplementedError(f"pallas_triton: spec.seq_len={spec.seq_len} differs from the {seq_len} query "
+                              "tokens; the kernels attend over the queries' own tokens only.")
+  if spec.depth_chunk > 1:
+    block_sizes = _block_sizes(inputs, block_sizes)
+    group_padded = next_pow2(inputs.q.shape[2] // inputs.num_kv_heads)
+    for name in ("fwd", "dq"):
+      tokens_per_tile = getattr(block_sizes, name).block_q // group_padded
+      if tokens_per_tile % spec.depth_chunk:
+        raise NotImplementedError(
+            f"pallas_triton: depth_chunk={spec.depth_chunk} does not divide the {tokens_per_tile} tokens of a "
+            f"{name} query tile (block_q={getattr(block_sizes, name).block_q}, G padded to {group_padded}): a "
+            "chunk must lie inside one tile, so that each depth slot takes its gradient from one program.")
+
+
+def _padded_dim(head_dim: int) -> int:
+  return max(16, next_pow2(head_dim))
+
+
+def _block_sizes(inputs: spec_lib.Inputs, block_sizes: BlockSizes | None) -> BlockSizes:
+  """The given tiles or the device's defaults, validated (ValueError) before any launch."""
+  group = inputs.q.shape[2] // inputs.num_kv_heads
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(_padded_dim(inputs.q.shape[3]), group, inputs.q.dtype, _device_kind())
+  block_sizes.validate(group)
+  return block_sizes
 
 
 def _device_kind() -> str | None:
@@ -57,27 +99,24 @@ def _device_kind() -> str | None:
     return None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _moda(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes, interpret):
-  return triton_fwd.forward(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal=causal,
-                            scale=scale, blocks=block_sizes.fwd, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: BlockSizes, interpret):
+  return triton_fwd.forward(operands, spec, blocks=block_sizes.fwd, interpret=interpret)
 
 
-def _moda_fwd(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes, interpret):
-  out, lse = _moda(q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, causal, scale, block_sizes,
-                   interpret)
-  return (out, lse), (q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, out, lse)
+def _moda_fwd(operands, spec, block_sizes, interpret):
+  out, lse = _moda(operands, spec, block_sizes, interpret)
+  return (out, lse), (operands, out, lse)
 
 
-def _moda_bwd(causal, scale, block_sizes, interpret, residuals, cotangents):
-  q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, out, lse = residuals
+def _moda_bwd(spec, block_sizes, interpret, residuals, cotangents):
+  operands, out, lse = residuals
   d_out, d_lse = cotangents
   # d lse / d logit = p, so an lse cotangent shifts every ds = p * (dp - delta) like a -dlse in delta.
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1) - d_lse
-  grads = triton_bwd.backward(
-      q, k, v, depth_q, depth_k, depth_v, depth_len, segment_ids, d_out.astype(q.dtype), lse, delta,
-      causal=causal, scale=scale, dq_blocks=block_sizes.dq, dkv_blocks=block_sizes.dkv, interpret=interpret)
-  return (*grads, None, None)
+  rows = tt.RowGrads(do=d_out.astype(out.dtype), lse=lse, delta=delta)
+  grads = triton_bwd.backward(operands, rows, spec, block_sizes=block_sizes, interpret=interpret)
+  return (grads,)
 
 
 _moda.defvjp(_moda_fwd, _moda_bwd)

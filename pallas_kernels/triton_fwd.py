@@ -2,19 +2,17 @@
 
 One program = one tile of folded query rows (tokens x the G heads of one kv head) of one (batch, kv head).
 One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 domain) runs over
-  1. the sequence keys: blocks entirely before the tile's first token without any mask, then the blocks
-     that overlap the tile's tokens with the causal mask (non-causal: all blocks, the last one bounded);
+  1. the sequence keys (absent for depth-only attention): blocks entirely before the tile's first token
+     without any mask, then the blocks that overlap the tile's tokens with the causal mask (non-causal: all
+     blocks, the last one bounded);
   2. the depth slots of the tile's own tokens, scored with the tile's `depth_q` rows (loaded after the
      sequence phase, when q is dead: no extra registers). The state is split into parts of `depth_rows`
-     rows (whole tokens), each finishing its depth phase and storing its rows on its own: the dense
-     block-diagonal logits of a part waste tokens_per_part x the FLOPs and exps, not tokens_per_tile x.
-     "dense": `slots_per_step` slots of every token of the part per step, as one tensor-core
-     [rows x (tokens * slots)] block whose off-token entries are masked (the official block-diagonal
-     layout). "per_token": every row gathers its own token's slot and the logit is a row-wise
-     multiply-reduce over D on the CUDA cores (no masked FLOPs). Either way the step loop stops at
-     cdiv(depth_len, slots per step): unwritten slots are never loaded or computed.
-     "dense" is the default: on the H200 it beat "per_token" on every benchmark shape, G = 2 included
-     (helper_notes/gpu_results.md; BENCHMARKS.md).
+     rows (whole tokens, whole depth chunks), each finishing its depth phase and storing its rows on its
+     own. A step multiplies the part's rows against `slots_per_step` slots of every token of the part, one
+     tensor-core [rows x (tokens * slots)] block whose invisible entries are masked (the official
+     block-diagonal layout; with depth_chunk C > 1 a row sees the columns of the earlier tokens of its
+     chunk too). The step loop covers only the steps that hold slots in [depth_start, depth_len): other
+     slots are never loaded or computed.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import KernelBlocks
 
@@ -41,134 +40,104 @@ def _online_update(carry, logits, values):
   return acc, m_next, l_next
 
 
-def _kernel(*refs, geom: tt.Geometry, causal: bool, scale: float, has_depth: bool, has_segments: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref = refs[:3]
-  del refs[:3]
-  if has_depth:
-    depth_len_ref, depth_q_ref, depth_k_ref, depth_v_ref = refs[:4]
-    del refs[:4]
-  seg_ref = refs.pop(0) if has_segments else None
-  o_ref, lse_ref = refs
-
+def _kernel(refs: tt.Operands, o_ref, lse_ref, *, geom: tt.Geometry, spec: spec_lib.Spec):
   # Heavy (late) causal tiles first: they start while the short ones fill the tail of the launch.
   tile = pl.num_programs(0) - 1 - pl.program_id(0)
   first_token = tile * geom.tokens_per_tile
   rows = tt.tile_rows(first_token, geom)
-  q = tt.load_rows(q_ref, rows, geom)
-  qk_scale = scale * tt.LOG2E
-  q_seg = plgpu.load(seg_ref.at[rows.token], mask=rows.token < geom.seq_len, other=-1) if has_segments else None
-
-  def seq_step(j, carry, *, masked: bool):
-    start = pl.multiple_of(j * geom.block_k, geom.block_k)
-    k = tt.load_keys(k_ref, start, geom, bounded=masked)
-    v = tt.load_keys(v_ref, start, geom, bounded=masked)
-    logits = tt.dot(q, k, trans_b=True) * qk_scale
-    cols = start + jnp.arange(geom.block_k)
-    keep = None
-    if masked:
-      keep = jnp.broadcast_to((cols < geom.seq_len)[None, :], logits.shape)
-      if causal:
-        keep = keep & (cols[None, :] <= rows.token[:, None])
-    if has_segments:
-      k_seg = plgpu.load(seg_ref.at[cols], mask=cols < geom.seq_len, other=-2)
-      same = q_seg[:, None] == k_seg[None, :]
-      keep = same if keep is None else keep & same
-    if keep is not None:
-      logits = jnp.where(keep, logits, tt.MASK_VALUE)
-    return _online_update(carry, logits, v)
+  qk_scale = spec.scale * tt.LOG2E
+  q_seg = tt.load_segments(refs.segment_ids, rows.token, geom, other=-1)
 
   carry = (jnp.zeros((geom.block_q, geom.head_dim), jnp.float32),
            jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
            jnp.zeros((geom.block_q,), jnp.float32))
-  num_free, num_blocks = tt.key_block_range(first_token, causal, geom)
-  carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
-  carry = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
+  if spec.has_sequence:
+    carry = _sequence_phase(carry, refs, first_token, rows, q_seg, geom, spec, qk_scale)
 
-  # The depth phase continues the same softmax state, one part of `depth_rows` rows at a time.
-  parts = tt.split_rows(first_token, carry, geom) if has_depth else [(first_token, geom, carry)]
-  for part_first_token, part_geom, part_carry in parts:
+  # The depth phase continues the same softmax state, one part of `depth_rows` rows at a time. Across
+  # tokens (depth chunks) the segments matter; a token's own slots are in its segment.
+  chunk_seg = q_seg if spec.depth_chunk > 1 else None
+  parts = (tt.split_rows(first_token, (carry, chunk_seg), geom) if spec.has_depth
+           else [(first_token, geom, (carry, None))])
+  for part_first_token, part_geom, (part_carry, part_chunk_seg) in parts:
     part_rows = tt.tile_rows(part_first_token, part_geom)
-    if has_depth:
-      part_carry = _depth_phase(part_carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len_ref[0],
-                                part_first_token, part_rows, part_geom, qk_scale)
+    if spec.has_depth:
+      part_carry = _depth_phase(part_carry, refs, part_first_token, part_rows, part_chunk_seg, part_geom,
+                                spec, qk_scale)
     acc, m, l = part_carry
-    tt.store_rows(o_ref, part_rows, acc / l[:, None], part_geom)
-    tt.store_row_stat(lse_ref, part_rows, (m + jnp.log2(l)) / tt.LOG2E)
+    out, lse = acc / l[:, None], (m + jnp.log2(l)) / tt.LOG2E
+    if not spec.has_sequence:
+      # Depth-only rows may see nothing: out 0 and lse -inf, not the average of their masked columns.
+      empty = tt.never_visible(m)
+      out, lse = jnp.where(empty[:, None], 0.0, out), jnp.where(empty, -jnp.inf, lse)
+    tt.store_rows(o_ref, part_rows, out, part_geom)
+    tt.store_row_stat(lse_ref, part_rows, lse)
 
 
-def _depth_phase(carry, depth_q_ref, depth_k_ref, depth_v_ref, depth_len, first_token, rows: tt.Rows,
-                 geom: tt.Geometry, qk_scale):
-  """Folds the depth slots of the rows' own tokens into their softmax state (acc, m, l)."""
+def _sequence_phase(carry, refs: tt.Operands, first_token, rows: tt.Rows, q_seg, geom: tt.Geometry,
+                    spec: spec_lib.Spec, qk_scale):
+  q = tt.load_rows(refs.q, rows, geom)
+
+  def seq_step(j, carry, *, masked: bool):
+    start = pl.multiple_of(j * geom.block_k, geom.block_k)
+    k = tt.load_keys(refs.k, start, geom, bounded=masked)
+    v = tt.load_keys(refs.v, start, geom, bounded=masked)
+    logits = tt.dot(q, k, trans_b=True) * qk_scale
+    cols = start + jnp.arange(geom.block_k)
+    k_seg = tt.load_segments(refs.segment_ids, cols, geom, other=-2)
+    keep = tt.sequence_mask(spec, rows.token[:, None], cols[None, :],
+                            None if q_seg is None else q_seg[:, None], None if k_seg is None else k_seg[None, :],
+                            logits.shape, masked=masked)
+    if keep is not None:
+      logits = jnp.where(keep, logits, tt.MASK_VALUE)
+    return _online_update(carry, logits, v)
+
+  num_free, num_blocks = tt.key_block_range(first_token, spec.causal, geom)
+  carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
+  return jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
+
+
+def _depth_phase(carry, refs: tt.Operands, first_token, rows: tt.Rows, chunk_seg, geom: tt.Geometry,
+                 spec: spec_lib.Spec, qk_scale):
+  """Folds the depth slots the rows see (their tokens', or their chunks') into their state (acc, m, l).
+
+  `chunk_seg`: the rows' segment ids when depth_chunk > 1 and segments are given, else None.
+  """
   # Loaded only now, when q is dead: depth_q takes its registers.
-  depth_q = tt.load_rows(depth_q_ref, rows, geom)
-  local_token = jnp.arange(geom.block_q) // geom.group_padded
+  depth_q = tt.load_rows(refs.depth_q, rows, geom)
+  depth_start, depth_len = tt.depth_bounds(refs.depth_bounds)
 
   def depth_step(step, carry):
-    cols = tt.depth_cols(first_token, step, depth_len, geom)
-    dk = tt.load_depth(depth_k_ref, cols, geom)
-    dv = tt.load_depth(depth_v_ref, cols, geom)
+    cols = tt.depth_cols(first_token, step, depth_start, depth_len, geom)
+    dk = tt.load_depth(refs.depth_k, cols, geom)
+    dv = tt.load_depth(refs.depth_v, cols, geom)
     logits = tt.dot(depth_q, dk, trans_b=True) * qk_scale
-    logits = jnp.where(tt.depth_visible(local_token, cols), logits, tt.MASK_VALUE)
+    k_seg = None if chunk_seg is None else tt.load_segments(refs.segment_ids, cols.token, geom, other=-2)
+    logits = jnp.where(tt.depth_mask(spec, rows, cols, chunk_seg, k_seg), logits, tt.MASK_VALUE)
     return _online_update(carry, logits, dv)
 
-  def per_token_step(step, carry):
-    # Every load of the step is issued before the first use; one rescale serves all its slots.
-    acc, m_prev, l_prev = carry
-    slots = [step * geom.per_token_slots + j for j in range(geom.per_token_slots)]
-    dks = [tt.load_token_slot(depth_k_ref, rows, s, depth_len, geom) for s in slots]
-    dvs = [tt.load_token_slot(depth_v_ref, rows, s, depth_len, geom) for s in slots]
-    logits = [jnp.where(s < depth_len, tt.row_dot(depth_q, dk) * qk_scale, tt.MASK_VALUE)
-              for s, dk in zip(slots, dks)]
-    m_next = functools.reduce(jnp.maximum, logits, m_prev)
-    correction = jnp.exp2(m_prev - m_next)
-    probs = [jnp.exp2(c - m_next) for c in logits]
-    l_next = l_prev * correction + functools.reduce(jnp.add, probs)
-    acc = acc * correction[:, None]
-    for p, dv in zip(probs, dvs):
-      acc = acc + p[:, None] * dv.astype(jnp.float32)
-    return acc, m_next, l_next
-
-  if geom.depth_mode == "per_token":
-    num_steps = (depth_len + geom.per_token_slots - 1) // geom.per_token_slots
-    return jax.lax.fori_loop(0, num_steps, per_token_step, carry)
-  num_steps = (depth_len + geom.slots_per_step - 1) // geom.slots_per_step
-  return jax.lax.fori_loop(0, num_steps, depth_step, carry)
+  first_step, end_step = tt.depth_step_range(depth_start, depth_len, geom)
+  return jax.lax.fori_loop(first_step, end_step, depth_step, carry)
 
 
-def forward(q_BTKGD, k_BTKD, v_BTKD, depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD, depth_len, segment_ids_BT,
-            *, causal: bool, scale: float, blocks: KernelBlocks, interpret):
-  """Returns out [B, T, Hk, G, D] (q's dtype) and lse [B, T, Hk, G] (float32, natural log).
+def forward(operands: tt.Operands, spec: spec_lib.Spec, *, blocks: KernelBlocks, interpret):
+  """Returns out [B, T, Hk, G, D] (depth_q's dtype) and lse [B, T, Hk, G] (float32, natural log).
 
-  `q_BTKGD` / `depth_q_BTKGD` are q / depth_q viewed per kv head; D is already a power of two >= 16.
+  `operands` hold q / depth_q viewed per kv head ([B, T, Hk, G, D]); D is already a power of two >= 16.
   """
-  batch, seq_len, num_kv_heads, group, head_dim = q_BTKGD.shape
-  has_depth = depth_k_BTLKD is not None
-  has_segments = segment_ids_BT is not None
-  geom = tt.make_geometry(q_BTKGD.shape, depth_k_BTLKD.shape[2] if has_depth else 0, blocks)
-  grid = (geom.num_q_tiles, batch, num_kv_heads)
-  per_head = lambda *shape: pl.BlockSpec((None, seq_len, None, *shape), lambda i, b, k: (b, 0, k) + (0,) * len(shape))
-  in_specs = [per_head(group, head_dim), per_head(head_dim), per_head(head_dim)]
-  args = [q_BTKGD, k_BTKD, v_BTKD]
-  if has_depth:
-    num_slots = geom.num_slots
-    depth_spec = pl.BlockSpec((None, seq_len, num_slots, None, head_dim), lambda i, b, k: (b, 0, 0, k, 0))
-    in_specs += [pl.BlockSpec((1,), lambda i, b, k: (0,)), per_head(group, head_dim), depth_spec, depth_spec]
-    args += [jnp.reshape(depth_len, (1,)).astype(jnp.int32), depth_q_BTKGD, depth_k_BTLKD, depth_v_BTLKD]
-  if has_segments:
-    in_specs.append(pl.BlockSpec((None, seq_len), lambda i, b, k: (b, 0)))
-    args.append(segment_ids_BT)
-  kernel = functools.partial(_kernel, geom=geom, causal=causal, scale=scale, has_depth=has_depth,
-                             has_segments=has_segments)
+  q_like = operands.depth_q if operands.q is None else operands.q
+  batch, seq_len, num_kv_heads, group, head_dim = q_like.shape
+  num_slots = 0 if operands.depth_k is None else operands.depth_k.shape[2]
+  geom = tt.make_geometry(q_like.shape, num_slots, blocks, spec.depth_chunk)
+  row_specs = tt.row_grads_specs(seq_len, group, head_dim)
   return pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=[per_head(group, head_dim), per_head(group)],
-      out_shape=[jax.ShapeDtypeStruct(q_BTKGD.shape, q_BTKGD.dtype),
-                 jax.ShapeDtypeStruct(q_BTKGD.shape[:-1], jnp.float32)],
+      functools.partial(_kernel, geom=geom, spec=spec),
+      grid=(geom.num_q_tiles, batch, num_kv_heads),
+      in_specs=[tt.kv_head_specs(operands, seq_len, group, head_dim)],
+      out_specs=[row_specs.do, row_specs.lse],
+      out_shape=[jax.ShapeDtypeStruct(q_like.shape, q_like.dtype),
+                 jax.ShapeDtypeStruct(q_like.shape[:-1], jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="moda_forward",
-  )(*args)
-
+  )(operands)

@@ -5,14 +5,15 @@ With p = exp(logits - lse) recomputed tile by tile, dp = d_out . v and
 (the lse cotangent enters as + p * d_lse because d lse / d logits = p; `out` is the saved output in
 q's dtype, as in flash kernels, so bf16 / f16 delta carries that rounding). Then
     dv += p^T d_out,   dk += scale * d_logits^T q,   dq += scale * d_logits k
-for the sequence tiles, and the same with each token's own depth slots and depth_q in place of q
-(the depth part of the query gradient is d depth_q, a separate output unless depth_q is q itself).
+for the sequence tiles, and the same with the visible depth slots and depth_q in place of q (the
+depth part of the query gradient is d depth_q, a separate output unless depth_q is q itself).
 
 Loop order: a `lax.scan` over query blocks carries float32 dk / dv accumulators for the whole sequence
-([B, T, K, D]: O(T * D), smaller than a dq carry whenever G > 1); a query block's dq and its depth
-gradients (d depth_q included) are complete when its sweep ends (a depth slot belongs to one token),
-so they are emitted as scan outputs. Slots >= depth_len have p = 0 exactly, hence gradients that are
-exactly zero.
+([B, T, K, D]: O(T * D), smaller than a dq carry whenever G > 1); a query block's dq is complete when
+its sweep ends, and so are the depth gradients of the tokens it read when no other block reads them
+(C = 1, or chunks inside blocks: `xla_depth`), so those are emitted as scan outputs. Overlapping
+sliding depth windows (C > max_block) add into a float32 [B, T, L, K, D] carry instead. Hidden slots
+have p = 0 exactly, hence gradients that are exactly zero.
 """
 
 from __future__ import annotations
@@ -20,35 +21,42 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import xla_depth
+from pallas_kernels.spec import Inputs
 from pallas_kernels.xla_blocks import (
-    Geometry, depth_block, depth_logits, dot, from_key_blocks, from_query_blocks, key_block_mask,
-    masked, pad_tokens, segment_blocks, sweep_key_blocks, to_key_blocks, to_query_blocks)
+    Geometry, dot, from_key_blocks, from_query_blocks, key_block_mask, masked, pad_tokens,
+    segment_blocks, sweep_key_blocks, to_key_blocks, to_query_blocks)
 
 
-def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD, depth_v_BTLKD,
-             depth_len, segment_ids_BT, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH):
+def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH):
   """Returns (dq, dk, dv, d_depth_q, d_depth_k, d_depth_v) in the inputs' dtypes.
 
   depth_q None means the depth keys were scored with q: dq then holds both parts and d_depth_q is
   None (one query gradient, not two [B, T, Hq, D] arrays and their sum). Otherwise dq is the
-  sequence part only. The depth grads are None without depth."""
+  sequence part only. dk / dv are None for depth-only attention, the depth grads None without depth."""
+  spec = geo.spec
+  q_BTHD = inputs.q
   dtype = q_BTHD.dtype
   q_NBKRD = to_query_blocks(q_BTHD, geo)
   d_out_NBKRD = to_query_blocks(d_out_BTHD.astype(dtype), geo)
   delta_BTH = jnp.sum(out_BTHD.astype(jnp.float32) * d_out_BTHD.astype(jnp.float32), axis=-1)
   delta_NBKR = to_query_blocks(delta_BTH - d_lse_BTH.astype(jnp.float32), geo)
-  # Padded query rows get lse = +inf: their recomputed probabilities are exactly 0, so they contribute
-  # nothing (and no NaN) whatever they would have seen.
-  lse_NBKR = to_query_blocks(lse_BTH, geo, pad_value=jnp.inf)
-  k_NBKSD, v_NBKSD = to_key_blocks(k_BTKD, geo), to_key_blocks(v_BTKD, geo)
-  seg_rows_NBR, seg_keys_NBS = segment_blocks(segment_ids_BT, geo)
-  shared_query = depth_q_BTHD is None
+  # A row that saw nothing (depth-only attention) has lse = -inf, and padded query rows get +inf: as
+  # +inf both recompute probabilities that are exactly 0, so they contribute nothing and no NaN.
+  lse_NBKR = to_query_blocks(jnp.where(lse_BTH == -jnp.inf, jnp.inf, lse_BTH), geo, pad_value=jnp.inf)
+  seg_rows_NBR, seg_keys_NBS = segment_blocks(inputs.segment_ids, geo)
+  shared_query = inputs.depth_q is None
+  sliding = spec.has_depth and xla_depth.sliding(geo)
+  if spec.has_sequence:
+    k_NBKSD, v_NBKSD = to_key_blocks(inputs.k, geo), to_key_blocks(inputs.v, geo)
   depth_q_NBKRD = None
-  if geo.num_slots:
-    depth_k_BTLKD, depth_v_BTLKD = pad_tokens(depth_k_BTLKD, geo), pad_tokens(depth_v_BTLKD, geo)
-    depth_q_NBKRD = None if shared_query else to_query_blocks(depth_q_BTHD, geo)
+  if spec.has_depth:
+    depth_k_BTLKD, depth_v_BTLKD = pad_tokens(inputs.depth_k, geo), pad_tokens(inputs.depth_v, geo)
+    segments_BT = None if inputs.segment_ids is None else pad_tokens(inputs.segment_ids, geo)
+    depth_q_NBKRD = None if shared_query else to_query_blocks(inputs.depth_q, geo)
 
-  def query_block(dkv_acc, xs):
+  def query_block(carry, xs):
+    dkv_acc, depth_acc = carry
     i, q_BKRD, depth_q_BKRD, d_out_BKRD, lse_BKR, delta_BKR = xs
     if shared_query:
       depth_q_BKRD = q_BKRD
@@ -73,44 +81,47 @@ def backward(geo: Geometry, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_k_BTLKD,
 
     dq_BKRD = jnp.zeros(q_BKRD.shape, jnp.float32)
     depth_grads = ()
-    if geo.num_slots:
-      depth_k_BKtLD = depth_block(depth_k_BTLKD, i, geo)
-      depth_v_BKtLD = depth_block(depth_v_BTLKD, i, geo)
-      split = lambda x: x.reshape(geo.batch, geo.num_kv_heads, geo.block, geo.group, -1)
-      d_out_BKtGD = split(d_out_BKRD)
-      d_probs = dot("bktld,bktgd->bktgl", depth_v_BKtLD, d_out_BKtGD).reshape(lse_BKR.shape + (-1,))
-      logits = depth_logits(depth_q_BKRD, depth_k_BKtLD, depth_len, geo)
-      probs, d_logits = grads_of_logits(logits, d_probs)
-      # The scale goes on the logit-sized operand, never on a [B, t, L, K, D] result.
-      probs_BKtGL, d_scores_BKtGL = split(probs).astype(dtype), split(geo.scale * d_logits).astype(dtype)
-      d_depth_q = dot("bktgl,bktld->bktgd", d_scores_BKtGL, depth_k_BKtLD)
-      # [B, K, t, L, D] as the dots produce it, then once into the buffers' [B, t, L, K, D] layout.
-      to_buffer = lambda x_BKtLD: jnp.transpose(x_BKtLD.astype(dtype), (0, 2, 3, 1, 4))
-      d_depth_k = to_buffer(dot("bktgl,bktgd->bktld", d_scores_BKtGL, split(depth_q_BKRD)))
-      d_depth_v = to_buffer(dot("bktgl,bktgd->bktld", probs_BKtGL, d_out_BKtGD))
+    if spec.has_depth:
+      depth = xla_depth.phase(depth_k_BTLKD, depth_v_BTLKD, segments_BT, inputs.depth_start,
+                              inputs.depth_len, i, geo)
+      probs, d_logits = grads_of_logits(depth.logits(depth_q_BKRD), depth.d_probs(d_out_BKRD))
+      d_depth_q, d_depth_k, d_depth_v = depth.grads(probs, d_logits, depth_q_BKRD, d_out_BKRD, dtype)
       if shared_query:
-        dq_BKRD += d_depth_q.reshape(dq_BKRD.shape)
-        depth_grads = (d_depth_k, d_depth_v)
+        dq_BKRD += d_depth_q
       else:
-        depth_grads = (d_depth_q.reshape(dq_BKRD.shape).astype(dtype), d_depth_k, d_depth_v)
+        depth_grads = (d_depth_q.astype(dtype),)
+      if sliding:
+        depth_acc = (depth.accumulate(depth_acc[0], d_depth_k), depth.accumulate(depth_acc[1], d_depth_v))
+      else:
+        depth_grads += (d_depth_k, d_depth_v)
 
-    dq_BKRD, dkv_acc = sweep_key_blocks(i, step, (dq_BKRD, dkv_acc), geo)
-    return dkv_acc, (dq_BKRD.astype(dtype), *depth_grads)
+    if spec.has_sequence:
+      dq_BKRD, dkv_acc = sweep_key_blocks(i, step, (dq_BKRD, dkv_acc), geo)
+    return (dkv_acc, depth_acc), (dq_BKRD.astype(dtype), *depth_grads)
 
   shape_NBKSD = (geo.num_blocks, geo.batch, geo.num_kv_heads, geo.block, geo.head_dim)
-  dkv_init = (jnp.zeros(shape_NBKSD, jnp.float32), jnp.zeros(shape_NBKSD, jnp.float32))
+  dkv_init = ((jnp.zeros(shape_NBKSD, jnp.float32), jnp.zeros(shape_NBKSD, jnp.float32))
+              if spec.has_sequence else ())
+  depth_init = ()
+  if sliding:
+    shape_BTLKD = (geo.batch, geo.padded_len, geo.num_slots, geo.num_kv_heads, geo.head_dim)
+    depth_init = (jnp.zeros(shape_BTLKD, jnp.float32), jnp.zeros(shape_BTLKD, jnp.float32))
   xs = (jnp.arange(geo.num_blocks), q_NBKRD, depth_q_NBKRD, d_out_NBKRD, lse_NBKR, delta_NBKR)
-  (dk_NBKSD, dv_NBKSD), per_block = jax.lax.scan(query_block, dkv_init, xs)
+  (dkv_acc, depth_acc), per_block = jax.lax.scan(query_block, (dkv_init, depth_init), xs)
 
   dq_BTHD = from_query_blocks(per_block[0], geo)
-  dk_BTKD = from_key_blocks(dk_NBKSD, geo).astype(k_BTKD.dtype)
-  dv_BTKD = from_key_blocks(dv_NBKSD, geo).astype(v_BTKD.dtype)
-  if not geo.num_slots:
+  dk_BTKD = dv_BTKD = None
+  if spec.has_sequence:
+    dk_BTKD = from_key_blocks(dkv_acc[0], geo).astype(inputs.k.dtype)
+    dv_BTKD = from_key_blocks(dkv_acc[1], geo).astype(inputs.v.dtype)
+  if not spec.has_depth:
     return dq_BTHD, dk_BTKD, dv_BTKD, None, None, None
   d_depth_q = None if shared_query else from_query_blocks(per_block[1], geo)
-  d_depth_k, d_depth_v = per_block[-2:]
-  return (dq_BTHD, dk_BTKD, dv_BTKD, d_depth_q, _from_depth_blocks(d_depth_k, geo),
-          _from_depth_blocks(d_depth_v, geo))
+  if sliding:
+    d_depth_k, d_depth_v = (x[:, :geo.seq_len].astype(dtype) for x in depth_acc)
+  else:
+    d_depth_k, d_depth_v = (_from_depth_blocks(x, geo) for x in per_block[-2:])
+  return dq_BTHD, dk_BTKD, dv_BTKD, d_depth_q, d_depth_k, d_depth_v
 
 
 def _add_block(acc_NBKSD, j, update_BKSD):

@@ -15,6 +15,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import spec as moda_spec
+from pallas_kernels.spec import Spec
+
 # Largest tile per platform. Measured fwd+bwd (causal, Hq8 Hk2 D64 L16 f32, 16 CPU cores): at B2 T2048
 # tiles of 128 / 256 / 512 took 282 / 183 / 142 ms, at B2 T512 25 / 17 / 22 ms (one 512 tile also
 # computes the causal upper half). On an H200 (bf16 B1 T16384 Hq16 Hk4 D64 L32) 128 / 256 / 512 / 1024
@@ -36,15 +39,28 @@ def default_max_block(platform: str, batch: int, num_q_heads: int) -> int:
 class Geometry(NamedTuple):
   """Static facts about one call; hashable so it can be a `custom_vjp` non-differentiable argument."""
   batch: int
-  seq_len: int
   num_kv_heads: int
   group: int
   head_dim: int
-  num_slots: int  # L; 0 when there is no depth pair
   block: int
   num_blocks: int
-  causal: bool
-  scale: float
+  spec: Spec
+
+  @property
+  def seq_len(self) -> int:
+    return self.spec.seq_len
+
+  @property
+  def num_slots(self) -> int:  # L; 0 without depth
+    return self.spec.num_slots
+
+  @property
+  def causal(self) -> bool:
+    return self.spec.causal
+
+  @property
+  def scale(self) -> float:
+    return self.spec.scale
 
   @property
   def rows(self) -> int:
@@ -55,28 +71,32 @@ class Geometry(NamedTuple):
     return self.block * self.num_blocks
 
 
-def choose_block(seq_len: int, max_block: int) -> tuple[int, int]:
+def choose_block(seq_len: int, max_block: int, depth_chunk: int = 1) -> tuple[int, int]:
   """(block, num_blocks) covering seq_len with tiles of at most max_block and little padding.
 
   Only the last block may hold padding (padded_len - seq_len < block): the non-causal sweep masks
-  padded keys in the last tile only.
+  padded keys in the last tile only. With chunk-visible depth (C = depth_chunk > 1, C <= max_block)
+  the block is a multiple of C, so every chunk lies inside one query block (`xla_depth`).
   """
   if seq_len <= max_block:
-    return seq_len, 1
-  block = math.ceil(seq_len / math.ceil(seq_len / max_block))
-  if max_block >= 8:
-    block = min(-(-block // 8) * 8, max_block)  # sublane-friendly multiple of 8
+    block = seq_len
+  else:
+    block = math.ceil(seq_len / math.ceil(seq_len / max_block))
+    if max_block >= 8:
+      block = min(-(-block // 8) * 8, max_block)  # sublane-friendly multiple of 8
+  if 1 < depth_chunk <= max_block:
+    block = max(depth_chunk, block // depth_chunk * depth_chunk)
   return block, math.ceil(seq_len / block)
 
 
-def dot(spec: str, a, b):
+def dot(subscripts: str, a, b):
   """einsum with float32 accumulation; exact (HIGHEST) for float32 inputs, native for bf16/f16.
 
   Half-precision operands stay half precision like in flash kernels: the MXU / tensor cores take them
   natively and accumulate in float32.
   """
   precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
+  return jnp.einsum(subscripts, a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
 def pad_tokens(x, geo: Geometry, axis: int = 1, value=0):
@@ -128,46 +148,26 @@ def segment_blocks(segment_ids_BT, geo: Geometry):
   return jnp.repeat(seg_NBS, geo.group, axis=2), seg_NBS
 
 
-def depth_block(depth_BTLKD, i, geo: Geometry):
-  """The depth slots of query block i's tokens, head-major: [B, K, block, L, D], one explicit copy.
-
-  A depth dot's batch axes (b, t, k) are not the major axes of the [B, T, L, K, D] layout, so XLA
-  copies its operand into a dot layout anyway, once per dot (per layer in training: the whole
-  [B, T, L_max, Hk, D] buffer); made explicit here, one copy serves every dot of the block. With
-  the buffer on the left of the score dots (`bktld,bktgd`) no dot needs another (the model's
-  compiled training step: 4.36 -> 3.36 buffer pairs at 32 layers, tests/test_model_memory.py)."""
-  block_BtLKD = jax.lax.dynamic_slice_in_dim(depth_BTLKD, i * geo.block, geo.block, axis=1)
-  return jnp.transpose(block_BtLKD, (0, 3, 1, 2, 4))
-
-
-def depth_logits(q_BKRD, depth_k_BKtLD, depth_len, geo: Geometry):
-  """Scaled logits [B, K, R, L] of each row against its own token's slots; slots >= depth_len -> -inf."""
-  q_BKtGD = q_BKRD.reshape(geo.batch, geo.num_kv_heads, geo.block, geo.group, geo.head_dim)
-  logits = geo.scale * dot("bktld,bktgd->bktgl", depth_k_BKtLD, q_BKtGD)
-  logits = logits.reshape(geo.batch, geo.num_kv_heads, geo.rows, geo.num_slots)
-  written_L = jnp.arange(geo.num_slots) < depth_len
-  return jnp.where(written_L[None, None, None, :], logits, -jnp.inf)
-
-
 def key_block_mask(i, j, diagonal: bool, seg_rows_BR, seg_keys_BS, geo: Geometry):
   """Which logits of tile (query block i, key block j) are visible: [B or 1, 1, R, block] or None.
 
-  `diagonal` marks the one tile per query block that can hold causal or padding-masked entries: the
-  diagonal block (causal) or the last key block (non-causal). Every other tile is fully visible
-  except for segments.
+  `diagonal` marks the one tile per query block that can hold entries hidden by position: the
+  diagonal block (causal) or the last key block (non-causal, where only padded keys are hidden).
+  Every other tile `sweep_key_blocks` visits is visible by position, so only segments can hide its
+  entries (no mask at all without segments).
   """
-  mask = None
-  if diagonal and geo.causal:
-    # Same block offsets for rows and keys, so the local token indices compare directly. This also
-    # hides padded keys from every real query.
-    row_token = jnp.arange(geo.rows) // geo.group
-    mask = (jnp.arange(geo.block)[None, :] <= row_token[:, None])[None, None]
-  elif diagonal and geo.padded_len != geo.seq_len:
-    mask = (j * geo.block + jnp.arange(geo.block) < geo.seq_len)[None, None, None, :]
-  if seg_rows_BR is not None:
-    same = (seg_rows_BR[:, :, None] == seg_keys_BS[:, None, :])[:, None]
-    mask = same if mask is None else mask & same
-  return mask
+  q_segment = None if seg_rows_BR is None else seg_rows_BR[:, :, None]
+  k_segment = None if seg_keys_BS is None else seg_keys_BS[:, None, :]
+  if diagonal and (geo.causal or geo.padded_len != geo.seq_len):
+    row_token_R1 = (i * geo.block + jnp.arange(geo.rows) // geo.group)[:, None]
+    key_token_1S = (j * geo.block + jnp.arange(geo.block))[None, :]
+    if q_segment is None:
+      return moda_spec.sequence_visible(geo.spec, row_token_R1, key_token_1S)[None, None]
+    return moda_spec.sequence_visible(geo.spec, row_token_R1[None], key_token_1S[None], q_segment,
+                                      k_segment)[:, None]
+  if q_segment is None:
+    return None
+  return moda_spec.same_segment(q_segment, k_segment)[:, None]
 
 
 def sweep_key_blocks(i, step: Callable, carry, geo: Geometry):

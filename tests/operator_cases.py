@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import oracle
 from pallas_kernels import moda_attention
 
 
@@ -65,25 +66,27 @@ def jitted(fn):
   return jax.jit(fn, compiler_options=FAST_COMPILE)
 
 
-def forward_and_grads(impl: Impl, arrays, d_out, d_lse, *, depth_len=None, segment_ids=None,
-                      **options):
+def forward_and_grads(impl: Impl, arrays, d_out, d_lse, *, depth_len=None, depth_start=None,
+                      segment_ids=None, **options):
   """(out, lse, grads) of `impl` under one jit; grads of sum(out * d_out) + sum(lse * d_lse).
 
-  `arrays` is (q, k, v, depth_k, depth_v) with the depth pair possibly None, optionally followed by
-  depth_q (then passed as `depth_q=` and differentiated too). A `depth_len` that is a jax Array
-  becomes a traced argument of the jitted function; a Python int stays static.
+  `arrays` is (q, k, v, depth_k, depth_v) with the depth pair (or k, v: depth-only) possibly None,
+  optionally followed by depth_q (then passed as `depth_q=` and differentiated too). A `depth_len` or
+  `depth_start` that is a jax Array becomes a traced argument of the jitted function; a Python int
+  stays static.
   """
-  traced = isinstance(depth_len, jax.Array)
+  bounds = {"depth_len": depth_len, "depth_start": depth_start}
+  traced = {name: value for name, value in bounds.items() if isinstance(value, jax.Array)}
+  static = {name: value for name, value in bounds.items() if name not in traced}
 
   @jitted
-  def run(arrays, segment_ids, d_out, d_lse, traced_len):
-    length = traced_len if traced else depth_len
-    attend = lambda a: call(impl, *a[:5], depth_len=length, segment_ids=segment_ids, return_lse=True,
+  def run(arrays, segment_ids, d_out, d_lse, traced):
+    attend = lambda a: call(impl, *a[:5], segment_ids=segment_ids, return_lse=True, **traced, **static,
                             **({"depth_q": a[5]} if len(a) > 5 else {}), **options)
     (out, lse), pullback = jax.vjp(attend, arrays)
     return out, lse, pullback((d_out, d_lse))[0]
 
-  return run(tuple(arrays), segment_ids, d_out, d_lse, depth_len if traced else None)
+  return run(tuple(arrays), segment_ids, d_out, d_lse, traced)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +108,17 @@ class Case:
   empty_depth: bool = False       # pass depth arrays with L = 0 instead of None
   kernel: bool = False            # part of the reduced spread for Pallas backends
   depth_q: bool = False           # pass a separate random depth_q (else depth is scored with q)
+  depth_chunk: int | None = None  # chunk-visible depth (None: plain MoDA)
+  depth_start: int | None = None  # None passes depth_start=None (slots from 0); traced with depth_len
+  depth_only: bool = False        # k = v = None
 
   @property
   def written(self) -> int:
     return self.slots if self.depth_len is None else self.depth_len
+
+  @property
+  def first(self) -> int:
+    return 0 if self.depth_start is None else self.depth_start
 
   @property
   def has_depth(self) -> bool:
@@ -182,8 +192,8 @@ _GARBAGE = {"float32": 3e4, "bfloat16": 3e4, "float16": 3e3}
 
 class Inputs(NamedTuple):
   q: jnp.ndarray
-  k: jnp.ndarray
-  v: jnp.ndarray
+  k: jnp.ndarray | None   # None for depth-only cases
+  v: jnp.ndarray | None
   depth_k: jnp.ndarray | None
   depth_v: jnp.ndarray | None
   segment_ids: jnp.ndarray | None
@@ -209,14 +219,16 @@ def make_inputs(case: Case) -> Inputs:
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
   q = normal(b, t, case.q_heads, d)
   k, v = normal(b, t, case.kv_heads, d), normal(b, t, case.kv_heads, d)
+  if case.depth_only:
+    k = v = None
   depth_k = depth_v = None
   if case.has_depth:
     shape = (b, t, case.slots, case.kv_heads, d)
     depth = [rng.normal(size=shape), rng.normal(size=shape)]
     if case.garbage:
       for x in depth:
-        unwritten = x[:, :, case.written:]
-        unwritten[...] = rng.uniform(-1, 1, size=unwritten.shape) * _GARBAGE[case.dtype]
+        for hidden in (x[:, :, case.written:], x[:, :, :min(case.first, case.written)]):
+          hidden[...] = rng.uniform(-1, 1, size=hidden.shape) * _GARBAGE[case.dtype]
     depth_k, depth_v = (jnp.asarray(x, dtype) for x in depth)
   seg = None if case.segments is None else jnp.asarray(segment_ids(rng, b, t, case.segments))
   d_out = normal(b, t, case.q_heads, d)
@@ -245,3 +257,69 @@ def assert_close(name: str, actual, expected, dtype: str) -> None:
   assert rel <= norm_tol, f"{name}: norm-relative error {rel:.3g} > {norm_tol} ({dtype})"
   assert worst <= max_tol, (f"{name}: max-abs error {worst:.3g} of max |expected| > {max_tol} "
                             f"({dtype}) at {np.unravel_index(np.abs(error).argmax(), error.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One case against the oracle: out, lse and every gradient.
+# ----------------------------------------------------------------------------------------------
+
+_GRAD_NAMES = ("q", "k", "v", "depth_k", "depth_v", "depth_q")
+
+
+def oracle_options(case: Case, inputs: Inputs) -> dict:
+  return dict(depth_len=case.depth_len, causal=case.causal, scale=case.scale,
+              segment_ids=inputs.segment_ids, depth_q=inputs.depth_q, depth_chunk=case.depth_chunk,
+              depth_start=case.depth_start)
+
+
+def run_case(impl: Impl, case: Case, inputs: Inputs):
+  """(out, lse, grads) of the implementation for one case, computed under jit."""
+  arrays = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)
+  if case.depth_q:
+    arrays += (inputs.depth_q,)
+  depth_len = jnp.int32(case.written) if case.traced else case.depth_len
+  depth_start = jnp.int32(case.first) if case.traced and case.depth_start is not None else case.depth_start
+  return forward_and_grads(impl, arrays, inputs.d_out, inputs.d_lse, depth_len=depth_len,
+                           depth_start=depth_start, segment_ids=inputs.segment_ids, causal=case.causal,
+                           scale=case.scale, depth_chunk=case.depth_chunk)
+
+
+def assert_lse_close(lse, expected, dtype: str) -> None:
+  """Like assert_close, where rows that see nothing must be exactly -inf in both."""
+  empty = np.isneginf(to_f64(expected))
+  assert np.array_equal(np.isneginf(to_f64(lse)), empty), "lse: -inf rows differ from the oracle's"
+  assert_close("lse", np.where(empty, 0.0, to_f64(lse)), np.where(empty, 0.0, expected), dtype)
+
+
+def assert_matches_oracle(case: Case, inputs: Inputs, out, lse, grads) -> None:
+  """out, lse and all gradients of one run against the float64 oracle on the same inputs."""
+  options = oracle_options(case, inputs)
+  arrays = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)
+  expected_out, expected_lse = oracle.forward(*arrays, **options)
+  expected_grads = oracle.backward(*arrays, d_out=inputs.d_out, d_lse=inputs.d_lse, **options)
+
+  assert out.dtype == inputs.q.dtype and out.shape == inputs.q.shape
+  assert lse.dtype == jnp.float32 and lse.shape == inputs.q.shape[:3]
+  assert_close("out", out, expected_out, case.dtype)
+  # lse is float32 whatever the input dtype, but a backend may legitimately round scale * q to the
+  # input dtype before the dot, so its tolerance follows the input dtype too.
+  assert_lse_close(lse, expected_lse, case.dtype)
+  primals = (*arrays, inputs.depth_q)
+  assert len(grads) == (6 if case.depth_q else 5)
+  for name, grad, expected, primal in zip(_GRAD_NAMES, grads, expected_grads, primals):
+    if primal is None:
+      assert grad is None, name
+      continue
+    assert grad.dtype == primal.dtype and grad.shape == primal.shape, name
+    if expected is None:  # empty depth arrays: L = 0, nothing to compare
+      assert grad.size == 0, name
+      continue
+    assert_close(f"d{name}", grad, expected, case.dtype)
+
+  if case.has_depth and (case.written < case.slots or case.first > 0):
+    # Hidden slots (holding garbage when case.garbage) must get exactly zero gradient.
+    hidden = np.ones(case.slots, bool)
+    hidden[case.first:case.written] = False
+    for name, grad in (("ddepth_k", grads[3]), ("ddepth_v", grads[4])):
+      leaked = np.asarray(grad[:, :, hidden]).astype(np.float64)
+      assert not leaked.any(), f"{name}: hidden slots got gradient up to {np.abs(leaked).max()}"

@@ -2,8 +2,9 @@
 one is short enough to print); a known backend that cannot run here raises NotImplementedError.
 
 Each case changes one argument of a valid call (`_valid`, itself checked to run), so a test can only
-pass because that one argument was rejected. `gap=` marks an input api.py is known to accept although
-it is wrong, as a strict xfail that fails loudly the day validation catches it (none at present).
+pass because that one argument was rejected; `test_edge_values_are_accepted` pins the boundary from the
+other side. `gap=` marks an input api.py is known to accept although it is wrong, as a strict xfail
+that fails loudly the day validation catches it (none at present).
 """
 
 import jax
@@ -115,6 +116,42 @@ _BAD_VALUES = [
     _case("implementation_unknown", dict(implementation="cudnn"), r"implementation='cudnn'"),
     _case("implementation_wrong_case", dict(implementation="XLA"), r"implementation='XLA'"),
     _case("implementation_list", dict(implementation=["xla"]), r"implementation"),
+    _case("implementation_mosaic_gpu_not_a_backend", dict(implementation="pallas_mosaic_gpu"),
+          r"implementation='pallas_mosaic_gpu'.*'reference', 'xla', 'pallas_triton', 'pallas_tpu'"),
+    # which pairs are present: k / v both or neither (depth-only), and something to attend to
+    _case("only_k", dict(v=None), r"v is None but k is given"),
+    _case("only_v", dict(k=None), r"k is None but v is given"),
+    _case("nothing_to_attend_to", dict(k=None, v=None, depth_k=None, depth_v=None, depth_len=None),
+          r"nothing to attend to"),
+    _case("depth_only_empty_depth", dict(k=None, v=None, depth_k=_zeros(_B, _T, 0, _HK, _D),
+                                         depth_v=_zeros(_B, _T, 0, _HK, _D), depth_len=None),
+          r"depth_k\.shape=\(2, 5, 0, 2, 8\).*nothing to attend to"),
+    _case("depth_only_heads_not_dividing", dict(k=None, v=None, depth_k=_zeros(_B, _T, _L, 3, _D),
+                                                depth_v=_zeros(_B, _T, _L, 3, _D)), r"Hq=4.*Hk=3"),
+    _case("depth_only_depth_v_other_heads", dict(k=None, v=None, depth_v=_zeros(_B, _T, _L, 1, _D)),
+          r"depth_v\.shape=\(2, 5, 3, 1, 8\)"),
+    # depth_chunk
+    _case("depth_chunk_zero", dict(depth_chunk=0), r"depth_chunk=0"),
+    _case("depth_chunk_negative", dict(depth_chunk=-2), r"depth_chunk=-2"),
+    _case("depth_chunk_float", dict(depth_chunk=2.0), r"depth_chunk=2\.0"),
+    _case("depth_chunk_bool", dict(depth_chunk=True), r"depth_chunk=True"),
+    _case("depth_chunk_string", dict(depth_chunk="2"), r"depth_chunk='2'"),
+    _case("depth_chunk_array", dict(depth_chunk=jnp.int32(2)), r"depth_chunk"),
+    _case("depth_chunk_noncausal", dict(depth_chunk=2, causal=False), r"depth_chunk=2 with causal=False"),
+    _case("depth_chunk_without_depth", dict(depth_chunk=4, depth_k=None, depth_v=None, depth_len=None),
+          r"depth_chunk=4 .*depth_k / depth_v are None"),
+    # depth_start: like depth_len
+    _case("depth_start_negative", dict(depth_start=-1), r"depth_start=-1"),
+    _case("depth_start_above_L", dict(depth_start=_L + 1), r"depth_start=4.*L=3"),
+    _case("depth_start_float", dict(depth_start=1.0), r"depth_start=1\.0"),
+    _case("depth_start_bool", dict(depth_start=False), r"depth_start=False"),
+    _case("depth_start_vector", dict(depth_start=jnp.array([0, 1], jnp.int32)), r"depth_start"),
+    _case("depth_start_float_array", dict(depth_start=jnp.float32(1)), r"depth_start"),
+    _case("depth_start_concrete_array_above_L", dict(depth_start=jnp.int32(_L + 1)), r"depth_start=4"),
+    _case("depth_start_array_without_depth", dict(depth_k=None, depth_v=None, depth_len=None,
+                                                  depth_start=jnp.int32(0)), r"depth_start"),
+    _case("depth_start_without_depth", dict(depth_k=None, depth_v=None, depth_len=None, depth_start=1),
+          r"depth_start=1"),
 ]
 
 
@@ -146,8 +183,14 @@ def test_backend_for_another_platform_raises_not_implemented(name):
     moda_attention(**_valid(implementation=name))
 
 
-@pytest.mark.parametrize("interpret", [False, True])
-def test_known_but_unbuilt_backend_raises_not_implemented(interpret):
-  # A name in IMPLEMENTATIONS whose kernels do not exist yet says so, and what to use instead.
-  with pytest.raises(NotImplementedError, match=r"pallas_mosaic_gpu.*not built yet.*pallas_triton"):
-    moda_attention(**_valid(implementation="pallas_mosaic_gpu", interpret=interpret))
+@pytest.mark.parametrize("overrides", [
+    dict(depth_chunk=1, causal=False),  # C = 1 is plain MoDA, which is defined without causality
+    dict(depth_chunk=1, depth_k=None, depth_v=None, depth_len=None),
+    dict(depth_start=3, depth_len=3),  # no slot visible: the sequence alone
+    dict(depth_start=0, depth_len=0, depth_k=None, depth_v=None),  # 0 is in [0, L = 0]
+    dict(k=None, v=None, depth_start=2, depth_len=1),  # depth-only rows that see nothing
+    dict(k=None, v=None, depth_chunk=2, depth_q=_zeros(_B, _T, _HQ, _D)),
+])
+def test_edge_values_are_accepted(overrides):
+  out = moda_attention(**_valid(**overrides))
+  assert out.shape == (_B, _T, _HQ, _D)

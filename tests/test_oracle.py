@@ -51,10 +51,22 @@ def test_segments_and_non_causal_by_masking_out_keys():
   np.testing.assert_allclose(out[:, 1], v[:, 1], rtol=1e-13)  # alone in its segment
 
 
-@pytest.mark.parametrize("causal, with_depth_q", [(True, False), (False, False), (True, True)])
-def test_gradients_match_central_differences(causal, with_depth_q):
-  rng = np.random.default_rng(2 + causal + 2 * with_depth_q)
-  batch, seq_len, q_heads, kv_heads, head_dim, slots, depth_len = 1, 3, 4, 2, 3, 3, 2
+_FD_VARIANTS = {
+    "causal": dict(causal=True),
+    "noncausal": dict(causal=False),
+    "depth_q": dict(causal=True, with_depth_q=True),
+    "chunk2_depth_start": dict(causal=True, depth_chunk=2, depth_start=1),
+    "depth_only_chunk3": dict(causal=True, depth_only=True, depth_chunk=3, with_depth_q=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(_FD_VARIANTS))
+def test_gradients_match_central_differences(variant):
+  options = dict(_FD_VARIANTS[variant])
+  with_depth_q = options.pop("with_depth_q", False)
+  depth_only = options.pop("depth_only", False)
+  rng = np.random.default_rng(len(variant))
+  batch, seq_len, q_heads, kv_heads, head_dim, slots, depth_len = 1, 4, 4, 2, 3, 3, 2
   arrays = {
       "q": rng.normal(size=(batch, seq_len, q_heads, head_dim)),
       "k": rng.normal(size=(batch, seq_len, kv_heads, head_dim)),
@@ -62,11 +74,13 @@ def test_gradients_match_central_differences(causal, with_depth_q):
       "depth_k": rng.normal(size=(batch, seq_len, slots, kv_heads, head_dim)),
       "depth_v": rng.normal(size=(batch, seq_len, slots, kv_heads, head_dim)),
   }
+  if depth_only:
+    arrays["k"] = arrays["v"] = None
   if with_depth_q:
     arrays["depth_q"] = rng.normal(size=(batch, seq_len, q_heads, head_dim))
   d_out = rng.normal(size=(batch, seq_len, q_heads, head_dim))
   d_lse = rng.normal(size=(batch, seq_len, q_heads))
-  options = dict(depth_len=depth_len, causal=causal, scale=0.8, segment_ids=np.array([[3, 3, 5]]))
+  options.update(depth_len=depth_len, scale=0.8, segment_ids=np.array([[3, 3, 3, 5]]))
 
   def loss(values):
     out, lse = oracle.forward(**values, **options)
@@ -75,6 +89,9 @@ def test_gradients_match_central_differences(causal, with_depth_q):
   grads = oracle.backward(**arrays, d_out=d_out, d_lse=d_lse, **options)._asdict()
   eps = 1e-6
   for name, x in arrays.items():
+    if x is None:
+      assert grads[name] is None, name
+      continue
     numeric = np.zeros_like(x)
     for index in np.ndindex(x.shape):
       plus, minus = dict(arrays), dict(arrays)
@@ -83,8 +100,46 @@ def test_gradients_match_central_differences(causal, with_depth_q):
       minus[name][index] -= eps
       numeric[index] = (loss(plus) - loss(minus)) / (2 * eps)
     np.testing.assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)
-  # The unwritten slot is omitted from every key list, so its gradient is exactly zero.
-  assert not grads["depth_k"][:, :, depth_len:].any() and not grads["depth_v"][:, :, depth_len:].any()
+  # Hidden slots are omitted from every key list, so their gradient is exactly zero.
+  hidden = np.ones(slots, bool)
+  hidden[options.get("depth_start", 0):depth_len] = False
+  assert not grads["depth_k"][:, :, hidden].any() and not grads["depth_v"][:, :, hidden].any()
+
+
+def test_chunk_by_hand():
+  # C = 2, four tokens: token 1 sees the depth of tokens 0 and 1, token 2 only its own, token 3 of
+  # tokens 2 and 3. Depth-only with one slot, scale 1 and zero queries: equal logits, so each output
+  # is the plain average of the visible depth values.
+  q = np.zeros((1, 4, 1, 1))
+  depth_k = np.zeros((1, 4, 1, 1, 1))
+  depth_v = np.array([1.0, 2.0, 4.0, 8.0]).reshape(1, 4, 1, 1, 1)
+  out, lse = oracle.forward(q, None, None, depth_k, depth_v, depth_chunk=2, scale=1.0)
+  np.testing.assert_allclose(out[0, :, 0, 0], [1.0, 1.5, 4.0, 6.0], rtol=1e-14)
+  np.testing.assert_allclose(lse[0, :, 0], np.log([1, 2, 1, 2]), rtol=1e-14, atol=1e-15)
+  # Segments [0, 1, 1, 1]: token 1 starts a segment, so it no longer sees token 0's depth.
+  out, _ = oracle.forward(q, None, None, depth_k, depth_v, depth_chunk=2, scale=1.0,
+                          segment_ids=np.array([[0, 1, 1, 1]]))
+  np.testing.assert_allclose(out[0, :, 0, 0], [1.0, 2.0, 4.0, 6.0], rtol=1e-14)
+
+
+def test_depth_start_and_empty_rows_by_hand():
+  # Slots [0, 1, 2] with depth_start=1, depth_len=2: only slot 1 is visible, so depth-only attention
+  # returns it exactly and lse is its logit; with depth_start = depth_len nothing is visible.
+  rng = np.random.default_rng(4)
+  q = rng.normal(size=(1, 2, 1, 3))
+  depth_k, depth_v = rng.normal(size=(1, 2, 3, 1, 3)), rng.normal(size=(1, 2, 3, 1, 3))
+  out, lse = oracle.forward(q, None, None, depth_k, depth_v, depth_start=1, depth_len=2, scale=1.0)
+  np.testing.assert_allclose(out[0, :, 0], depth_v[0, :, 1, 0], rtol=1e-14)
+  np.testing.assert_allclose(lse[0, :, 0], np.sum(q[0, :, 0] * depth_k[0, :, 1, 0], axis=-1), rtol=1e-14)
+  out, lse = oracle.forward(q, None, None, depth_k, depth_v, depth_start=2, depth_len=2)
+  assert not out.any() and np.isneginf(lse).all()
+  grads = oracle.backward(q, None, None, depth_k, depth_v, d_out=np.ones_like(q), d_lse=np.ones((1, 2, 1)),
+                          depth_start=2, depth_len=2)
+  assert grads.k is None and not grads.q.any() and not grads.depth_k.any() and not grads.depth_v.any()
+  # With a sequence, depth_start = depth_len is plain attention.
+  k, v = rng.normal(size=(1, 2, 1, 3)), rng.normal(size=(1, 2, 1, 3))
+  np.testing.assert_allclose(oracle.forward(q, k, v, depth_k, depth_v, depth_start=1, depth_len=1)[0],
+                             oracle.forward(q, k, v)[0], rtol=1e-14)
 
 
 def test_depth_q_scores_only_depth_keys():

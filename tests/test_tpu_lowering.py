@@ -33,9 +33,10 @@ def _abstract_tpu_mesh():
 
 
 def _lower_forward_and_backward(batch, seq_len, group, head_dim, slots, *, dtype=jnp.bfloat16,
-                                causal=True, segments=False, implementation="pallas_tpu"):
+                                causal=True, segments=False, implementation="pallas_tpu",
+                                with_depth_start=False, depth_chunk=None):
   """StableHLO text of jit(forward) and jit(grad) lowered for TPU (with a separate depth_q when L > 0,
-  the model's path)."""
+  the model's path; depth_len, and depth_start when asked, traced)."""
   kv_heads = 8
   spec = jax.ShapeDtypeStruct
   q = spec((batch, seq_len, kv_heads * group, head_dim), dtype)
@@ -43,20 +44,22 @@ def _lower_forward_and_backward(batch, seq_len, group, head_dim, slots, *, dtype
   depth = spec((batch, seq_len, slots, kv_heads, head_dim), dtype) if slots else None
   seg = spec((batch, seq_len), jnp.int32) if segments else None
 
-  def forward(q, k, v, depth_k, depth_v, depth_q, depth_len, segment_ids):
-    return moda_attention(q, k, v, depth_k, depth_v, depth_len=depth_len if slots else None,
-                          causal=causal, segment_ids=segment_ids, return_lse=True,
-                          implementation=implementation, depth_q=depth_q)
+  def forward(q, k, v, depth_k, depth_v, depth_q, depth_range, segment_ids):
+    depth_start, depth_len = depth_range if slots else (None, None)
+    return moda_attention(q, k, v, depth_k, depth_v, depth_len=depth_len, causal=causal,
+                          segment_ids=segment_ids, return_lse=True, implementation=implementation,
+                          depth_q=depth_q, depth_start=depth_start if with_depth_start else None,
+                          depth_chunk=depth_chunk)
 
-  def loss(arrays, depth_len, segment_ids):
-    out, lse = forward(*arrays, depth_len, segment_ids)
+  def loss(arrays, depth_range, segment_ids):
+    out, lse = forward(*arrays, depth_range, segment_ids)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
   arrays = (q, kv, kv, depth, depth, q if slots else None)
-  depth_len = spec((), jnp.int32)
+  depth_range = (spec((), jnp.int32), spec((), jnp.int32))
   with jax.sharding.use_abstract_mesh(_abstract_tpu_mesh()):
-    lowered = [jax.jit(forward).trace(*arrays, depth_len, seg),
-               jax.jit(jax.grad(loss)).trace(arrays, depth_len, seg)]
+    lowered = [jax.jit(forward).trace(*arrays, depth_range, seg),
+               jax.jit(jax.grad(loss)).trace(arrays, depth_range, seg)]
     return [t.lower(lowering_platforms=("tpu",)).as_text() for t in lowered]
 
 
@@ -89,3 +92,13 @@ def test_float16_on_tpu_falls_back_to_xla():
   forward_text, _ = _lower_forward_and_backward(1, 256, 2, 64, 8, dtype=jnp.float16,
                                                 implementation=None)
   assert "tpu_custom_call" not in forward_text
+
+
+def test_traced_depth_start_lowers_for_tpu():
+  forward_text, grad_text = _lower_forward_and_backward(1, 512, 2, 64, 8, with_depth_start=True)
+  assert all(k in grad_text for k in _KERNELS) and _KERNELS[0] in forward_text
+
+
+def test_depth_chunk_on_tpu_falls_back_to_xla():
+  forward_text, grad_text = _lower_forward_and_backward(1, 256, 2, 64, 8, implementation=None, depth_chunk=2)
+  assert "tpu_custom_call" not in forward_text and "tpu_custom_call" not in grad_text

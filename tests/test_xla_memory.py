@@ -22,7 +22,7 @@ _BATCH, _Q_HEADS, _KV_HEADS, _HEAD_DIM, _SLOTS = 1, 4, 2, 64, 16
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _memory(implementation: str, seq_len: int):
+def _memory(implementation: str, seq_len: int, **options):
   """memory_analysis() of jit(grad) of sum(out) + sum(lse) w.r.t. all five inputs, float32, causal."""
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   b, t, d = _BATCH, seq_len, _HEAD_DIM
@@ -30,7 +30,7 @@ def _memory(implementation: str, seq_len: int):
           shape(b, t, _SLOTS, _KV_HEADS, d), shape(b, t, _SLOTS, _KV_HEADS, d))
 
   def loss(*arrays):
-    out, lse = moda_attention(*arrays, return_lse=True, implementation=implementation)
+    out, lse = moda_attention(*arrays, return_lse=True, implementation=implementation, **options)
     return jnp.sum(out) + jnp.sum(lse)
 
   grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))), compiler_options=_FAST_COMPILE)
@@ -77,3 +77,13 @@ def test_reference_temp_memory_grows_quadratically_in_seq_len(table):
     assert ratio >= 3.5, f"reference temp memory grew only x{ratio:.2f} when T doubled"
   xla_temp, reference_temp = table["xla"][-1][0], table["reference"][-1][0]
   assert 20 * xla_temp <= reference_temp, (xla_temp, reference_temp)
+
+
+@pytest.mark.parametrize("depth_chunk", [4, 512], ids=["chunks_in_blocks", "sliding_windows"])
+def test_xla_chunk_visible_depth_stays_linear_in_seq_len(depth_chunk):
+  # C = 4 fits the CPU tile (chunks inside blocks); C = 512 does not (windows of block + C - 1 tokens
+  # and a float32 depth-gradient carry): both are O(T) plus a T-independent tile.
+  sizes = [_memory("xla", t, depth_chunk=depth_chunk) for t in _SEQ_LENS]
+  sizes = [(m.temp_size_in_bytes, m.argument_size_in_bytes) for m in sizes]
+  for ratio in _growth(sizes):
+    assert ratio <= 2.2, f"xla temp memory grew x{ratio:.2f} when T doubled (depth_chunk={depth_chunk}): {sizes}"
