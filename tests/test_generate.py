@@ -10,7 +10,7 @@ import pytest
 
 import oracle
 from moda_jax import ModelConfig, Transformer
-from moda_jax.model import decode
+from moda_jax.model import decode, depth_stream, kv_cache
 from moda_jax.eval import generate
 
 # float32 everywhere; the cached path sums in a different order than the kernels (measured max
@@ -58,8 +58,8 @@ def test_cached_steps_equal_full_forward(overrides):
 
 
 def test_cache_holds_no_depth_state():
-  """Depth attention is own-token only: nothing about depth survives a step. The cache is exactly
-  one K and one V per attention sublayer and position."""
+  """Plain MoDA's depth attention is own-token only: nothing about depth survives a step. The cache
+  is exactly one K and one V per attention sublayer and position."""
   cfg = _config()
   cache = decode.init_cache(cfg, 2, 16)
   per_position = sum(a.size for a in cache[:4]) // (2 * 16)
@@ -67,20 +67,23 @@ def test_cache_holds_no_depth_state():
 
 
 @pytest.mark.parametrize("causal_cache", [16, 11])
-def test_attend_matches_float64_oracle(causal_cache):
-  """Decode attention with the whole text in the cache (plus unused cache rows) is MoDA attention."""
+def test_cached_attention_matches_float64_oracle(causal_cache):
+  """Decode attention with the whole text written into the cache (plus unused cache rows) is MoDA
+  attention."""
   rng = np.random.default_rng(0)
   b, t, h, k, d, slots, depth_len = 2, 11, 4, 2, 8, 5, 3
   q = rng.normal(size=(b, t, h, d)).astype(np.float32)
   keys, values = (rng.normal(size=(b, t, k, d)).astype(np.float32) for _ in range(2))
   dk, dv = (rng.normal(size=(b, t, slots, k, d)).astype(np.float32) for _ in range(2))
-  pad = ((0, 0), (0, causal_cache - t), (0, 0), (0, 0))
-  cache_k = np.pad(keys, pad, constant_values=7.0)  # unwritten rows must be invisible
-  cache_v = np.pad(values, pad, constant_values=7.0)
+  empty = np.full((b, causal_cache, k, d), 7.0, np.float32)  # unwritten rows must be invisible
   positions = np.broadcast_to(np.arange(t), (b, t))
-  out, probs = decode.attend(q, cache_k, cache_v, dk, dv, depth_len, positions)
+  stream = depth_stream.DepthKV(jnp.asarray(dk), jnp.asarray(dv), jnp.int32(depth_len))
+  out, (cache_k, _), probs = kv_cache.cached_attention(
+      _config(), jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), None, stream, None,
+      jnp.asarray(positions), (jnp.asarray(empty), jnp.asarray(empty)), return_probs=True)
   want, _ = oracle.forward(q, keys, values, dk, dv, depth_len=depth_len)
   np.testing.assert_allclose(out, want, atol=2e-6, rtol=2e-6)
+  np.testing.assert_array_equal(cache_k[:, :t], keys)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
   probs = np.asarray(probs)
   assert np.all(probs[..., t:causal_cache] == 0)                # unwritten cache rows

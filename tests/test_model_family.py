@@ -53,13 +53,16 @@ def test_decoding_equals_full_forward(cfg, scan):
 @pytest.mark.parametrize("cfg", [_CHUNK, _BOTH], ids=["chunk3", "chunk4-window3"])
 def test_variants_change_the_model_and_a_covering_window_does_not(cfg):
   params = cases.random_params(cfg)
-  plain = dataclasses.replace(cfg, depth_chunk=1, depth_window=0)
-  got, want = cases.forward_fn(cfg)(params, cases.TOKENS), cases.forward_fn(plain)(params, cases.TOKENS)
+  own_token = dataclasses.replace(cfg, depth_chunk=1)
+  got, want = cases.forward_fn(cfg)(params, cases.TOKENS), cases.forward_fn(own_token)(params, cases.TOKENS)
   # Token 0 reads only its own depth in both models (nothing earlier in its chunk or sequence).
   np.testing.assert_allclose(got[:, 0], want[:, 0], atol=_ATOL, rtol=_RTOL)
   assert float(jnp.max(jnp.abs(got - want))) > 1e-3
-  covering = dataclasses.replace(plain, depth_window=plain.num_depth_slots)
-  np.testing.assert_allclose(cases.forward_fn(covering)(params, cases.TOKENS), want, atol=_ATOL, rtol=_RTOL)
+  # A window holding every slot reads what no window reads.
+  covering = dataclasses.replace(cfg, depth_window=cfg.num_depth_slots)
+  np.testing.assert_allclose(cases.forward_fn(covering)(params, cases.TOKENS),
+                             cases.forward_fn(dataclasses.replace(cfg, depth_window=0))(params, cases.TOKENS),
+                             atol=_ATOL, rtol=_RTOL)
 
 
 def test_linear_memory_gradients_equal_naive_autodiff_for_the_variants():
@@ -85,7 +88,7 @@ def test_chunk_visible_model_is_causal():
       return out + delta_BTM if context.module.name == "embed" and context.method_name == "__call__" else out
     with nn.intercept_methods(add_delta):
       logits = Transformer(cfg).apply({"params": params}, cases.TOKENS)
-    return jnp.sum(logits * jnp.cos(jnp.arange(cfg.vocab_size, dtype=jnp.float32)), axis=-1)
+    return jnp.sum(logits * jnp.cos(jnp.arange(cfg.vocab_size, dtype=jnp.float32))[None, None], axis=-1)
 
   influence = np.abs(np.asarray(jax.jit(jax.jacrev(per_token_output))(
       jnp.zeros((batch, seq_len, cfg.d_model))))).sum(-1)  # [b, t, b', s]

@@ -70,9 +70,11 @@ class Transformer(nn.Module):
     ring = None if cache is None else kv_cache.ring_of(cfg, cache)
     if cache is not None:
       step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, None, return_probs, ring)
-      (x_BTM, stream), (block_caches, block_probs) = block_loop.over_layers(
+      (x_BTM, stream), outs = block_loop.over_layers(
           step, (x_BTM, stream), writers, (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD))
-      probs = [] if block_probs is None else list(block_probs)
+      if outs is not None:  # None: a one-layer model has no writer blocks
+        block_caches, block_probs = outs
+        probs = [] if block_probs is None else list(block_probs)
     elif cfg.uses_depth and cfg.num_layers > 1:
       x_BTM, stream = linear_memory_stack(block_loop.block_fn(cfg, True, remat=False), writers, x_BTM,
                                           positions, segment_ids, config=cfg)
@@ -98,7 +100,7 @@ class Transformer(nn.Module):
                               preferred_element_type=jnp.float32)
     if cache is None:
       return logits_BTV
-    if block_caches is None:  # a one-layer model: no writer blocks
+    if block_caches is None:
       block_caches = (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD)
     new_cache = Cache(*block_caches, *last_cache, cache.length + seq_len, cache.chunk_k_BCLKD,
                       cache.chunk_v_BCLKD)
