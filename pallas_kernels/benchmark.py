@@ -1,6 +1,6 @@
 """Times MoDA forward and forward+backward on the paper's shapes against cuDNN flash attention.
 
-    python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune | --ablate]
+    python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune | --ablate | --family]
 
 Every implementation that runs here is timed on every shape where it fits; cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")`) runs the same sequence shape without depth.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import moda_attention
-from pallas_kernels.block_sizes import BlockSizes, KernelBlocks, next_pow2
+from pallas_kernels.block_sizes import BlockSizes, KernelBlocks, dkv_per_query_head, next_pow2
 
 PEAK_FLOPS = 790e12
 PEAK_BYTES = 4.3e12
@@ -65,9 +65,14 @@ def quick_shapes() -> list[Shape]:
           Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
 
 
-def flops(shape: Shape, depth: bool, backward: bool) -> float:
+def flops(shape: Shape, depth: bool, backward: bool, variant: dict | None = None) -> float:
+  """Visible-logit FLOPs. A chunk of C tokens shows each query (C + 1) / 2 tokens' slots on average;
+  depth-only has no sequence part."""
+  variant = variant or {}
   t = shape.seq_len
-  per_head = 4 * shape.head_dim * (t * (t + 1) / 2 + (t * shape.slots if depth else 0))
+  depth_tokens = (variant.get("depth_chunk", 1) + 1) / 2
+  sequence = 0 if variant.get("depth_only") else t * (t + 1) / 2
+  per_head = 4 * shape.head_dim * (sequence + (t * shape.slots * depth_tokens if depth else 0))
   return shape.batch * shape.q_heads * per_head * (3.5 if backward else 1.0)
 
 
@@ -97,9 +102,16 @@ def make_inputs(shape: Shape, depth: bool, seed: int = 0, depth_q: bool = False)
   return (q, k, v, dk, dv) + extra, do
 
 
-def build(impl: str, block_sizes: BlockSizes | None = None):
-  """(forward, forward+backward) jitted callables of (arrays, do) for one implementation."""
-  if impl == "cudnn":
+def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None = None):
+  """(forward, forward+backward) jitted callables of (arrays, do) for one implementation.
+
+  `variant`: the MoDA family (`family`): depth_chunk=C, or depth_only=True (k = v = None)."""
+  variant = dict(variant or {})
+  if variant.pop("depth_only", False):
+    attend = lambda q, k, v, dk, dv: moda_attention(q, None, None, dk, dv, implementation=impl)
+  elif variant:
+    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl, **variant)
+  elif impl == "cudnn":
     attend = lambda q, k, v, dk, dv: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   elif impl == "pallas_triton_nodepth":  # the sequence phase alone: what the depth phase adds is the rest
     attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation="pallas_triton")
@@ -155,11 +167,12 @@ def implementations_for(shape: Shape, quick: bool) -> list[str]:
   return impls
 
 
-def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd")) -> dict:
+def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd"),
+            variant: dict | None = None) -> dict:
   depth = impl not in ("cudnn", "pallas_triton_nodepth")
   depth_q = impl == "pallas_triton_depth_q"
   arrays, do = make_inputs(shape, depth, depth_q=depth_q)
-  forward, forward_backward = build(impl, block_sizes)
+  forward, forward_backward = build(impl, block_sizes, variant)
   row = dict(shape=shape.name, impl=impl, **dataclasses.asdict(shape))
   for mode, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
     if mode not in modes:
@@ -169,7 +182,7 @@ def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fw
     except Exception as e:  # noqa: BLE001  (an implementation that cannot run a shape is reported, not fatal)
       row[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
       continue
-    f, by = flops(shape, depth, mode == "fwd_bwd"), bytes_moved(shape, depth, mode == "fwd_bwd", depth_q)
+    f, by = flops(shape, depth, mode == "fwd_bwd", variant), bytes_moved(shape, depth, mode == "fwd_bwd", depth_q)
     row[f"{mode}_ms"] = ms
     row[f"{mode}_tflops"] = f / ms / 1e9
     row[f"{mode}_gbps"] = by / ms / 1e6
@@ -178,17 +191,13 @@ def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fw
 
 
 def _variants(specs):
-  return [KernelBlocks(bq, bk, dc, w, st, mode, pts) for bq, bk, dc, w, st, mode, pts in specs]
+  return [KernelBlocks(bq, bk, dc, w, st) for bq, bk, dc, w, st in specs]
 
 
-# Forward / backward tiles to compare: dense (tensor-core, masked) vs per_token (CUDA-core) depth phase.
-_FWD_VARIANTS = _variants([
-    (128, 64, 64, 4, 3, "dense", 2), (128, 64, 64, 8, 3, "dense", 2), (128, 128, 64, 8, 3, "dense", 2),
-    (64, 64, 64, 4, 3, "dense", 2), (128, 64, 64, 4, 3, "per_token", 2), (128, 64, 64, 8, 3, "per_token", 2),
-    (128, 128, 64, 8, 2, "per_token", 4), (64, 64, 64, 4, 3, "per_token", 2)])
-_BWD_VARIANTS = _variants([
-    (64, 64, 64, 4, 2, "dense", 2), (64, 64, 64, 4, 2, "per_token", 2), (128, 64, 64, 8, 2, "dense", 2),
-    (128, 64, 64, 8, 2, "per_token", 2), (64, 128, 64, 8, 2, "dense", 2), (32, 64, 32, 4, 2, "per_token", 1)])
+# Forward / backward tiles to compare (block_q, block_k, depth_cols, num_warps, num_stages).
+_FWD_VARIANTS = _variants([(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+                           (64, 32, 64, 4, 3)])
+_BWD_VARIANTS = _variants([(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (32, 64, 32, 4, 2)])
 
 
 def tune(iters: int) -> list[dict]:
@@ -201,7 +210,7 @@ def tune(iters: int) -> list[dict]:
     for kind, variants, mode in (("fwd", _FWD_VARIANTS, "fwd"), ("bwd", _BWD_VARIANTS, "fwd_bwd")):
       for blocks in variants:
         sizes = (dataclasses.replace(base, fwd=blocks) if kind == "fwd"
-                 else dataclasses.replace(base, dq=blocks, dkv=dataclasses.replace(blocks, depth_mode="dense")))
+                 else dataclasses.replace(base, dq=blocks, dkv=blocks))
         row = measure(shape, "pallas_triton", iters=iters, block_sizes=sizes, modes=(mode,))
         rows.append(dict(row, tune=kind, blocks=dataclasses.asdict(blocks)))
         print(f"tune {kind} {shape.name} {tuple(dataclasses.astuple(blocks))}: "
@@ -210,18 +219,19 @@ def tune(iters: int) -> list[dict]:
 
 
 # (kernel, field, mode) of each kernel option that `--ablate` times flipped against the defaults.
-_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("dkv", "per_query_head_below", "fwd_bwd"),
+_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("dkv", "per_query_head", "fwd_bwd"),
             ("fwd", "depth_rows", "fwd"), ("dq", "depth_rows", "fwd_bwd"))
 
 
-def _flipped(blocks: KernelBlocks, field: str, group: int) -> KernelBlocks:
-  """The option off if on and on if off; depth parts turn on at their smallest size, per-query-head dk/dv
-  for any launch."""
+def _flipped(blocks: KernelBlocks, field: str, shape: Shape) -> KernelBlocks:
+  """The option off if on and on if off; depth parts turn on at their smallest size; per-query-head
+  dk/dv the other way than its default decides for this shape."""
   value = getattr(blocks, field)
   if field == "depth_rows":
-    return dataclasses.replace(blocks, depth_rows=0 if value else max(16, next_pow2(group)))
-  if field == "per_query_head_below":
-    return dataclasses.replace(blocks, per_query_head_below=0 if value else 2 ** 31)
+    return dataclasses.replace(blocks, depth_rows=0 if value else max(16, next_pow2(shape.group)))
+  if field == "per_query_head":
+    programs = math.ceil(shape.seq_len / blocks.block_k) * shape.batch * shape.kv_heads
+    return dataclasses.replace(blocks, per_query_head=not dkv_per_query_head(blocks, shape.group, programs))
   return dataclasses.replace(blocks, **{field: not value})
 
 
@@ -248,6 +258,20 @@ def _mgpu_forward(shape: Shape, iters: int) -> list[dict]:
   return rows
 
 
+def family(iters: int) -> list[dict]:
+  """The MoDA family at Table 2's T4K shape: chunk-visible depth at the official chunk C = 64 / G and
+  depth-only attention, on pallas_triton and on the xla fallback, beside plain MoDA and cuDNN."""
+  shape = Shape("table2_T4K_G8_L64", 1, 4096, 8, 64)
+  chunk = 64 // shape.group
+  variants = {"plain": {}, f"chunk{chunk}": dict(depth_chunk=chunk), "depth_only": dict(depth_only=True)}
+  rows = [measure(shape, "cudnn", iters=iters)]
+  for name, options in variants.items():
+    for impl in ("pallas_triton", "xla"):
+      rows.append(dict(measure(shape, impl, iters=iters, variant=options), impl=f"{impl}_{name}"))
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
 def ablate(iters: int) -> list[dict]:
   """Where the time goes: cuDNN, the kernels without depth, JAX's Mosaic GPU forward, the defaults, and
   each optional kernel feature flipped (`_TOGGLES`)."""
@@ -263,7 +287,7 @@ def ablate(iters: int) -> list[dict]:
       print(json.dumps(rows[-2:]), flush=True)
     base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
     for kernel, field, mode in _TOGGLES:
-      flipped = _flipped(getattr(base, kernel), field, shape.group)
+      flipped = _flipped(getattr(base, kernel), field, shape)
       row = measure(shape, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, **{kernel: flipped}),
                     modes=(mode,))
       toggled = f"{kernel}.{field}={getattr(flipped, field)}"
@@ -296,11 +320,14 @@ def main() -> None:
   parser.add_argument("--tune", action="store_true", help="time tile variants instead of the shape table")
   parser.add_argument("--ablate", action="store_true",
                       help="time the kernels without depth, JAX's Mosaic GPU forward and each kernel option flipped")
+  parser.add_argument("--family", action="store_true",
+                      help="time chunk-visible depth and depth-only attention (pallas_triton vs xla)")
   parser.add_argument("--iters", type=int, default=None)
   args = parser.parse_args()
   iters = args.iters or (5 if args.quick else 10)
-  rows = tune(iters) if args.tune else ablate(iters) if args.ablate else []
-  for shape in ([] if args.tune or args.ablate else quick_shapes() if args.quick else paper_shapes()):
+  special = args.tune or args.ablate or args.family
+  rows = tune(iters) if args.tune else ablate(iters) if args.ablate else family(iters) if args.family else []
+  for shape in ([] if special else quick_shapes() if args.quick else paper_shapes()):
     for impl in ["cudnn"] + implementations_for(shape, args.quick):
       # Long sequences: fewer repeats keep the full run inside its time budget.
       n = iters if shape.seq_len * shape.group <= 16384 * 8 else max(3, iters // 2)
