@@ -3,8 +3,9 @@
 Readable above all: this is the formulation the fast backends are checked against, and the one the
 model's decoding calls with explicit token positions (`dense_attention`: queries, sequence keys and
 depth tokens each at their own positions, e.g. one new token against a KV cache). Which logits a query
-sees comes only from `pallas_kernels.spec`. Memory is O(T * (S + X * L)) per head (for `attention`,
-S = X = T); use `xla` or a Pallas backend for long sequences.
+sees comes only from `pallas_kernels.spec`. `attention` visits the queries one at a time
+(`query_aligned_attention`), each against the T keys and the depth slots of the C tokens its chunk can
+hold: memory O(T * (T + C * L)) per head; use `xla` or a Pallas backend for long sequences.
 """
 
 from __future__ import annotations
@@ -25,17 +26,50 @@ def check_supported(inputs: moda_spec.Inputs, spec: moda_spec.Spec, interpret) -
 def attention(inputs: moda_spec.Inputs, spec: moda_spec.Spec, *, interpret=False):
   """See `pallas_kernels.api` for the backend protocol. `interpret` is ignored.
 
-  `dense_attention` with every token at its own position arange(T).
+  `query_aligned_attention` with every token at its own position arange(T).
   """
   check_supported(inputs, spec, interpret)
   batch, seq_len = inputs.q.shape[:2]
   tokens_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-  segments_BT = inputs.segment_ids
-  return dense_attention(
+  return query_aligned_attention(
       inputs.q, inputs.k, inputs.v, inputs.depth_q, inputs.depth_k, inputs.depth_v, spec=spec,
-      q_tokens_BT=tokens_BT, k_tokens_BS=tokens_BT, depth_tokens_BX=tokens_BT,
-      depth_start=inputs.depth_start, depth_len=inputs.depth_len, q_segments_BT=segments_BT,
-      k_segments_BS=segments_BT, depth_segments_BX=segments_BT)
+      q_tokens_BT=tokens_BT, k_tokens_BS=tokens_BT, depth_start=inputs.depth_start,
+      depth_len=inputs.depth_len, q_segments_BT=inputs.segment_ids, k_segments_BS=inputs.segment_ids)
+
+
+def query_aligned_attention(q_BTHD, k_BSKD, v_BSKD, depth_q_BTHD, depth_k_BTLKD, depth_v_BTLKD, *, spec,
+                            q_tokens_BT, k_tokens_BS, depth_start, depth_len, q_segments_BT=None,
+                            k_segments_BS=None, return_probs=False):
+  """`dense_attention` one query at a time, where the depth arrays belong to the query tokens.
+
+  Query i reads the depth slots of the window of query tokens i - C + 1 .. i (C = spec.depth_chunk:
+  the only ones its chunk can hold; `spec.depth_token_visible` decides which of them it sees), so
+  memory is O(T * (S + C * L)) per head instead of the O(T * (S + T * L)) of one dense call. Same
+  arguments and results as `dense_attention` (depth tokens = the queries' own); probs has
+  S + C * L columns, the depth ones ordered window token-major (the query's own token last).
+  """
+  num_queries = q_BTHD.shape[1]
+  chunk = spec.depth_chunk
+  has_depth = depth_k_BTLKD is not None
+
+  def one_query(i):
+    window_C = i - chunk + 1 + jnp.arange(chunk)
+    inside_C = window_C >= 0  # before the first query token: no token (position -1 is seen by none)
+    index_C = jnp.maximum(window_C, 0)
+    pick = lambda x_BT_: None if x_BT_ is None else jax.lax.dynamic_slice_in_dim(x_BT_, i, 1, axis=1)
+    window = lambda x_BT_: None if x_BT_ is None else jnp.take(x_BT_, index_C, axis=1)
+    depth_tokens_BC = None
+    if has_depth:
+      depth_tokens_BC = jnp.where(inside_C[None, :], window(q_tokens_BT), -1)
+    result = dense_attention(
+        pick(q_BTHD), k_BSKD, v_BSKD, pick(depth_q_BTHD), window(depth_k_BTLKD), window(depth_v_BTLKD),
+        spec=spec, q_tokens_BT=pick(q_tokens_BT), k_tokens_BS=k_tokens_BS, depth_tokens_BX=depth_tokens_BC,
+        depth_start=depth_start, depth_len=depth_len, q_segments_BT=pick(q_segments_BT),
+        k_segments_BS=k_segments_BS, depth_segments_BX=window(q_segments_BT), return_probs=return_probs)
+    return tuple(x[:, 0] for x in result)
+
+  results = jax.vmap(one_query, out_axes=1)(jnp.arange(num_queries))
+  return results
 
 
 def dense_attention(q_BTHD, k_BSKD, v_BSKD, depth_q_BTHD, depth_k_BXLKD, depth_v_BXLKD, *, spec,

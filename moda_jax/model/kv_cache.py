@@ -11,14 +11,13 @@ seen so far. Caches:
     buffers are kept in a ring of C tokens ([B, C, L_max, Hk, D], index = position % C).
 
 The attention itself is the reference's dense softmax with explicit positions
-(`pallas_kernels.reference.dense_attention`): what each query sees comes from `pallas_kernels.spec`,
+(`pallas_kernels.reference`, with explicit positions): what each query sees comes from `pallas_kernels.spec`,
 the same rule every kernel reads. Decoding is memory-bound on the cache, and the probabilities are
 wanted anyway for the analysis (`return_probs=True`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -104,34 +103,24 @@ def cached_attention(config: ModelConfig, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, 
   spec = spec_lib.Spec(seq_len=max_len, num_slots=num_slots, causal=True, scale=q_BTHD.shape[-1] ** -0.5,
                        depth_chunk=config.depth_chunk)
   tokens = lambda positions_X: jnp.broadcast_to(positions_X, (batch, positions_X.shape[-1]))
-  attend = functools.partial(
-      reference.dense_attention, k_BSKD=k_cache, v_BSKD=v_cache, spec=spec,
-      k_tokens_BS=tokens(jnp.arange(max_len, dtype=jnp.int32)),
-      depth_start=0 if depth_start is None else depth_start, depth_len=stream.length, return_probs=True)
-
+  shared = dict(k_BSKD=k_cache, v_BSKD=v_cache, spec=spec, k_tokens_BS=tokens(jnp.arange(max_len, dtype=jnp.int32)),
+                depth_start=0 if depth_start is None else depth_start, depth_len=stream.length,
+                return_probs=True)
   if ring is None or num_slots == 0:
-    # Own-token depth: one query token at a time against the cache and its own slots, so the depth
-    # columns of probs are that token's L slots.
-    def one_query(q_BHD, depth_q_BHD, depth_k_BLKD, depth_v_BLKD, position_B):
-      one = lambda x: None if x is None else x[:, None]
-      out_B1HD, _, probs_B1HC = attend(one(q_BHD), depth_q_BTHD=one(depth_q_BHD), depth_k_BXLKD=one(depth_k_BLKD),
-                                       depth_v_BXLKD=one(depth_v_BLKD), q_tokens_BT=one(position_B),
-                                       depth_tokens_BX=one(position_B))
-      return out_B1HD[:, 0], probs_B1HC[:, 0]
-
-    axis = lambda x: None if x is None else 1
-    out_BTHD, probs_BTHC = jax.vmap(
-        one_query, in_axes=(1, axis(depth_q_BTHD), axis(stream.k_BTLKD), axis(stream.v_BTLKD), 1),
-        out_axes=1)(q_BTHD, depth_q_BTHD, stream.k_BTLKD, stream.v_BTLKD, positions_BT)
+    # Own-token depth: the new tokens' stream belongs to the queries, so the depth columns of probs are
+    # each query's own L slots.
+    out_BTHD, _, probs_BTHC = reference.query_aligned_attention(
+        q_BTHD, depth_q_BTHD=depth_q_BTHD, depth_k_BTLKD=stream.k_BTLKD, depth_v_BTLKD=stream.v_BTLKD,
+        q_tokens_BT=positions_BT, **shared)
   else:
     # Chunk-visible depth: the ring's tokens and the new ones, positions deciding who sees whom.
     ring_k, ring_v, ring_positions_C = ring
-    out_BTHD, _, probs_BTHC = attend(
+    out_BTHD, _, probs_BTHC = reference.dense_attention(
         q_BTHD, depth_q_BTHD=depth_q_BTHD,
         depth_k_BXLKD=jnp.concatenate([ring_k.astype(stream.k_BTLKD.dtype), stream.k_BTLKD], axis=1),
         depth_v_BXLKD=jnp.concatenate([ring_v.astype(stream.v_BTLKD.dtype), stream.v_BTLKD], axis=1),
-        q_tokens_BT=positions_BT,
-        depth_tokens_BX=tokens(jnp.concatenate([ring_positions_C, positions_BT[0]])))
+        q_tokens_BT=positions_BT, depth_tokens_BX=tokens(jnp.concatenate([ring_positions_C, positions_BT[0]])),
+        **shared)
     seq_BTHS, depth_BTHXL = probs_BTHC[..., :max_len], probs_BTHC[..., max_len:]
     depth_BTHL = depth_BTHXL.reshape(*depth_BTHXL.shape[:3], -1, num_slots).sum(axis=3)
     probs_BTHC = jnp.concatenate([seq_BTHS, depth_BTHL], axis=-1)
