@@ -43,6 +43,18 @@ def _one_line(error: BaseException) -> str:
   return text or type(error).__name__
 
 
+def _unknown_config_field(error: BaseException, args) -> str:
+  # ml_collections raises AttributeError from a KeyError whose text is "'<field>'\nDid you mean ...?".
+  cause = error
+  while cause is not None and not isinstance(cause, KeyError):
+    cause = cause.__context__
+  lines = str(cause.args[0] if cause is not None and cause.args else error).splitlines() or [""]
+  field, hint = lines[0].strip("\"' "), " ".join(lines[1:])
+  named = [a.split("=")[0] for a in args[1:] if field in a.split("=")[0].split(".")[1:]]
+  return (f"{named[0] if named else repr(field)}: no such config field{f' ({hint})' if hint else ''}; "
+          "configs/base.py lists every field")
+
+
 def exit_with(message: str) -> None:
   """Prints `error: message` as one line on stderr and exits with status 2."""
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -62,10 +74,7 @@ def run(main, argv=None, *, positional: bool = False) -> None:
     except flags.Error as e:
       exit_with(f"{_one_line(e)} (--help lists the flags)")
     except (AttributeError, KeyError) as e:  # ml_collections: `--config.<path>` names no field
-      field = str(e).strip("\"'")
-      named = [a.split("=")[0] for a in args[1:] if field in a.split("=")[0].split(".")[1:]]
-      exit_with(f"{named[0] if named else field}: no such config field ({field!r}; configs/base.py lists "
-                "every field)")
+      exit_with(_unknown_config_field(e, args))
 
   def guarded_main(args):
     if len(args) > 1 and not positional:
