@@ -26,13 +26,14 @@ class UserError(ValueError):
 
 
 @contextlib.contextmanager
-def checking_inputs():
-  """Inside: ValueError / NotImplementedError / OSError are the user's (re-raised as UserError)."""
+def checking_inputs(*errors: type[Exception]):
+  """Inside: ValueError / NotImplementedError / OSError (or only `errors`) are the user's: re-raised
+  as UserError."""
   try:
     yield
   except UserError:
     raise
-  except _INPUT_ERRORS as e:
+  except errors or _INPUT_ERRORS as e:
     raise UserError(_one_line(e)) from e
 
 

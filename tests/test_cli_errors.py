@@ -116,6 +116,9 @@ def test_workdir_and_data_paths_are_user_errors(tmp_path):
     trainer.train_and_evaluate(_config(data__source="files", data__path=str(tmp_path / "nothing.jsonl")),
                                str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
+  # A backend that cannot run here says so while the model is traced, before anything is compiled.
+  with pytest.raises(cli_errors.UserError, match="implementation='pallas_triton' runs on"):
+    trainer.train_and_evaluate(_config(model__attention_impl="pallas_triton"), str(tmp_path / "run"))
 
 
 def test_each_cli_prints_one_line_and_exits_2(tmp_path):

@@ -108,7 +108,14 @@ def _checked_run(config, workdir: str, devices, restart: bool) -> tuple[_Run, st
     shard = pipeline.HostShard(jax.process_index(), jax.process_count())
     pipelines = pipeline.make_pipelines(config, shard)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.checkpoint_async)
-  return _Run(config, workdir, model_cfg, mesh, pipelines, ckpt), note
+  # Tracing the model for the state's shapes is where a backend says it cannot run this config here
+  # (e.g. an explicit attention_impl for another platform): that, and only that, is the user's too.
+  try:
+    with cli_errors.checking_inputs(NotImplementedError):
+      return _Run(config, workdir, model_cfg, mesh, pipelines, ckpt), note
+  except BaseException:
+    ckpt.close()
+    raise
 
 
 def train_and_evaluate(config, workdir: str, devices=None, *, restart: bool = False) -> dict[str, float]:
