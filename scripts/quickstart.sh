@@ -19,24 +19,27 @@ if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import sys; sys.exit(sy
   rm -rf .venv
   "$PY" -m venv .venv
 fi
-echo "installing requirements.txt and this repository into .venv (quiet; takes a minute or two the first time)"
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps -e .
+echo "installing requirements.txt and this repository into .venv (a minute or two the first time)"
+# -qq: pip's errors only (its warnings about a machine's index settings would bury them).
+.venv/bin/python -m pip install -qq --upgrade pip
+.venv/bin/python -m pip install -qq -r requirements.txt
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -qq --no-deps -e .  # (setuptools warns about editables)
 
 echo "training configs/tiny.py into $WORKDIR"
 .venv/bin/python train.py --config=configs/tiny.py --workdir="$WORKDIR"
 
 cat <<DONE
 
-done. In $WORKDIR:
-  checkpoints/     Orbax checkpoints (the newest three; rerun this script to resume or extend the run)
-  metrics.jsonl    loss, val_loss, learning rate, throughput per logged step
-  tensorboard/     TensorBoard events:  .venv/bin/tensorboard --logdir $WORKDIR
-  config.json      the run's config
-Next:
-  .venv/bin/python -m moda_jax.eval.plot $WORKDIR --out=$WORKDIR/loss.png     # loss curves as a PNG
-  .venv/bin/python -m moda_jax.evaluate --workdir=$WORKDIR                     # loss, perplexity, accuracy
-  .venv/bin/python -m moda_jax.generate --workdir=$WORKDIR --prompt="The module"
-  bash .ci/run                                                                 # the test suite
+done: the run is in $(cd "$WORKDIR" && pwd)
+  checkpoints/    Orbax checkpoints (the newest three); rerunning this script resumes an interrupted run
+  metrics.jsonl   loss, val_loss, learning rate and throughput per logged step
+  tensorboard/    TensorBoard events
+  config.json     the run's config
+next:
+  loss curves   .venv/bin/python -m moda_jax.eval.plot $WORKDIR --out=$WORKDIR/loss.png
+  evaluation    .venv/bin/python -m moda_jax.evaluate --workdir=$WORKDIR
+  generation    .venv/bin/python -m moda_jax.generate --workdir=$WORKDIR --prompt="The module"
+  TensorBoard   .venv/bin/tensorboard --logdir $WORKDIR
+  the tests     bash .ci/run
+  (or 'source .venv/bin/activate' once, then python / tensorboard as in the README)
 DONE
