@@ -8,11 +8,14 @@ same `pipeline.make_pipelines` batches and `train_step.eval_step`), so its loss 
 `val_loss` at that step. Each `--data` file (text / jsonl / parquet, read like `pipeline.source="files"`)
 is scored exhaustively: every document cut into rows of the run's `seq_len`, every token once.
 Tasks: `held_out_continuation` (built from the validation documents) plus each `--tasks` jsonl file.
-The report goes to `--output` (default DIR/eval/step_<N>.json) and is printed as a table.
+The report goes to `--output` (default DIR/eval/step_<N>.json) and is printed as a table. Mistakes in
+the flags (a workdir without checkpoints, a missing file) print one `error:` line and exit with 2;
+`--verbose` shows the libraries' INFO logs.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Sequence
@@ -21,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from moda_jax import cli_errors
 from moda_jax.train import checkpoint
 from moda_jax.data import pipeline
 from moda_jax.data import sources
@@ -147,12 +151,28 @@ def _split(value: str | None) -> list[str]:
   return [p.strip() for p in (value or "").split(",") if p.strip()]
 
 
-def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
+def _check_cli_inputs(flags) -> None:
+  """The flags' mistakes as UserErrors, before any checkpoint array or data file is read."""
+  checkpoint.load_run_config(flags.workdir, flags.step)  # the workdir holds that finished checkpoint
+  for flag, paths in (("--data", _split(flags.data)), ("--tasks", _split(flags.tasks))):
+    for path in paths:
+      if not glob.glob(os.path.expanduser(path)):
+        raise cli_errors.UserError(f"{flag} entry {path!r} matches no file: expected comma-separated "
+                                   "existing files.")
+  for flag in ("builtin_examples", "task_limit"):
+    if flags[flag].value < 0:
+      raise cli_errors.UserError(f"--{flag}={flags[flag].value}: expected an int >= 0 (0 = off).")
 
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+
+def main(argv):
+  del argv  # cli_errors.run rejects positional arguments
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
   flags = _FLAGS
+  if not flags.verbose:
+    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines would bury the table
+  with cli_errors.checking_inputs():
+    _check_cli_inputs(flags)
   report = evaluate(flags.workdir, flags.step, data_paths=_split(flags.data),
                     task_paths=_split(flags.tasks), builtin_examples=flags.builtin_examples,
                     task_limit=flags.task_limit or None)
@@ -163,7 +183,6 @@ def main(argv):
 def cli() -> None:
   """Defines the flags and runs `main` (`python -m moda_jax.evaluate`)."""
   global _FLAGS
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
 
   absl_flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
@@ -173,8 +192,9 @@ def cli() -> None:
   absl_flags.DEFINE_integer("builtin_examples", 64, "Examples of the held-out continuation task (0: off).")
   absl_flags.DEFINE_integer("task_limit", 0, "Read at most this many examples per task file (0: all).")
   absl_flags.DEFINE_string("output", None, "Report path (default DIR/eval/step_<N>.json).")
+  absl_flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs (Orbax, JAX).")
   _FLAGS = absl_flags.FLAGS
-  app.run(main)
+  cli_errors.run(main)
 
 
 if __name__ == "__main__":

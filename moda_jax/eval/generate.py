@@ -6,6 +6,10 @@ token's own slots, see `decode.py`). Sampling: greedy (temperature 0), temperatu
 Rows stop independently at any of `stop_tokens`; after that they emit `pad_token`.
 
   python -m moda_jax.generate --workdir=DIR --prompt="def main(" [--max_new_tokens=64] [--temperature=0.8]
+
+`--prompt` has no default: packed training never asks the model for a document's first token, so
+there is no neutral "begin a document" prompt; an empty one is a one-line error (exit status 2), as
+are the other flags' mistakes. `--verbose` shows the libraries' INFO logs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moda_jax import cli_errors
 from moda_jax.model import decode
 from moda_jax.model.config import ModelConfig
 
@@ -37,6 +42,10 @@ class Sampling:
       raise ValueError(f"top_k={self.top_k}: expected >= 0 (0 = off).")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p={self.top_p}: expected 0 < top_p <= 1 (1 = off).")
+
+  def check_vocab(self, vocab_size: int) -> None:
+    if self.top_k > vocab_size:
+      raise ValueError(f"top_k={self.top_k}: expected <= vocab_size={vocab_size}.")
 
 
 def filter_logits(logits_BV: jax.Array, sampling: Sampling) -> jax.Array:
@@ -96,8 +105,7 @@ def generate(config: ModelConfig, params, prompt_BT, *, max_new_tokens: int,
   if max_new_tokens < 1 or prompt_BT.shape[1] + max_new_tokens > config.max_seq_len:
     raise ValueError(f"max_new_tokens={max_new_tokens} with a prompt of {prompt_BT.shape[1]} tokens: "
                      f"expected >= 1 and a total <= max_seq_len={config.max_seq_len}.")
-  if sampling.top_k > config.vocab_size:
-    raise ValueError(f"top_k={sampling.top_k}: expected <= vocab_size={config.vocab_size}.")
+  sampling.check_vocab(config.vocab_size)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   # Stop and pad ids are traced (not static): changing them does not recompile. -1 matches nothing.
   stops_S = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
@@ -116,19 +124,40 @@ def generate_text(config: ModelConfig, params, tokenizer, prompt: str, *, max_ne
   return tokenizer.decode(np.asarray(tokens[0]))
 
 
-def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-
+def _check_cli_inputs(f) -> tuple[Sampling, object]:
+  """(sampling, tokenizer) after the flags' checks, before any checkpoint array is read."""
   from moda_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from moda_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
 
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  f = _FLAGS
-  run_config, model, params = checkpoint.load_checkpoint(f.workdir, f.step)
-  tokenizer = tokenizers.make_tokenizer(run_config.data.tokenizer, run_config.data.tokenizer_path,
-                                        run_config.data.eos_token)
+  if not f.prompt:
+    raise cli_errors.UserError("--prompt is empty: expected the text to continue, e.g. --prompt='The "
+                               "module' (the model learned to continue documents, not to start one).")
+  if f.max_new_tokens < 1:
+    raise cli_errors.UserError(f"--max_new_tokens={f.max_new_tokens}: expected a positive int.")
   sampling = Sampling(f.temperature, f.top_k, f.top_p)
+  run_config, _ = checkpoint.load_run_config(f.workdir, f.step)
+  sampling.check_vocab(run_config.model.vocab_size)
+  data = run_config.data
+  tokenizer = tokenizers.make_tokenizer(data.tokenizer, data.tokenizer_path, data.eos_token)
+  prompt_len, max_len = len(tokenizer.encode(f.prompt)), run_config.model.max_seq_len
+  if prompt_len >= max_len:
+    raise cli_errors.UserError(f"--prompt is {prompt_len} tokens: expected fewer than the model's "
+                               f"max_seq_len={max_len}, leaving room for new tokens.")
+  return sampling, tokenizer
+
+
+def main(argv):
+  del argv  # cli_errors.run rejects positional arguments
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  from moda_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  f = _FLAGS
+  if not f.verbose:
+    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines would bury the text
+  with cli_errors.checking_inputs():
+    sampling, tokenizer = _check_cli_inputs(f)
+  _, model, params = checkpoint.load_checkpoint(f.workdir, f.step)
   text = generate_text(model.config, params, tokenizer, f.prompt, max_new_tokens=f.max_new_tokens,
                        sampling=sampling, seed=f.seed)
   print(f.prompt + text)
@@ -137,19 +166,19 @@ def main(argv):
 def cli() -> None:
   """Defines the flags and runs `main` (`python -m moda_jax.generate`)."""
   global _FLAGS
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
 
   absl_flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
   absl_flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  absl_flags.DEFINE_string("prompt", "", "Text to continue.")
+  absl_flags.DEFINE_string("prompt", "", "Text to continue (required: the model continues documents).")
   absl_flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (capped by max_seq_len).")
   absl_flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
   absl_flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
   absl_flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
   absl_flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  absl_flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs (Orbax, JAX).")
   _FLAGS = absl_flags.FLAGS
-  app.run(main)
+  cli_errors.run(main)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ only finished ones count as `latest_step`, so a run killed mid-save resumes from
 """
 
 import json
+import logging
 import os
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from moda_jax.cli_errors import UserError
 from moda_jax.model.config import ModelConfig
 from moda_jax.model.transformer import Transformer
 
@@ -75,18 +77,41 @@ def write_config_json(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _finished_step(mngr: ocp.CheckpointManager, step: int | None, directory: str) -> int:
+  available = list(mngr.all_steps())
+  if not available:
+    raise UserError(f"{directory} holds no finished checkpoint yet: expected a run that saved one "
+                    "(train.py saves every config.checkpoint_every steps, at the end and on Ctrl-C).")
   step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
-    raise ValueError(f"step={step} is not a finished checkpoint in {directory}; available: "
-                     f"{list(mngr.all_steps())}.")
+  if step not in available:
+    raise UserError(f"--step={step} is not a finished checkpoint in {directory}: expected one of "
+                    f"{available}.")
   return step
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   if not os.path.isdir(directory):
-    raise ValueError(f"workdir={workdir!r} has no {CHECKPOINT_DIR}/ directory.")
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    missing = "" if os.path.isdir(workdir) else " (no such directory)"
+    raise UserError(f"--workdir={workdir!r} has no {CHECKPOINT_DIR}/{missing}: expected a training workdir "
+                    "with a finished checkpoint (train.py writes one every config.checkpoint_every steps).")
+  # Options a read-only manager would reset anyway (with a warning each); its "directory is read only"
+  # warning says what we asked for, so it is dropped too.
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  quiet = _DropMessage("Given directory is read only")
+  logging.getLogger("absl").addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(directory, options=options)
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+  def __init__(self, prefix: str):
+    super().__init__()
+    self._prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self._prefix)
 
 
 def _restore_config(mngr: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
@@ -99,6 +124,15 @@ def load_run_config(workdir: str, step: int | None = None) -> tuple[ml_collectio
   with _read_only_manager(workdir) as mngr:
     step = _finished_step(mngr, step, str(mngr.directory))
     return _restore_config(mngr, step), step
+
+
+def latest_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int] | None:
+  """(run config, step) of the newest finished checkpoint in `workdir`, or None if it has none."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    return None
+  with _read_only_manager(workdir) as mngr:
+    step = mngr.latest_step()
+    return None if step is None else (_restore_config(mngr, step), step)
 
 
 def load_checkpoint(workdir: str, step: int | None = None, sharding=None):

@@ -3,76 +3,35 @@
 Order of work per step: fetch the host batch, dispatch the jitted step, then look at the *previous*
 step's metrics, so the host never stalls the device except on log / eval / checkpoint steps. Every
 step's loss, grad norm and parameters are checked finite; a non-finite step stops the run without
-saving, so the newest checkpoint on disk is the last good one. SIGTERM (preemption) saves a
-checkpoint at the next step boundary and returns; rerunning the same command resumes from it.
+saving, so the newest checkpoint on disk is the last good one. SIGTERM (preemption) and Ctrl-C save a
+checkpoint at the next step boundary and return (`interrupts.py`); rerunning the same command resumes.
+
+Before any work (no data read, nothing compiled), inside `cli_errors.checking_inputs()`: the run
+settings are checked (`run_settings.py`), the workdir is created, and a workdir holding another
+model's run stops the run (`run_identity.py`); the data is then read in the same phase, so a missing
+file or a bad field is the user's one-line error, while a failure after it keeps its traceback.
 """
 
 import functools
 import json
 import os
-import signal
-import threading
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
 
+from moda_jax import cli_errors
 from moda_jax.train import checkpoint
 from moda_jax.data import pipeline
 from moda_jax.model import flops
 from moda_jax.train import metrics
+from moda_jax.train import interrupts
 from moda_jax.train import optimizer as optim
+from moda_jax.train import run_identity
+from moda_jax.train import run_settings
 from moda_jax.train import sharding
 from moda_jax.train import step as ts
 from moda_jax.model.config import ModelConfig
 from moda_jax.model.transformer import Transformer
-
-
-class _StopRequest:
-  """Set by SIGTERM; the loop polls it between steps (signal handlers must not touch JAX)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def agreed(self) -> bool:
-    """Whether any process was asked to stop (all processes must save the same step)."""
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
-
-
-def _validate(config, model_cfg: ModelConfig, mesh, vocab_needed: int) -> None:
-  for name in ("total_steps", "batch_size", "seq_len", "log_every", "grad_accum_steps"):
-    if config[name] < 1:
-      raise ValueError(f"{name}={config[name]}; expected a positive int.")
-  if config.checkpoint_every < 0:
-    raise ValueError(f"checkpoint_every={config.checkpoint_every}; expected a positive int, or 0 "
-                     "for no checkpoints (benchmark runs).")
-  if model_cfg.vocab_size < vocab_needed:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                     f"{vocab_needed} ids; set --config.model.vocab_size>={vocab_needed}.")
-  if config.seq_len > model_cfg.max_seq_len:
-    raise ValueError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}.")
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = config.batch_size // config.grad_accum_steps
-  if config.batch_size % config.grad_accum_steps or micro % shards:
-    raise ValueError(f"batch_size={config.batch_size} must split into grad_accum_steps="
-                     f"{config.grad_accum_steps} microbatches whose rows divide over data*fsdp="
-                     f"{shards} devices.")
 
 
 def _all_finite(tree) -> jax.Array:
@@ -90,13 +49,10 @@ def _step_with_check(state, batch, **kwargs):
 class _Run:
   """State of one training run: compiled functions, data, checkpointer, writer."""
 
-  def __init__(self, config, workdir: str, devices=None):
-    self.config, self.workdir = config, workdir
-    shard = pipeline.HostShard(jax.process_index(), jax.process_count())
-    self.pipelines = pipeline.make_pipelines(config, shard)
-    self.model_cfg = ModelConfig.from_dict(config.model.to_dict())
-    self.mesh = sharding.mesh_from_config(config, devices)
-    _validate(config, self.model_cfg, self.mesh, self.pipelines.tokenizer.vocab_size)
+  def __init__(self, config, workdir: str, model_cfg: ModelConfig, mesh, pipelines: pipeline.DataPipelines,
+               ckpt: checkpoint.Checkpointer):
+    self.config, self.workdir, self.model_cfg, self.mesh = config, workdir, model_cfg, mesh
+    self.pipelines, self.ckpt = pipelines, ckpt
     model = Transformer(self.model_cfg)
     optimizer = optim.make_optimizer(config)
     tokens = ts.init_tokens(self.mesh, config.seq_len)
@@ -115,8 +71,6 @@ class _Run:
     self.eval_fn = jax.jit(functools.partial(ts.eval_step, model=model),
                            in_shardings=(self.shardings.params, batch_sh), out_shardings=rep)
     self.val_batches = [sharding.global_batch(b, self.mesh) for b in self.pipelines.val_batches]
-    self.ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                        async_save=config.checkpoint_async)
 
   def evaluate(self, params) -> float:
     sums = [self.eval_fn(params, b) for b in self.val_batches]
@@ -140,18 +94,38 @@ def _record_data_stats(run: _Run, writer: metrics.MetricsWriter) -> None:
   stats = {"unigram_entropy_nats": entropy, "train_documents": len(docs),
            "tokenizer_vocab_size": run.pipelines.tokenizer.vocab_size}
   if jax.process_index() == 0:
-    with open(os.path.join(run.workdir, "data_stats.json"), "w") as f:
+    with open(os.path.join(run.workdir, run_identity.DATA_STATS_JSON), "w") as f:
       json.dump(stats, f, indent=2)
   writer.message(f"data: {len(docs)} training documents; unigram entropy {entropy:.4f} nats/token")
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
+def _checked_run(config, workdir: str, devices, restart: bool) -> tuple[_Run, str | None]:
+  """The run, after every check of its inputs; also the line to tell the user about the workdir."""
+  with cli_errors.checking_inputs():
+    model_cfg, mesh = run_settings.check(config, devices)
+    run_settings.make_workdir(workdir)
+    note = run_identity.prepare(workdir, config, restart=restart)
+    shard = pipeline.HostShard(jax.process_index(), jax.process_count())
+    pipelines = pipeline.make_pipelines(config, shard)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.checkpoint_async)
+  # Tracing the model for the state's shapes is where a backend says it cannot run this config here
+  # (e.g. an explicit attention_impl for another platform): that, and only that, is the user's too.
+  try:
+    with cli_errors.checking_inputs(NotImplementedError):
+      return _Run(config, workdir, model_cfg, mesh, pipelines, ckpt), note
+  except BaseException:
+    ckpt.close()
+    raise
+
+
+def train_and_evaluate(config, workdir: str, devices=None, *, restart: bool = False) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
 
-  `devices`: the devices of the mesh (default: all of them).
+  `devices`: the devices of the mesh (default: all of them). `restart`: delete the run already in
+  `workdir` (checkpoints and logs) and start over; without it, a workdir holding another model's run
+  raises `cli_errors.UserError` before any work.
   """
-  os.makedirs(workdir, exist_ok=True)
-  run = _Run(config, workdir, devices)
+  run, note = _checked_run(config, workdir, devices, restart)
   train_iter = iter(run.pipelines.train)
   latest = run.ckpt.latest_step()
   if latest is None:
@@ -165,18 +139,18 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     checkpoint.write_config_json(workdir, config)
   writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0, start_step=step,
                                  total_steps=config.total_steps, progress_bar=config.progress_bar)
-  if latest is not None:
-    writer.message(f"resumed from the checkpoint at step {latest}")
+  if note:
+    writer.message(note)
   _record_data_stats(run, writer)
-  stop = _StopRequest()
+  stop = interrupts.StopRequest()
   stop.install()
   try:
     return _loop(run, state, step, train_iter, writer, stop)
   finally:
-    stop.uninstall()
     run.ckpt.wait()
     run.ckpt.close()
     writer.close()
+    stop.uninstall()
 
 
 def _check_finite(run: _Run, step: int, scalars: dict[str, float]) -> None:
@@ -188,7 +162,8 @@ def _check_finite(run: _Run, step: int, scalars: dict[str, float]) -> None:
         f"{run.ckpt.latest_step()}) is kept in {run.ckpt.directory}.")
 
 
-def _loop(run: _Run, state, step: int, train_iter, writer, stop: _StopRequest) -> dict[str, float]:
+def _loop(run: _Run, state, step: int, train_iter, writer,
+          stop: interrupts.StopRequest) -> dict[str, float]:
   cfg = run.config
   rates = run.throughput()
   first_step = step
@@ -229,6 +204,7 @@ def _loop(run: _Run, state, step: int, train_iter, writer, stop: _StopRequest) -
     rates.reset(step)  # keep evaluation and checkpoint time out of the next step-time figure
     writer.advance()
     if stopping:
-      writer.message(f"SIGTERM: saved the checkpoint at step {step}; rerun to resume.")
+      writer.message(f"{stop.signal_name}: saved the checkpoint at step {step}; rerun the same command "
+                     "to resume.")
       break
   return scalars
