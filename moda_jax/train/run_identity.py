@@ -22,7 +22,7 @@ from moda_jax.model.config import ModelConfig
 from moda_jax.train import checkpoint
 from moda_jax.train import metrics
 
-EXECUTION_FIELDS = ("remat", "attention_impl", "dtype", "depth_memory", "z_loss_weight")
+EXECUTION_FIELDS = ("remat", "attention_impl", "dtype")
 DATA_STATS_JSON = "data_stats.json"
 RUN_FILES = (checkpoint.CHECKPOINT_DIR, checkpoint.CONFIG_JSON, metrics.JSONL_NAME,
              metrics.TENSORBOARD_DIR, DATA_STATS_JSON)

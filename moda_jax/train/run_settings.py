@@ -38,6 +38,9 @@ def check(config, devices=None) -> tuple[ModelConfig, jax.sharding.Mesh]:
   if config.seq_len > model_cfg.max_seq_len:
     raise UserError(f"config.seq_len={config.seq_len}: expected <= config.model.max_seq_len="
                     f"{model_cfg.max_seq_len}.")
+  z_loss = config.z_loss_weight
+  if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not z_loss >= 0:
+    raise UserError(f"config.z_loss_weight={z_loss!r}: expected a number >= 0 (0 = off).")
   optim.learning_rate_schedule(config)  # ValueError for warmup_steps / learning_rate
   mesh = sharding.mesh_from_config(config, devices)  # ValueError for mesh sizes vs devices
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
