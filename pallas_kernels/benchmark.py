@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import moda_attention
 from pallas_kernels.block_sizes import BlockSizes, KernelBlocks, dkv_per_query_head, next_pow2

@@ -82,3 +82,28 @@ def naive_value_and_grad(cfg: ModelConfig, params, tokens):
   """`grad_fn(cfg)(params, tokens)` with the naive stack: plain autodiff through every block."""
   with naive_depth_memory():
     return jax.jit(jax.value_and_grad(functools.partial(loss, cfg)))(params, tokens)
+
+
+def embedding_influence(cfg: ModelConfig, params, tokens=TOKENS) -> np.ndarray:
+  """[b, t, b', s]: |d (a weighted sum of logits[b, t]) / d (input embedding[b', s])| summed over the
+  embedding axis, through a perturbation added to the embedding module's output. Causality means it
+  is exactly 0 unless b' == b and s <= t."""
+  batch, seq_len = tokens.shape
+
+  def per_token_output(delta_BTM):
+    def add_delta(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      is_embed = context.module.name == "embed" and context.method_name == "__call__"
+      return out + delta_BTM if is_embed else out
+    with nn.intercept_methods(add_delta):
+      logits = Transformer(cfg).apply({"params": params}, tokens)
+    return jnp.sum(logits * jnp.cos(jnp.arange(cfg.vocab_size, dtype=jnp.float32))[None, None], axis=-1)
+
+  jac = jax.jit(jax.jacrev(per_token_output))(jnp.zeros((batch, seq_len, cfg.d_model)))
+  return np.abs(np.asarray(jac)).sum(-1)
+
+
+def causal_pattern(batch: int, seq_len: int) -> np.ndarray:
+  """[b, t, b', s] True where causality allows an influence: same row, s <= t."""
+  same_row = np.eye(batch, dtype=bool)[:, None, :, None]
+  return same_row & np.tril(np.ones((seq_len, seq_len), bool))[None, :, None, :]

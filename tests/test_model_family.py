@@ -3,14 +3,13 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import model_cases as cases
-from moda_jax import ModelConfig, Transformer
+from moda_jax import ModelConfig
 from moda_jax.eval import analysis
 from moda_jax.model import decode
 from moda_jax.model.param_layout import scan_to_loop
@@ -78,21 +77,8 @@ def test_linear_memory_gradients_equal_naive_autodiff_for_the_variants():
 def test_chunk_visible_model_is_causal():
   """d logits[b, t] / d embedding[b', s] is exactly 0 unless b' == b and s <= t: a chunk reads only
   the depth of its earlier tokens."""
-  cfg = _CHUNK
-  params = cases.random_params(cfg)
-  batch, seq_len = cases.TOKENS.shape
-
-  def per_token_output(delta_BTM):
-    def add_delta(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      return out + delta_BTM if context.module.name == "embed" and context.method_name == "__call__" else out
-    with nn.intercept_methods(add_delta):
-      logits = Transformer(cfg).apply({"params": params}, cases.TOKENS)
-    return jnp.sum(logits * jnp.cos(jnp.arange(cfg.vocab_size, dtype=jnp.float32))[None, None], axis=-1)
-
-  influence = np.abs(np.asarray(jax.jit(jax.jacrev(per_token_output))(
-      jnp.zeros((batch, seq_len, cfg.d_model))))).sum(-1)  # [b, t, b', s]
-  allowed = np.eye(batch, dtype=bool)[:, None, :, None] & np.tril(np.ones((seq_len,) * 2, bool))[None, :, None]
+  influence = cases.embedding_influence(_CHUNK, cases.random_params(_CHUNK))
+  allowed = cases.causal_pattern(*cases.TOKENS.shape)
   assert np.all(influence[~allowed] == 0.0)
   assert np.all(influence[allowed] > 0.0)
 

@@ -8,7 +8,6 @@ token's own slots), so under a mesh the call goes through `jax.shard_map`: batch
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
