@@ -170,10 +170,10 @@ print("gradient of the unwritten slot 2:", float(jnp.abs(g_xla[1][:, :, 2]).max(
 # Two meanings, both worth seeing:
 # * **Kernel tiles.** A kernel that flattens depth into a `[T*L]` key axis (the official Triton kernel)
 #   computes a dense `BT x (BT/G)*L` logit tile per query tile of `BT` grouped rows, of which only the
-#   query's own `L` columns are valid: utilization $\eta = G / BT$. The `pallas_triton` kernel has
-#   both a masked dense depth phase (`depth_mode="dense"`: wasted logits, but tensor cores) and a
-#   per-token one (`"per_token"`: each row reads only its own slots); `pallas_kernels/block_sizes.py`
-#   records which one measured faster.
+#   query's own `L` columns are valid: utilization $\eta = G / BT$. The `pallas_triton` kernel uses
+#   the same masked dense depth phase (wasted logits, but tensor cores) in parts of `depth_rows` rows,
+#   which cuts the waste; a per-token phase on the CUDA cores (each row reads only its own slots) was
+#   slower on every shape measured (BENCHMARKS.md §1).
 # * **Attention mass.** How much of the softmax actually lands on depth slots: here for the toy input,
 #   in notebook 02 per layer of a trained model.
 
