@@ -80,5 +80,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_path = ""            # fixed validation files (comma-separated; one set each, scored in
                                   # full, named up to the first dot); set: val_fraction is not used
   c.data.num_workers = 0          # Grain worker processes (0 = in the training process)
+  c.data.pretokenize = False      # tokenize the training documents once at start (all cores), not per step
   c.data.entropy_sample_docs = 10_000  # documents used for the logged unigram entropy
   return c

@@ -111,3 +111,19 @@ def test_train_tokenizer_cli_pieces_make_a_bpe_the_pipeline_can_use(tmp_path):
   assert len(ours.encode(texts[0])) < len(texts[0].encode()) / 2  # merges learned
   with pytest.raises(ValueError, match="vocab_size=100"):
     train_tokenizer.train_bpe(docs, 100)
+
+
+def test_pretokenized_training_batches_equal_the_per_step_ones(tmp_path):
+  rng = np.random.default_rng(1)
+  texts = [" ".join(rng.choice(["ab", "cd", "efg", "h"], rng.integers(5, 80))) for _ in range(30)]
+  train = _write(tmp_path / "p.train.txt", _corpus_text(texts))
+  tok = train_tokenizer.train_bpe(texts, 270)
+  tok.save(str(tmp_path / "tok.json"))
+  batches = {}
+  for pretokenize in (False, True):
+    cfg = _files_cfg(train, tokenizer="hf", tokenizer_path=str(tmp_path / "tok.json"), pretokenize=pretokenize)
+    it = iter(pipeline.make_pipelines(cfg).train)
+    batches[pretokenize] = [next(it) for _ in range(5)]
+  for a, b in zip(batches[False], batches[True]):
+    for k in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])

@@ -48,6 +48,23 @@ class _Subset(Sequence):
     return f"_Subset({self._name}, n={len(self._indices)}, of={self._docs!r})"
 
 
+class _TokenizedDocuments(Sequence):
+  """Documents tokenized once up front (`data.pretokenize`): packing then only copies ids."""
+
+  def __init__(self, docs: Sequence[str], tokenizer: tokenizers.Tokenizer):
+    self._ids = tokenizers.encode_all(tokenizer, docs)
+    self._name = f"{docs!r} by {tokenizer!r}"
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  def __getitem__(self, i):
+    return self._ids[i]
+
+  def __repr__(self) -> str:
+    return f"_TokenizedDocuments({self._name})"
+
+
 def split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Seeded disjoint (train, val) document indices; val gets round(fraction * n), at least 1 if > 0."""
   if not 0.0 <= val_fraction < 1.0:
@@ -61,8 +78,9 @@ def split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.n
 
 
 def _next_token_pairs(tokenizer: tokenizers.Tokenizer):
-  def fn(text: str) -> dict[str, np.ndarray]:
-    tokens = np.append(tokenizer.encode(text), np.int32(tokenizer.eos_id)).astype(np.int32)
+  def fn(doc) -> dict[str, np.ndarray]:  # a text, or its ids (pretokenized)
+    ids = doc if isinstance(doc, np.ndarray) else tokenizer.encode(doc)
+    tokens = np.append(ids, np.int32(tokenizer.eos_id)).astype(np.int32)
     return {"inputs": tokens[:-1], "targets": tokens[1:]}
   return fn
 
@@ -133,9 +151,11 @@ def make_pipelines(config, shard: HostShard = HostShard()) -> DataPipelines:
   docs = sources.load_documents(data_cfg)
   host_batch = _host_batch_size(config.batch_size, shard)
   val_files = sources.validation_sources(data_cfg)
+  pretokenize = data_cfg.get("pretokenize", False)
   if val_files:  # fixed validation files: all of data.path trains, data.val_fraction is not used
-    train = packed_dataset(docs, tokenizer, seq_len=config.seq_len, batch_size=host_batch,
-                           seed=config.seed, shard=shard, num_workers=data_cfg.num_workers)
+    train = packed_dataset(_TokenizedDocuments(docs, tokenizer) if pretokenize else docs, tokenizer,
+                           seq_len=config.seq_len, batch_size=host_batch, seed=config.seed, shard=shard,
+                           num_workers=data_cfg.num_workers)
     val_sets = {}
     if config.eval_batches > 0:
       val_sets = {name: full_batches(val_docs, tokenizer, seq_len=config.seq_len,
@@ -144,8 +164,9 @@ def make_pipelines(config, shard: HostShard = HostShard()) -> DataPipelines:
     return DataPipelines(tokenizer, train, [b for bs in val_sets.values() for b in bs], docs, val_sets)
   train_idx, val_idx = split_documents(len(docs), data_cfg.val_fraction, config.seed)
   train_docs = _Subset(docs, train_idx, "train")
-  train = packed_dataset(train_docs, tokenizer, seq_len=config.seq_len, batch_size=host_batch,
-                         seed=config.seed, shard=shard, num_workers=data_cfg.num_workers)
+  train = packed_dataset(_TokenizedDocuments(train_docs, tokenizer) if pretokenize else train_docs,
+                         tokenizer, seq_len=config.seq_len, batch_size=host_batch, seed=config.seed,
+                         shard=shard, num_workers=data_cfg.num_workers)
   val_batches = []
   if len(val_idx) and config.eval_batches > 0:
     val = packed_dataset(_Subset(docs, val_idx, "val"), tokenizer, seq_len=config.seq_len,
