@@ -282,8 +282,9 @@ def _last_step(run_dir: str) -> int:
 
 
 def _resume_note(run_dir: str) -> str:
-  step = _last_step(run_dir)
-  return f" (resuming after step {step})" if step else ""
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  return f" (resuming from step {max(steps)})" if steps else ""
 
 
 def _final_losses(run_dir: str) -> str:
