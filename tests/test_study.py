@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from moda_jax.eval import evaluate
 from moda_jax.eval import study
+from moda_jax.eval import study_depth
 from moda_jax.eval import study_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -150,10 +152,15 @@ def test_grid_runs_skips_resumes_exactly_and_reports(tmp_path):
   assert [r["step"] for r in resumed] == [r["step"] for r in done]  # one record per step
   for key in ("val_loss", "val_loss/alpha", "val_loss/beta"):
     assert resumed[-1][key] == pytest.approx(done[-1][key], abs=1e-6)
+  datasets = evaluate.evaluate(str(run_dir), builtin_examples=0)["datasets"]
+  for name in ("validation",) + tuple(f"validation/{s}" for s in SOURCES):  # evaluate = the trainer
+    assert datasets[name]["loss"] == pytest.approx(resumed[-1][name.replace("validation", "val_loss")], abs=1e-4)
   report = _study("report", str(out), "--depth_mass", "--depth_mass_tokens=24", env=env)
   assert report.returncode == 0, report.stderr
-  depth = json.loads((out / "depth_mass.json").read_text())
-  assert list(depth) == ["attn_ffn"] and list(depth["attn_ffn"]["per_source"]) == list(SOURCES)
+  stored = json.loads((out / "depth_mass.json").read_text())
+  assert list(stored) == ["attn_ffn"] and list(stored["attn_ffn"]["per_seed"]) == ["0"]
+  depth = study_depth.summarize(stored)
+  assert list(depth["attn_ffn"]["per_source"]) == list(SOURCES) and depth["attn_ffn"]["tokens"] == 24
   share = np.array(depth["attn_ffn"]["share_N"])
   assert share.shape == (2,) and share[0] == 0 and 0 < share[1] < 1  # layer 0 reads no slot
   text = (out / "report.md").read_text()

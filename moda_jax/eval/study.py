@@ -141,7 +141,7 @@ def _check_same_config(grid: Grid, run_dir: str, entry: str, seed: int) -> None:
                      f"(fields {diff}); use another --out, or delete the run directory to retrain it.")
 
 
-def run_one(grid_path: str, out: str, entry: str, seed: int, progress_bar: bool) -> int:
+def run_one(grid_path: str, out: str, entry: str, seed: int, progress_bar: bool, jobs: int = 1) -> int:
   """Trains one run in this process (the `_one` subcommand the runner starts); writes its study.json."""
   from moda_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
@@ -157,7 +157,7 @@ def run_one(grid_path: str, out: str, entry: str, seed: int, progress_bar: bool)
   record_path = os.path.join(run_dir, STUDY_JSON)
   record = read_json(record_path, {})
   record.update({"entry": entry, "seed": seed, "overrides": grid.entries[entry], "status": "running",
-                 **study_report.model_cost(config)})
+                 "jobs": jobs, **study_report.model_cost(config)})  # jobs: runs sharing the devices
   _write_json(record_path, record)
   start = time.time()
   try:
@@ -211,7 +211,7 @@ class _Runner:
     run_dir = self.grid.run_dir(self.out, entry, seed)
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "moda_jax.eval.study", "_one", self.grid.path, f"--out={self.out}",
-           f"--entry={entry}", f"--seed={seed}"]
+           f"--entry={entry}", f"--seed={seed}", f"--jobs={self.args.jobs}"]
     if self.args.progress_bar:
       cmd.append("--progress_bar")
     env = dict(os.environ)
@@ -353,6 +353,7 @@ def main(argv=None) -> int:
   one.add_argument("--entry", required=True)
   one.add_argument("--seed", type=int, required=True)
   one.add_argument("--progress_bar", action="store_true")
+  one.add_argument("--jobs", type=int, default=1)
   args = parser.parse_args(argv)
   try:
     if args.command == "run":
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
                          "expected jobs >= 1 and budgets >= 0.")
       return run_grid(args.grid, args.out, args)
     if args.command == "_one":
-      return run_one(args.grid, args.out, args.entry, args.seed, args.progress_bar)
+      return run_one(args.grid, args.out, args.entry, args.seed, args.progress_bar, args.jobs)
     path = study_report.write_report(args.dir, baseline=args.baseline or None, depth_mass=args.depth_mass,
                                      depth_mass_tokens=args.depth_mass_tokens)
     _print(f"wrote {path}")

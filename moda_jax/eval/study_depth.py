@@ -46,24 +46,34 @@ def run_depth_share(run_dir: str, tokens: int) -> dict[str, list[float]]:
           for name, ids in source_tokens(config, tokens).items()}
 
 
-def measure(study, tokens: int) -> dict:
-  """{entry: {"seeds", "tokens", "share_N", "std_N", "per_source"}} for the runs with checkpoints."""
-  result = {}
+def measure(study, tokens: int, previous: dict | None = None) -> dict:
+  """{entry: {"tokens": T, "per_seed": {seed: {source: share per layer}}}}: the runs of depth entries
+  that hold a checkpoint here, merged into `previous` (an earlier call's, e.g. another machine's seeds)."""
+  result = {e: {"tokens": d["tokens"], "per_seed": dict(d["per_seed"])} for e, d in (previous or {}).items()}
   for entry in study.entries:
-    shares = {}
     for seed, run in study.finished(entry).items():
       if run.config.get("model", {}).get("depth_kv", "none") == "none":
-        break
+        continue
       if os.path.isdir(os.path.join(run.directory, checkpoint.CHECKPOINT_DIR)):
-        shares[seed] = run_depth_share(run.directory, tokens)
-    if not shares:
-      continue
-    names = list(next(iter(shares.values())))
-    per_seed = np.array([[s[n] for n in names] for s in shares.values()])  # [seeds, sources, layers]
-    over_sources = per_seed.mean(1)
-    result[entry] = {
-        "seeds": sorted(shares), "tokens": min(tokens, int(run.config["seq_len"])),
-        "share_N": over_sources.mean(0).tolist(),
-        "std_N": (over_sources.std(0, ddof=1) if len(shares) > 1 else np.full(per_seed.shape[-1], np.nan)).tolist(),
-        "per_source": {n: per_seed[:, i].mean(0).tolist() for i, n in enumerate(names)}}
+        used = min(tokens, int(run.config["seq_len"]))
+        entry_result = result.setdefault(entry, {"tokens": used, "per_seed": {}})
+        if entry_result["tokens"] != used:
+          raise ValueError(f"depth mass of {entry!r} was measured on {entry_result['tokens']} tokens before; "
+                           f"--depth_mass_tokens={tokens} would mix {used}.")
+        entry_result["per_seed"][str(seed)] = run_depth_share(run.directory, tokens)
   return result
+
+
+def summarize(depth: dict) -> dict:
+  """{entry: {"seeds", "tokens", "share_N", "std_N" (over seeds), "per_source"}} of `measure`'s dict:
+  per seed the mean over sources, then mean and std over seeds."""
+  out = {}
+  for entry, d in depth.items():
+    seeds = sorted(d["per_seed"], key=int)
+    names = list(d["per_seed"][seeds[0]])
+    per_seed = np.array([[d["per_seed"][s][n] for n in names] for s in seeds])  # [seeds, sources, layers]
+    over_sources = per_seed.mean(1)
+    std = over_sources.std(0, ddof=1) if len(seeds) > 1 else np.full(per_seed.shape[-1], np.nan)
+    out[entry] = {"seeds": [int(s) for s in seeds], "tokens": d["tokens"], "share_N": over_sources.mean(0).tolist(),
+                  "std_N": std.tolist(), "per_source": {n: per_seed[:, i].mean(0).tolist() for i, n in enumerate(names)}}
+  return out

@@ -245,13 +245,14 @@ def source_tables(study: Study) -> list[str]:
 
 
 def runs_table(study: Study) -> list[str]:
-  lines = ["| entry | seed | status | steps | val loss | wall (s) |", "|---|---|---|---|---|---|"]
+  lines = ["| entry | seed | status | steps | val loss | wall (s) | runs at a time |", "|---|---|---|---|---|---|---|"]
   for entry in study.entries:
     for seed, run in sorted(study.runs[entry].items()):
       status = run.record.get("status", "done" if run.finished else "incomplete")
       loss = run.final.get("val_loss")
       lines.append(f"| {entry} | {seed} | {status} | {run.last_step}/{run.total_steps} | "
-                   f"{'–' if loss is None else f'{loss:.4f}'} | {run.record.get('wall_s', math.nan):.0f} |")
+                   f"{'–' if loss is None else f'{loss:.4f}'} | {run.record.get('wall_s', math.nan):.0f} | "
+                   f"{run.record.get('jobs', '–')} |")
   return lines
 
 
@@ -273,11 +274,13 @@ def write_report(directory: str, baseline: str | None = None, depth_mass: bool =
                  depth_mass_tokens: int = 512) -> str:
   """Writes DIR/report.md and DIR/loss_curves.png (+ per-source and depth PNGs); returns the .md path."""
   study = load_study(directory, baseline)
+  from moda_jax.eval import study_depth  # pylint: disable=g-import-not-at-top
+  depth_path = os.path.join(directory, DEPTH_MASS_JSON)
   if depth_mass:
-    from moda_jax.eval import study_depth  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(directory, DEPTH_MASS_JSON), "w") as f:
-      json.dump(study_depth.measure(study, depth_mass_tokens), f, indent=2)
-  depth = read_json(os.path.join(directory, DEPTH_MASS_JSON))
+    measured = study_depth.measure(study, depth_mass_tokens, read_json(depth_path))
+    with open(depth_path, "w") as f:
+      json.dump(measured, f, indent=2)
+  depth = study_depth.summarize(read_json(depth_path, {}))
   pngs = study_plots.plot_study(study, depth, directory)
   lines = [f"# Study report: {os.path.basename(os.path.abspath(directory))}", ""]
   grid = read_json(os.path.join(directory, "study.json"), {}).get("grid")

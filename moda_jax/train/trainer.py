@@ -128,7 +128,7 @@ class _Run:
     sums = jax.device_get({name: [self.eval_fn(params, b) for b in batches] for name, batches in sets.items()})
     losses, ce_sum, tokens = {}, 0.0, 0.0
     for name, parts in sums.items():
-      set_ce, set_tokens = sum(p["ce_sum"] for p in parts), sum(p["tokens"] for p in parts)
+      set_ce, set_tokens = sum(float(p["ce_sum"]) for p in parts), sum(float(p["tokens"]) for p in parts)
       ce_sum, tokens = ce_sum + set_ce, tokens + set_tokens
       if name is not None:
         losses[f"val_loss/{name}"] = set_ce / max(set_tokens, 1.0)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The Table 6 analog (issue 16) on one H200, a resumable piece per device call.
+#
+# Once, on the CPU machine, in the repo root (both folders are ignored by git):
+#   mkdir -p data_cache && cp /work/shared/corpus/*.txt.xz data_cache/
+#   .whl/: the wheels the GPU image lacks or has in other versions (pip download --no-deps, README of the device
+#   tool): grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0 tensorboardX==2.6.4
+#   flax==0.12.12 orbax-checkpoint==0.12.8 optax==0.2.8 chex==0.1.92 (6.8 MB; the study branch has the command).
+# Each device call (kind nvidia-h200, carry [".whl", "data_cache"], timeout_s 600):
+#   bash scripts/gpu_study.sh [--max_minutes=7] [--jobs=1] [--only=none,attn_ffn] [--no_depth_mass]
+# then, here: tar xzf <files_at>/study_table6.tar.gz -C benchmarks/results/study_table6 && git add that folder.
+# Runs already under benchmarks/results/study_table6 (status "done") are not trained again; so the calls add
+# runs until the grid is complete. A run cut off at the budget is checkpointed in workdir_study/ (ignored), which
+# survives only while the machine stays warm (a call within ~30 s of the last); on a fresh machine it restarts.
+# --max_minutes bounds the training phase: no run starts that the finished runs' wall time says cannot end in it.
+# After it: the depth attention share of the runs with checkpoints here (merged into depth_mass.json), the report.
+set -uo pipefail
+GRID=configs/studies/table6_small.py
+RESULTS=benchmarks/results/study_table6
+WORK=workdir_study/table6
+OUT=${OUT:-/tmp/study_out}
+max_minutes=7
+depth_mass=1
+run_args=()
+for arg in "$@"; do
+  case "$arg" in
+    --max_minutes=*) max_minutes=${arg#*=} ;;
+    --no_depth_mass) depth_mass=0 ;;
+    --jobs=*|--only=*|--max_runs=*|--retry_failed) run_args+=("$arg") ;;
+    *) echo "gpu_study.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT" "$WORK" "$RESULTS"
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+missing=$(python3 - <<'EOF'
+import importlib.util
+names = ["grain", "ml_collections", "tensorboardX", "tokenizers", "flax", "orbax.checkpoint", "optax"]
+print(" ".join(n for n in names if importlib.util.find_spec(n.split(".")[0]) is None))
+EOF
+)
+[[ -z "$missing" ]] || { echo "missing Python packages: $missing (carry them in .whl)" >&2; exit 1; }
+for s in linuxdoc pydoc javadoc tlx gcide; do
+  for split in train val; do
+    [[ -f data_cache/$s.$split.txt.xz ]] || { echo "data_cache/$s.$split.txt.xz missing: copy the corpus, carry data_cache" >&2; exit 1; }
+  done
+done
+export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/workdir_study/jax_cache
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 -c 'import jax, flax, grain; print("jax", jax.__version__, "flax", flax.__version__, "grain", grain.__version__, jax.devices())'
+
+# Finished runs from earlier calls: their files, so the runner skips them (and the report counts them).
+for dir in "$RESULTS"/*/seed*/; do
+  [[ -f "$dir/study.json" ]] || continue
+  rel=${dir#"$RESULTS"/}
+  [[ -f "$WORK/$rel/study.json" ]] && continue
+  mkdir -p "$WORK/$rel" && cp "$dir"/* "$WORK/$rel/"
+done
+[[ -f "$RESULTS/depth_mass.json" && ! -f "$WORK/depth_mass.json" ]] && cp "$RESULTS/depth_mass.json" "$WORK/"
+
+start=$(date +%s)
+python3 -m moda_jax.study run "$GRID" --out="$WORK" --max_minutes="$max_minutes" --progress_every=60 \
+  "${run_args[@]}" 2>&1 | tee "$OUT/study_run.log"
+echo "training phase: $(( $(date +%s) - start )) s"
+report_args=()
+[[ $depth_mass == 1 ]] && report_args+=(--depth_mass --depth_mass_tokens=1024)
+python3 -m moda_jax.study report "$WORK" "${report_args[@]}" 2>&1 | tail -n 5 | tee -a "$OUT/study_run.log"
+# One file back: every run's small files (no checkpoints, TensorBoard events or compilation cache) + the report.
+tar czf "$OUT/study_table6.tar.gz" -C "$WORK" --exclude=checkpoints --exclude=tensorboard --exclude=jax_cache \
+  --exclude='*.tmp' .
+ls -l "$OUT"
+grep -A 8 '^| entry | overrides' "$WORK/report.md"
+echo "total: $(( $(date +%s) - start )) s"
