@@ -21,8 +21,8 @@
 # one more layer, 3 seeds each, the same tokens for every run. The runs' `metrics.jsonl` are committed
 # under `benchmarks/results/study_table6/`; this notebook rebuilds the report from them
 # (`python -m moda_jax.study report DIR` does the same). Where they are absent (a fresh checkout before
-# the GPU runs), it trains the CPU smoke grid (`configs/studies/smoke.py`, about two minutes) instead, so
-# every cell below still runs; its numbers say nothing about MoDA.
+# the GPU runs), it trains two entries of the CPU smoke grid (`configs/studies/smoke.py`, about a minute)
+# instead, so every cell below still runs; their numbers say nothing about MoDA.
 
 # %%
 import io
@@ -70,7 +70,8 @@ else:
   print("no committed results: training the CPU smoke grid (numbers for the plumbing only)")
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0")
   subprocess.run([sys.executable, "-m", "moda_jax.study", "run", "configs/studies/smoke.py",
-                  f"--out={study_dir}", "--progress_every=600"], cwd=REPO, env=env, check=True)
+                  f"--out={study_dir}", "--only=none,attn_ffn", "--progress_every=600"],
+                 cwd=REPO, env=env, check=True)
 
 # %% [markdown]
 # ## The report

@@ -14,10 +14,11 @@
 # survives only while the machine stays warm (a call within ~30 s of the last); on a fresh machine it restarts.
 # --max_minutes bounds the training phase: no run starts that the finished runs' wall time says cannot end in it.
 # After it: the depth attention share of the runs with checkpoints here (merged into depth_mass.json), the report.
+# STUDY_GRID / STUDY_RESULTS / STUDY_WORK / STUDY_SKIP_WHEELS=1 / JAX_PLATFORMS=cpu: another grid or a dry run.
 set -uo pipefail
-GRID=configs/studies/table6_small.py
-RESULTS=benchmarks/results/study_table6
-WORK=workdir_study/table6
+GRID=${STUDY_GRID:-configs/studies/table6_small.py}
+RESULTS=${STUDY_RESULTS:-benchmarks/results/study_table6}
+WORK=${STUDY_WORK:-workdir_study/table6}
 OUT=${OUT:-/tmp/study_out}
 max_minutes=7
 depth_mass=1
@@ -26,12 +27,12 @@ for arg in "$@"; do
   case "$arg" in
     --max_minutes=*) max_minutes=${arg#*=} ;;
     --no_depth_mass) depth_mass=0 ;;
-    --jobs=*|--only=*|--max_runs=*|--retry_failed) run_args+=("$arg") ;;
+    --jobs=*|--only=*|--max_runs=*|--order=*|--retry_failed) run_args+=("$arg") ;;
     *) echo "gpu_study.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT" "$WORK" "$RESULTS"
-if [[ -d .whl ]]; then
+if [[ -d .whl && -z "${STUDY_SKIP_WHEELS:-}" ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -45,13 +46,18 @@ print(" ".join(n for n in names if importlib.util.find_spec(n.split(".")[0]) is 
 EOF
 )
 [[ -z "$missing" ]] || { echo "missing Python packages: $missing (carry them in .whl)" >&2; exit 1; }
-for s in linuxdoc pydoc javadoc tlx gcide; do
-  for split in train val; do
-    [[ -f data_cache/$s.$split.txt.xz ]] || { echo "data_cache/$s.$split.txt.xz missing: copy the corpus, carry data_cache" >&2; exit 1; }
-  done
-done
-export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/workdir_study/jax_cache
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 - "$GRID" <<'EOF' || exit 1
+import glob, sys
+from moda_jax.eval import study
+grid = study.load_grid(sys.argv[1])
+data = grid.config(next(iter(grid.entries)), grid.seeds[0]).data
+files = [p for p in f"{data.path},{data.get('val_path', '')},{data.tokenizer_path}".split(",") if p]
+missing = [p for p in files if not glob.glob(p)]
+if missing:
+  sys.exit(f"missing {missing}: copy the corpus into data_cache/ and carry it")
+EOF
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/workdir_study/jax_cache
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 python3 -c 'import jax, flax, grain; print("jax", jax.__version__, "flax", flax.__version__, "grain", grain.__version__, jax.devices())'
 
 # Finished runs from earlier calls: their files, so the runner skips them (and the report counts them).
@@ -70,9 +76,8 @@ echo "training phase: $(( $(date +%s) - start )) s"
 report_args=()
 [[ $depth_mass == 1 ]] && report_args+=(--depth_mass --depth_mass_tokens=1024)
 python3 -m moda_jax.study report "$WORK" "${report_args[@]}" 2>&1 | tail -n 5 | tee -a "$OUT/study_run.log"
-# One file back: every run's small files (no checkpoints, TensorBoard events or compilation cache) + the report.
-tar czf "$OUT/study_table6.tar.gz" -C "$WORK" --exclude=checkpoints --exclude=tensorboard --exclude=jax_cache \
-  --exclude='*.tmp' .
+# One file back: the finished runs' small files (no checkpoints, TensorBoard events, unfinished runs) + the report.
+python3 -m moda_jax.study pack "$WORK" --out="$OUT/study_table6.tar.gz"
 ls -l "$OUT"
 grep -A 8 '^| entry | overrides' "$WORK/report.md"
 echo "total: $(( $(date +%s) - start )) s"

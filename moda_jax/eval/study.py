@@ -2,6 +2,7 @@
 
   python -m moda_jax.study run GRID.py --out=DIR [--only=NAME,...] [--jobs=N] [--max_minutes=M] [--max_runs=N]
   python -m moda_jax.study report DIR [--depth_mass]
+  python -m moda_jax.study pack DIR --out=FILE.tar.gz   # what the report needs, to commit elsewhere
 
 A grid file (see configs/studies/) defines `get_grid()` returning a dict:
   base      the run config (a ConfigDict) every entry starts from;
@@ -36,6 +37,7 @@ import ml_collections
 from moda_jax.eval import study_report
 from moda_jax.eval.study_report import read_json
 
+_PROCESS_START = time.time()  # a run's wall time includes its process' imports and data loading
 STUDY_JSON = "study.json"
 # Fields of how a run runs, not of what it computes: they may differ between a grid and a finished run.
 RUN_ONLY_FIELDS = ("progress_bar", "checkpoint_async", "checkpoint_every", "keep_checkpoints",
@@ -159,7 +161,6 @@ def run_one(grid_path: str, out: str, entry: str, seed: int, progress_bar: bool,
   record.update({"entry": entry, "seed": seed, "overrides": grid.entries[entry], "status": "running",
                  "jobs": jobs, **study_report.model_cost(config)})  # jobs: runs sharing the devices
   _write_json(record_path, record)
-  start = time.time()
   try:
     trainer.train_and_evaluate(config, run_dir)
     final = study_report.read_metrics(run_dir)
@@ -170,7 +171,7 @@ def run_one(grid_path: str, out: str, entry: str, seed: int, progress_bar: bool,
   except Exception as e:  # pylint: disable=broad-except
     record.update(status="failed", error=f"{type(e).__name__}: {e}")
     code = 1
-  record["wall_s"] = record.get("wall_s", 0.0) + time.time() - start
+  record["wall_s"] = record.get("wall_s", 0.0) + time.time() - _PROCESS_START
   _write_json(record_path, record)
   return code
 
@@ -300,8 +301,11 @@ def run_grid(grid_path: str, out: str, args) -> int:
   if unknown:
     raise ValueError(f"--only={args.only!r} names {unknown}, not entries of {grid_path}: {list(grid.entries)}.")
   _write_json(os.path.join(out, STUDY_JSON), grid.manifest())
-  # Seed-major: after each round of seeds, every entry has as many results as the others.
+  # Seed-major: after each round of seeds, every entry has as many results as the others. Entry-major:
+  # the seeds of an entry one after another, which reuse its compiled programs (the compilation cache).
   runs = [(e, s) for s in grid.seeds for e in grid.entries if not only or e in only]
+  if args.order == "entry":
+    runs.sort(key=lambda r: list(grid.entries).index(r[0]))
   pending = []
   for entry, seed in runs:
     run_dir = grid.run_dir(out, entry, seed)
@@ -339,6 +343,8 @@ def main(argv=None) -> int:
   run.add_argument("--max_minutes", type=float, default=0, help="time budget of this call (0: none)")
   run.add_argument("--max_runs", type=int, default=0, help="start at most this many runs (0: all)")
   run.add_argument("--retry_failed", action="store_true", help="train runs that failed before again")
+  run.add_argument("--order", choices=("seed", "entry"), default="seed",
+                   help="seed: every entry's seed 0, then seed 1, ...; entry: an entry's seeds together")
   run.add_argument("--progress_bar", action="store_true", help="trainer progress bars (in each train.log)")
   run.add_argument("--progress_every", type=float, default=60, help="seconds between progress lines")
   report = sub.add_parser("report", help="write DIR/report.md and the loss-curve PNGs")
@@ -347,6 +353,9 @@ def main(argv=None) -> int:
   report.add_argument("--depth_mass", action="store_true",
                       help="also measure the depth attention share per layer of runs with checkpoints")
   report.add_argument("--depth_mass_tokens", type=int, default=512, help="tokens per validation source")
+  pack = sub.add_parser("pack", help="a .tar.gz of the finished runs' small files and the report")
+  pack.add_argument("dir")
+  pack.add_argument("--out", required=True, help="the .tar.gz to write")
   one = sub.add_parser("_one", help=argparse.SUPPRESS)
   one.add_argument("grid")
   one.add_argument("--out", required=True)
@@ -363,6 +372,9 @@ def main(argv=None) -> int:
       return run_grid(args.grid, args.out, args)
     if args.command == "_one":
       return run_one(args.grid, args.out, args.entry, args.seed, args.progress_bar, args.jobs)
+    if args.command == "pack":
+      _print(f"wrote {args.out}: {len(study_report.pack(args.dir, args.out))} files")
+      return 0
     path = study_report.write_report(args.dir, baseline=args.baseline or None, depth_mass=args.depth_mass,
                                      depth_mass_tokens=args.depth_mass_tokens)
     _print(f"wrote {path}")

@@ -270,6 +270,27 @@ def depth_table(depth: dict) -> list[str]:
   return lines
 
 
+RUN_FILES = ("metrics.jsonl", "config.json", "study.json", "data_stats.json", "train.log")
+
+
+def pack(directory: str, path: str) -> list[str]:
+  """A .tar.gz of what the report is rebuilt from (the finished runs' small files, the grid manifest,
+  the depth mass) and the report itself: no checkpoints, no unfinished runs. Returns the members."""
+  import tarfile  # pylint: disable=g-import-not-at-top
+
+  study = load_study(directory)
+  members = [n for n in ("study.json", DEPTH_MASS_JSON, REPORT_MD) if os.path.exists(os.path.join(directory, n))]
+  members += sorted(n for n in os.listdir(directory) if n.endswith(".png"))
+  for entry in study.entries:
+    for run in study.finished(entry).values():
+      rel = os.path.relpath(run.directory, directory)
+      members += [os.path.join(rel, n) for n in RUN_FILES if os.path.exists(os.path.join(run.directory, n))]
+  with tarfile.open(path, "w:gz") as tar:
+    for member in members:
+      tar.add(os.path.join(directory, member), arcname=member)
+  return members
+
+
 def write_report(directory: str, baseline: str | None = None, depth_mass: bool = False,
                  depth_mass_tokens: int = 512) -> str:
   """Writes DIR/report.md and DIR/loss_curves.png (+ per-source and depth PNGs); returns the .md path."""
