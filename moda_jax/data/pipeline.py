@@ -97,6 +97,13 @@ def _host_batch_size(global_batch_size: int, shard: HostShard) -> int:
   return global_batch_size // shard.count
 
 
+def _read_options(docs: Sequence) -> grain.ReadOptions | None:
+  """Grain's prefetch threads overlap slow reads (ArrayRecord files); for documents already in memory
+  there is nothing to overlap, and their polling costs the host more than the packing itself."""
+  inner = docs._docs if isinstance(docs, _Subset) else docs  # pylint: disable=protected-access
+  return None if isinstance(inner, sources.ArrayRecordDocuments) else grain.ReadOptions(num_threads=0)
+
+
 def packed_dataset(docs: Sequence[str], tokenizer: tokenizers.Tokenizer, *, seq_len: int,
                    batch_size: int, seed: int | None, shard: HostShard = HostShard(),
                    num_workers: int = 0) -> grain.IterDataset:
@@ -109,7 +116,7 @@ def packed_dataset(docs: Sequence[str], tokenizer: tokenizers.Tokenizer, *, seq_
                      f"{len(docs)}.")
   if seed is not None:
     ds = ds.shuffle(seed=seed)  # repeat() re-seeds the shuffle every epoch.
-  ds = ds.repeat(None).map(_next_token_pairs(tokenizer)).to_iter_dataset()
+  ds = ds.repeat(None).map(_next_token_pairs(tokenizer)).to_iter_dataset(_read_options(docs))
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds, length_struct={"inputs": seq_len, "targets": seq_len})
   ds = ds.map(_rename_packed).batch(batch_size, drop_remainder=True)

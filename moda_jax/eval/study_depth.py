@@ -54,6 +54,8 @@ def measure(study, tokens: int, previous: dict | None = None) -> dict:
     for seed, run in study.finished(entry).items():
       if run.config.get("model", {}).get("depth_kv", "none") == "none":
         continue
+      if str(seed) in result.get(entry, {}).get("per_seed", {}):
+        continue  # measured before (by an earlier call on this machine or another)
       if os.path.isdir(os.path.join(run.directory, checkpoint.CHECKPOINT_DIR)):
         used = min(tokens, int(run.config["seq_len"]))
         entry_result = result.setdefault(entry, {"tokens": used, "per_seed": {}})
