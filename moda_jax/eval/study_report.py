@@ -137,6 +137,8 @@ class Study:
 
 def load_study(directory: str, baseline: str | None = None) -> Study:
   """Every run under DIR/<entry>/seed<k>/ with a metrics.jsonl, in the grid's entry order."""
+  if not os.path.isdir(directory):
+    raise ValueError(f"study directory {directory!r} does not exist.")
   manifest = read_json(os.path.join(directory, "study.json"), {})
   found = sorted(e for e in os.listdir(directory) if os.path.isdir(os.path.join(directory, e)))
   entries = [e for e in manifest.get("entries", {})] + [e for e in found if e not in manifest.get("entries", {})]
