@@ -5,10 +5,14 @@
 #   mkdir -p data_cache && cp /work/shared/corpus/*.txt.xz data_cache/
 #   .whl/: the wheels the GPU image lacks or has in other versions (pip download --no-deps, README of the device
 #   tool): grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0 tensorboardX==2.6.4
-#   flax==0.12.12 orbax-checkpoint==0.12.8 optax==0.2.8 chex==0.1.92 (6.8 MB; the study branch has the command).
+#   flax==0.12.12 orbax-checkpoint==0.12.8 optax==0.2.8 chex==0.1.92 (6.8 MB), e.g. `python3 -m pip download
+#   --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl grain==0.2.18 ...`.
 # Each device call (kind nvidia-h200, carry [".whl", "data_cache"], timeout_s 600):
-#   bash scripts/gpu_study.sh [--max_minutes=7] [--jobs=1] [--only=none,attn_ffn] [--no_depth_mass]
-# then, here: tar xzf <files_at>/study_table6.tar.gz -C benchmarks/results/study_table6 && git add that folder.
+#   bash scripts/gpu_study.sh [--max_minutes=7] [--jobs=2] [--order=entry] [--only=none,attn_ffn] [--no_depth_mass]
+# (--jobs=2: two runs share the GPU; --order=entry: an entry's seeds in a row reuse its compiled programs.)
+# then, here: mkdir -p benchmarks/results/study_table6 && tar xzf <files_at>/study_table6.tar.gz -C "$_"
+# and commit that folder.
 # Runs already under benchmarks/results/study_table6 (status "done") are not trained again; so the calls add
 # runs until the grid is complete. A run cut off at the budget is checkpointed in workdir_study/ (ignored), which
 # survives only while the machine stays warm (a call within ~30 s of the last); on a fresh machine it restarts.
