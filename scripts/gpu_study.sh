@@ -62,7 +62,8 @@ if missing:
 EOF
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/workdir_study/jax_cache
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
-python3 -c 'import jax, flax, grain; print("jax", jax.__version__, "flax", flax.__version__, "grain", grain.__version__, jax.devices())'
+python3 -c 'import jax, flax, grain; print("jax", jax.__version__, "flax", flax.__version__,
+  "grain", grain.__version__, jax.devices())'
 
 # Finished runs from earlier calls: their files, so the runner skips them (and the report counts them).
 for dir in "$RESULTS"/*/seed*/; do

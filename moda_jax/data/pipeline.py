@@ -8,8 +8,8 @@ longer than a row continues in the next row as a new segment.
 
 The held-out validation documents are chosen by a seeded permutation before anything else, so they
 never appear in training; or, with `data.val_path`, they are fixed files (one validation set per file,
-every token of each scored once, `full_batches`) and every `data.path` document trains. Each host reads a disjoint slice (`process_index::process_count`) of the
-documents and produces `global_batch_size / process_count` rows per step.
+every token of each scored once, `full_batches`) and every `data.path` document trains. Each host
+reads a disjoint slice (`process_index::process_count`) of the documents and produces `global_batch_size / process_count` rows per step.
 """
 
 import dataclasses

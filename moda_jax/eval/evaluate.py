@@ -5,8 +5,9 @@
 
 Datasets: "validation" is the run's own held-out split, evaluated by the trainer's code path (the
 same `pipeline.make_pipelines` batches and `train_step.eval_step`), so its loss equals the trainer's
-`val_loss` at that step; with `data.val_path`, "validation/<name>" per file equals `val_loss/<name>`. Each `--data` file (text / jsonl / parquet, read like `pipeline.source="files"`)
-is scored exhaustively: every document cut into rows of the run's `seq_len`, every token once.
+`val_loss` at that step; with `data.val_path`, "validation/<name>" per file equals `val_loss/<name>`.
+Each `--data` file (text / jsonl / parquet, read like `pipeline.source="files"`) is scored exhaustively:
+every document cut into rows of the run's `seq_len`, every token once.
 Tasks: `held_out_continuation` (built from the validation documents) plus each `--tasks` jsonl file.
 The report goes to `--output` (default DIR/eval/step_<N>.json) and is printed as a table.
 """

@@ -76,6 +76,7 @@ def summarize(depth: dict) -> dict:
     per_seed = np.array([[d["per_seed"][s][n] for n in names] for s in seeds])  # [seeds, sources, layers]
     over_sources = per_seed.mean(1)
     std = over_sources.std(0, ddof=1) if len(seeds) > 1 else np.full(per_seed.shape[-1], np.nan)
-    out[entry] = {"seeds": [int(s) for s in seeds], "tokens": d["tokens"], "share_N": over_sources.mean(0).tolist(),
-                  "std_N": std.tolist(), "per_source": {n: per_seed[:, i].mean(0).tolist() for i, n in enumerate(names)}}
+    out[entry] = {"seeds": [int(s) for s in seeds], "tokens": d["tokens"],
+                  "share_N": over_sources.mean(0).tolist(), "std_N": std.tolist(),
+                  "per_source": {n: per_seed[:, i].mean(0).tolist() for i, n in enumerate(names)}}
   return out

@@ -149,7 +149,8 @@ def load_study(directory: str, baseline: str | None = None) -> Study:
       continue
     for name in sorted(os.listdir(entry_dir)):
       run_dir = os.path.join(entry_dir, name)
-      if not (name.startswith("seed") and name[4:].isdigit() and os.path.exists(os.path.join(run_dir, "metrics.jsonl"))):
+      if not (name.startswith("seed") and name[4:].isdigit()
+              and os.path.exists(os.path.join(run_dir, "metrics.jsonl"))):
         continue
       runs.setdefault(entry, {})[int(name[4:])] = Run(
           entry, int(name[4:]), run_dir, read_json(os.path.join(run_dir, "config.json"), {}),
