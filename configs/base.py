@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Cadences (in optimizer steps).
   c.log_every = 10
   c.eval_every = 500              # 0 disables evaluation
-  c.eval_batches = 4              # fixed held-out batches per evaluation
+  c.eval_batches = 4              # fixed held-out batches per evaluation (data.val_path: > 0 scores all)
   c.checkpoint_every = 500         # and at the last step; 0: never (benchmarks; SIGTERM still saves)
   c.keep_checkpoints = 3
   c.checkpoint_async = True
@@ -73,11 +73,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.path = ""                # files: comma-separated paths or globs
   c.data.format = ""              # text | jsonl | parquet | array_record; "" = from the extension
   c.data.text_key = "text"        # jsonl / parquet / JSON ArrayRecord field with the text
-  c.data.text_separator = ""      # text files: split documents on this string ("" = one per file)
+  c.data.text_separator = ""      # text files: split documents on this string ("" = one per file;
+                                  # "formfeed" = on lines holding only a form feed)
   c.data.tokenizer = "byte"       # byte | hf | sentencepiece
   c.data.tokenizer_path = ""      # tokenizer.json or .model file for hf / sentencepiece
   c.data.eos_token = ""           # hf: end-of-document token ("" = an extra id past the vocab)
   c.data.val_fraction = 0.05      # held-out documents
+  c.data.val_path = ""            # fixed validation files (comma-separated; one set each, scored in
+                                  # full, named up to the first dot); set: val_fraction is not used
   c.data.num_workers = 0          # Grain worker processes (0 = in the training process)
+  c.data.pretokenize = False      # tokenize the training documents once at start (all cores), not per step
   c.data.entropy_sample_docs = 10_000  # documents used for the logged unigram entropy
   return c

@@ -146,11 +146,11 @@ def test_bad_paths_and_empty_corpora_raise_value_error(tmp_path):
   with pytest.raises(ValueError, match="no non-empty documents"):
     sources.load_documents(_files_cfg(tmp_path / "empty.jsonl"))
   (tmp_path / "x.bin").write_text("x")
-  with pytest.raises(ValueError, match="pipeline.format"):
+  with pytest.raises(ValueError, match="data.format"):
     sources.load_documents(_files_cfg(tmp_path / "x.bin"))
-  with pytest.raises(ValueError, match="pipeline.tokenizer_path"):
+  with pytest.raises(ValueError, match="data.tokenizer_path"):
     tokenizers.make_tokenizer("hf", str(tmp_path / "nope.json"))
-  with pytest.raises(ValueError, match="pipeline.source"):
+  with pytest.raises(ValueError, match="data.source"):
     sources.load_documents(_files_cfg(tmp_path, source="web"))
 
 

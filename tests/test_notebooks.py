@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = ["01_moda_mechanism", "02_train_and_inspect", "03_kernel_benchmarks"]
+NOTEBOOKS = ["01_moda_mechanism", "02_train_and_inspect", "03_kernel_benchmarks", "04_study_results"]
 
 
 def _code(nb) -> list[str]:

@@ -8,17 +8,30 @@
                 `data.format` or the extension: .txt (the whole file is one document, or split on
                 `data.text_separator`), .jsonl (`data.text_key` per line), .parquet (column
                 `data.text_key`; needs pyarrow), .array_record (one UTF-8 or JSON document per record).
+                Text and jsonl files may be compressed: `.xz` or `.gz` after the format's extension
+                (`a.txt.xz`), read as a stream.
+
+`data.text_separator="formfeed"` splits text files on every line that holds only a form feed (`\f`),
+the document separator of the study corpus (its README). `data.val_path` names fixed validation files,
+read the same way one file at a time (`validation_sources`): each is one named validation set.
 """
 
 import bz2
 import glob
+import gzip
 import importlib.util
 import json
+import lzma
 import os
+import re
 from collections.abc import Sequence
 
 _EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
                ".parquet": "parquet", ".array_record": "array_record", ".arrayrecord": "array_record"}
+_COMPRESSED = {".xz": lzma.open, ".gz": gzip.open}
+# A line holding only a form feed ends a document; the last document's may end the file.
+FORMFEED = "formfeed"
+_FORMFEED_LINE = re.compile(r"(?:^|\n)\f(?:\n|$)")
 _GENSIM_WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -94,17 +107,17 @@ def gensim_wiki_documents() -> list[str]:
   return [d for d in docs if d]
 
 
-def _expand_paths(path: str) -> list[str]:
+def _expand_paths(path: str, field: str = "data.path") -> list[str]:
   if not path:
-    raise ValueError("data.path is empty; data.source='files' needs comma-separated file paths or globs.")
+    raise ValueError(f"{field} is empty; data.source='files' needs comma-separated file paths or globs.")
   paths = []
   for pattern in path.split(","):
     matches = sorted(glob.glob(os.path.expanduser(pattern.strip())))
     if not matches:
-      raise ValueError(f"data.path entry {pattern.strip()!r} matches no file.")
+      raise ValueError(f"{field} entry {pattern.strip()!r} matches no file.")
     paths.extend(m for m in matches if os.path.isfile(m))
   if not paths:
-    raise ValueError(f"data.path={path!r} names only directories; expected files.")
+    raise ValueError(f"{field}={path!r} names only directories; expected files.")
   return paths
 
 
@@ -114,21 +127,41 @@ def _file_format(path: str, fmt: str) -> str:
       raise ValueError(f"data.format={fmt!r}; expected one of {sorted(set(_EXTENSIONS.values()))} "
                        "or '' to infer it from the extension.")
     return fmt
-  ext = os.path.splitext(path)[1].lower()
+  stem, ext = os.path.splitext(path)
+  if ext.lower() in _COMPRESSED:
+    ext = os.path.splitext(stem)[1]
+  ext = ext.lower()
   if ext not in _EXTENSIONS:
     raise ValueError(f"cannot infer the format of {path!r} from its extension {ext!r}; set "
                      f"data.format to one of {sorted(set(_EXTENSIONS.values()))}.")
   return _EXTENSIONS[ext]
 
 
+def _open_text(path: str):
+  """Opens a text file for reading, decompressing `.xz` / `.gz` on the fly."""
+  opener = _COMPRESSED.get(os.path.splitext(path)[1].lower(), open)
+  return opener(path, "rt", encoding="utf-8")
+
+
+def split_text(text: str, separator: str) -> list[str]:
+  """Documents of one text file: all of it ("" separator), split on `separator`, or on form-feed lines."""
+  if separator == FORMFEED:
+    return _FORMFEED_LINE.split(text)
+  return text.split(separator) if separator else [text]
+
+
 def _read_file(path: str, fmt: str, text_key: str, separator: str) -> list[str]:
+  compressed = os.path.splitext(path)[1].lower() in _COMPRESSED
+  if compressed and fmt not in ("text", "jsonl"):
+    raise ValueError(f"{path!r} is compressed; only text and jsonl files may be (.xz / .gz), "
+                     f"not data.format={fmt!r}.")
   if fmt == "text":
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
       text = f.read()
-    return text.split(separator) if separator else [text]
+    return split_text(text, separator)
   if fmt == "jsonl":
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
       for line_no, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -178,3 +211,31 @@ def load_documents(data_cfg) -> Sequence[str]:
     raise ValueError(f"the corpus (data.source={source!r}, data.path={data_cfg.path!r}) has no "
                      "non-empty documents.")
   return TextDocuments(docs, name)
+
+
+def source_name(path: str) -> str:
+  """A validation file's set name: its file name up to the first dot (`pydoc.val.txt.xz` -> pydoc)."""
+  return os.path.basename(path).split(".", 1)[0]
+
+
+def validation_sources(data_cfg) -> dict[str, TextDocuments]:
+  """The fixed validation sets named by `data.val_path` ({} when unset): {source_name: documents},
+  each file read like a `data.source="files"` file, in the order the paths are listed."""
+  val_path = data_cfg.get("val_path", "")
+  if not val_path:
+    return {}
+  sets = {}
+  for path in _expand_paths(val_path, "data.val_path"):
+    fmt = _file_format(path, data_cfg.format)
+    if fmt == "array_record":
+      raise ValueError(f"data.val_path file {path!r} is ArrayRecord; validation files must be text, "
+                       "jsonl or parquet.")
+    name = source_name(path)
+    if name in sets:
+      raise ValueError(f"data.val_path has two files named {name!r} (up to the first dot); each "
+                       "validation file needs its own name, e.g. `<source>.val.txt.xz`.")
+    docs = [d for d in _read_file(path, fmt, data_cfg.text_key, data_cfg.text_separator) if d.strip()]
+    if not docs:
+      raise ValueError(f"data.val_path file {path!r} holds no non-empty documents.")
+    sets[name] = TextDocuments(docs, path)
+  return sets

@@ -59,6 +59,10 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids if int(i) != self.eos_id])
 
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """`encode` of many texts at once, on all cores (the library's own thread pool)."""
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
   def __repr__(self) -> str:
     return f"HFTokenizer({self._path!r})"
 
@@ -89,6 +93,14 @@ class SentencePieceTokenizer:
 
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer({self._path!r})"
+
+
+def encode_all(tokenizer: Tokenizer, texts, chunk: int = 1024) -> list[np.ndarray]:
+  """Every text's ids, in order: in parallel chunks where the tokenizer has `encode_batch`."""
+  texts = list(texts)
+  if not hasattr(tokenizer, "encode_batch"):
+    return [tokenizer.encode(t) for t in texts]
+  return [ids for i in range(0, len(texts), chunk) for ids in tokenizer.encode_batch(texts[i:i + chunk])]
 
 
 def make_tokenizer(kind: str, path: str = "", eos_token: str = "") -> Tokenizer:

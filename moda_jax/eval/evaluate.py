@@ -5,8 +5,9 @@
 
 Datasets: "validation" is the run's own held-out split, evaluated by the trainer's code path (the
 same `pipeline.make_pipelines` batches and `train_step.eval_step`), so its loss equals the trainer's
-`val_loss` at that step. Each `--data` file (text / jsonl / parquet, read like `data.source="files"`)
-is scored exhaustively: every document cut into rows of the run's `seq_len`, every token once.
+`val_loss` at that step; with `data.val_path`, "validation/<name>" per file equals `val_loss/<name>`.
+Each `--data` file (text / jsonl / parquet, read like `data.source="files"`) is scored exhaustively:
+every document cut into rows of the run's `seq_len`, every token once.
 Tasks: `held_out_continuation` (built from the validation documents) plus each `--tasks` jsonl file.
 The report goes to `--output` (default DIR/eval/step_<N>.json) and is printed as a table. Mistakes in
 the flags (a workdir without checkpoints, a missing file) print one `error:` line and exit with 2;
@@ -75,10 +76,8 @@ def mean_loss(eval_fn, params, batches, mesh) -> tuple[float, float]:
 
 
 def validation_documents(config) -> list[str]:
-  """The run's held-out documents (the same seeded split the trainer uses)."""
-  docs = sources.load_documents(config.data)
-  _, val_idx = pipeline.split_documents(len(docs), config.data.val_fraction, config.seed)
-  return [docs[int(i)] for i in val_idx]
+  """The run's held-out documents (the trainer's: the data.val_path files or the seeded split)."""
+  return pipeline.validation_documents(config)
 
 
 def _file_documents(config, path: str) -> Sequence[str]:
@@ -106,9 +105,11 @@ def evaluate(workdir: str, step: int | None = None, *, data_paths: Sequence[str]
                                 "tokens": tokens}
 
   with sharding.activation_context(mesh):
-    val_batches = pipeline.make_pipelines(config).val_batches
-    if val_batches:
-      record(VALIDATION, *mean_loss(eval_fn, params, val_batches, mesh))
+    pipes = pipeline.make_pipelines(config)
+    if pipes.val_batches:
+      record(VALIDATION, *mean_loss(eval_fn, params, pipes.val_batches, mesh))
+    for name, batches in pipes.val_sets.items():  # data.val_path: each file (the trainer's val_loss/<name>)
+      record(f"{VALIDATION}/{name}", *mean_loss(eval_fn, params, batches, mesh))
     for path in data_paths:
       batches = document_batches(_file_documents(config, path), tokenizer, seq_len=config.seq_len,
                                  batch_size=config.batch_size)

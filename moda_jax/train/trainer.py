@@ -70,12 +70,23 @@ class _Run:
         donate_argnums=0)
     self.eval_fn = jax.jit(functools.partial(ts.eval_step, model=model),
                            in_shardings=(self.shardings.params, batch_sh), out_shardings=rep)
-    self.val_batches = [sharding.global_batch(b, self.mesh) for b in self.pipelines.val_batches]
+    # data.val_path: one set per file (val_batches is all of them); else one unnamed set.
+    self.val_sets = {name: [sharding.global_batch(b, self.mesh) for b in batches]
+                     for name, batches in self.pipelines.val_sets.items()}
+    self.val_batches = ([b for batches in self.val_sets.values() for b in batches] if self.val_sets
+                        else [sharding.global_batch(b, self.mesh) for b in self.pipelines.val_batches])
 
-  def evaluate(self, params) -> float:
-    sums = [self.eval_fn(params, b) for b in self.val_batches]
-    total = jax.device_get(sums)
-    return sum(s["ce_sum"] for s in total) / max(sum(s["tokens"] for s in total), 1.0)
+  def evaluate(self, params) -> dict[str, float]:
+    """{"val_loss": over every validation token, "val_loss/<file>": per data.val_path file}."""
+    sets = self.val_sets or {None: self.val_batches}
+    sums = jax.device_get({name: [self.eval_fn(params, b) for b in batches] for name, batches in sets.items()})
+    losses, ce_sum, tokens = {}, 0.0, 0.0
+    for name, parts in sums.items():
+      set_ce, set_tokens = sum(float(p["ce_sum"]) for p in parts), sum(float(p["tokens"]) for p in parts)
+      ce_sum, tokens = ce_sum + set_ce, tokens + set_tokens
+      if name is not None:
+        losses[f"val_loss/{name}"] = set_ce / max(set_tokens, 1.0)
+    return {"val_loss": ce_sum / max(tokens, 1.0), **losses}
 
   def throughput(self) -> metrics.Throughput:
     cfg = self.config
@@ -195,7 +206,7 @@ def _loop(run: _Run, state, step: int, train_iter, writer,
     scalars["perplexity"] = metrics.perplexity(scalars["loss"])
     if due_eval:
       with sharding.activation_context(run.mesh):
-        scalars["val_loss"] = run.evaluate(state.params)
+        scalars.update(run.evaluate(state.params))
       scalars["val_perplexity"] = metrics.perplexity(scalars["val_loss"])
     if due_log or due_eval:
       writer.write(step, {k: v for k, v in scalars.items() if k != "finite"})
