@@ -8,7 +8,6 @@ per run. `plot_loss_curves(runs, path)` is the same drawing for code (e.g. a stu
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -17,19 +16,11 @@ from moda_jax.train import metrics
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of `workdir`/metrics.jsonl in step order (a line cut short by a kill is skipped)."""
-  path = os.path.join(workdir, metrics.JSONL_NAME)
-  if not os.path.isfile(path):
+  """The records of `workdir`/metrics.jsonl in step order; a UserError when there is no such file."""
+  if not os.path.isfile(os.path.join(workdir, metrics.JSONL_NAME)):
     raise cli_errors.UserError(f"{workdir!r} has no {metrics.JSONL_NAME}: expected a training workdir "
                                "(train.py --workdir=...).")
-  records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return sorted((r for r in records if "step" in r), key=lambda r: r["step"])
+  return metrics.read_records(workdir)
 
 
 def _curve(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from moda_jax.eval import study_plots
+from moda_jax.train import metrics
 
 REPORT_MD = "report.md"
 DEPTH_MASS_JSON = "depth_mass.json"
@@ -34,17 +35,8 @@ def read_json(path: str, default=None):
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-  """metrics.jsonl as records sorted by step (a line cut short by a kill is skipped)."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  records = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass
-  return sorted((r for r in records if "step" in r), key=lambda r: r["step"])
+  """A run's metrics.jsonl records by step ([] before its first log)."""
+  return metrics.read_records(run_dir)
 
 
 def final_validation(records: list[dict]) -> dict[str, float]:

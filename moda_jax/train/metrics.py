@@ -12,6 +12,22 @@ import time
 import tqdm
 
 JSONL_NAME = "metrics.jsonl"
+
+
+def read_records(workdir: str) -> list[dict]:
+  """The step records of `workdir`/metrics.jsonl in step order; [] without the file. A line cut
+  short by a kill is skipped."""
+  path = os.path.join(workdir, JSONL_NAME)
+  if not os.path.isfile(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return sorted((r for r in records if "step" in r), key=lambda r: r["step"])
 TENSORBOARD_DIR = "tensorboard"
 
 
