@@ -166,3 +166,15 @@ def test_grid_runs_skips_resumes_exactly_and_reports(tmp_path):
   text = (out / "report.md").read_text()
   assert "| none (baseline) |" in text and "Attention mass on depth slots" in text
   assert (out / "depth_share.png").exists() and (out / "loss_curves.png").exists()
+
+
+@pytest.mark.parametrize("grid_file", sorted(p.name for p in (REPO / "configs" / "studies").glob("*.py")
+                                             if p.name != "__init__.py"))
+def test_every_committed_grid_builds_valid_model_configs(grid_file, monkeypatch):
+  """Each entry of each grid in configs/studies/ is a real run config whose model validates."""
+  from moda_jax import ModelConfig  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
+  grid = study.load_grid(str(REPO / "configs" / "studies" / grid_file))
+  for entry in grid.entries:
+    config = grid.config(entry, grid.seeds[0])
+    ModelConfig.from_dict(config.model.to_dict())
