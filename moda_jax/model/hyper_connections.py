@@ -41,10 +41,11 @@ def _dynamic(p, streams_BTNM, eps: float):
   """Dynamic HC's (a [B,T,n], r [B,T,n,n] with r[i, j] from stream i to j, b [B,T,n])."""
   h = rms_normalize(streams_BTNM.astype(jnp.float32), eps)
   f32 = lambda name: p[name].astype(jnp.float32)
-  a = f32("static_alpha_m") + f32("scale_alpha") * jnp.tanh(jnp.einsum("btnm,m->btn", h, f32("dynamic_alpha_m")))
-  r = f32("static_alpha_r") + f32("scale_alpha") * jnp.tanh(
-      jnp.einsum("btnm,mk->btnk", h, f32("dynamic_alpha_r")))
-  b = f32("static_beta") + f32("scale_beta") * jnp.tanh(jnp.einsum("btnm,m->btn", h, f32("dynamic_beta")))
+  static = lambda name: f32(name)[None, None]  # broadcast over [B, T]
+  project = lambda spec, name: jnp.einsum(spec, h, f32(name))
+  a = static("static_alpha_m") + f32("scale_alpha") * jnp.tanh(project("btnm,m->btn", "dynamic_alpha_m"))
+  r = static("static_alpha_r") + f32("scale_alpha") * jnp.tanh(project("btnm,mk->btnk", "dynamic_alpha_r"))
+  b = static("static_beta") + f32("scale_beta") * jnp.tanh(project("btnm,m->btn", "dynamic_beta"))
   return a, r, b
 
 
@@ -53,10 +54,11 @@ def _manifold(p, streams_BTNM, eps: float):
   batch, seq_len, n, m = streams_BTNM.shape
   x = rms_normalize(streams_BTNM.astype(jnp.float32).reshape(batch, seq_len, n * m), eps)
   f32 = lambda name: p[name].astype(jnp.float32)
+  static = lambda name: f32(name)[None, None]  # broadcast over [B, T]
   project = lambda name: jnp.einsum("btc,ck->btk", x, f32(name))
-  a = jax.nn.sigmoid(f32("gate_pre") * project("phi_pre") + f32("bias_pre"))
-  b = 2.0 * jax.nn.sigmoid(f32("gate_post") * project("phi_post") + f32("bias_post"))
-  res_BTNN = sinkhorn(f32("gate_res") * project("phi_res").reshape(batch, seq_len, n, n) + f32("bias_res"))
+  a = jax.nn.sigmoid(f32("gate_pre") * project("phi_pre") + static("bias_pre"))
+  b = 2.0 * jax.nn.sigmoid(f32("gate_post") * project("phi_post") + static("bias_post"))
+  res_BTNN = sinkhorn(f32("gate_res") * project("phi_res").reshape(batch, seq_len, n, n) + static("bias_res"))
   return a, jnp.swapaxes(res_BTNN, -1, -2), b
 
 

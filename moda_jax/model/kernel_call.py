@@ -44,7 +44,8 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
                 depth_start=_scalar(depth_start) if has_depth and depth_start is not None else None,
                 segment_ids=segment_ids_BT)
   arrays = {name: a for name, a in arrays.items() if a is not None}  # None cannot pass shard_map
-  options = dict(implementation=implementation, depth_chunk=None if depth_chunk == 1 else depth_chunk)
+  options = dict(implementation=implementation,
+                 depth_chunk=None if depth_chunk == 1 or not has_depth else depth_chunk)
 
   def call(arrays):
     q, k, v = arrays.pop("q"), arrays.pop("k", None), arrays.pop("v", None)

@@ -57,7 +57,7 @@ def _hyper_connection_specs(cfg: ModelConfig, sublayer: int) -> dict[str, _Spec]
         "static_beta": (ones, (num, n), ("layers", "mixer")),
         "static_alpha_m": (_constant(lambda: _one_hot_stream(cfg, sublayer)), (num, n), ("layers", "mixer")),
         "static_alpha_r": (_constant(lambda: jnp.broadcast_to(jnp.eye(n), (num, n, n))), (num, n, n),
-                           ("layers", "mixer", "mixer")),
+                           ("layers", "mixer", "mixer_out")),
         "dynamic_beta": (zeros, (num, m), ("layers", "embed")),
         "dynamic_alpha_m": (zeros, (num, m), ("layers", "embed")),
         "dynamic_alpha_r": (zeros, (num, m, n), ("layers", "embed", "mixer")),
@@ -74,7 +74,7 @@ def _hyper_connection_specs(cfg: ModelConfig, sublayer: int) -> dict[str, _Spec]
       "phi_res": (zeros, (num, n * m, n * n), ("layers", "embed", "mixer")),
       "bias_pre": (_constant(pre), (num, n), ("layers", "mixer")),
       "bias_post": (zeros, (num, n), ("layers", "mixer")),
-      "bias_res": (_constant(res), (num, n, n), ("layers", "mixer", "mixer")),
+      "bias_res": (_constant(res), (num, n, n), ("layers", "mixer", "mixer_out")),
       "gate_pre": (small, (num,), ("layers",)),
       "gate_post": (small, (num,), ("layers",)),
       "gate_res": (small, (num,), ("layers",)),
@@ -98,24 +98,34 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
 
 
 class MixerParams(nn.Module):
-  """Creates the "depth_mixer" parameters (logically partitioned) and returns them as arrays."""
+  """Creates the "depth_mixer" parameters (logically partitioned, nested like `param_specs`) and
+  returns them as arrays."""
 
   config: ModelConfig
+  path: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self) -> dict:
-    dtype = dtype_of(self.config.param_dtype)
+    specs = param_specs(self.config)
+    for key in self.path:
+      specs = specs[key]
+    out = {}
+    for name, spec in specs.items():
+      if isinstance(spec, dict):
+        out[name] = MixerParams(self.config, self.path + (name,), name=name)()
+      else:
+        init, shape, names = spec
+        out[name] = self.param(name, nn.with_logical_partitioning(init, names), shape,
+                               dtype_of(self.config.param_dtype))
+    return out
 
-    def make(prefix, specs):
-      out = {}
-      for name, spec in specs.items():
-        if isinstance(spec, dict):
-          out[name] = make(f"{prefix}{name}_", spec)
-        else:
-          init, shape, names = spec
-          out[name] = self.param(prefix + name, nn.with_logical_partitioning(init, names), shape, dtype)
-      return out
-    return make("", param_specs(self.config))
+
+def initial_values(cfg: ModelConfig) -> dict:
+  """The mixer's parameters at their initialization, as the "depth_mixer" subtree holds them."""
+  def values(specs):
+    return {k: values(v) if isinstance(v, dict) else v[0](jax.random.key(0), v[1], jnp.float32)
+            for k, v in specs.items()}
+  return values(param_specs(cfg))
 
 
 def _dwa_identity(num: int) -> jax.Array:
@@ -143,10 +153,7 @@ def layer_rows(cfg: ModelConfig, params: dict) -> dict:
 
 def zero_layer_params(cfg: ModelConfig) -> dict:
   """One block's mixer row filled with zeros: the shapes a block is initialized with."""
-  def init_values(specs):
-    return {k: init_values(v) if isinstance(v, dict) else v[0](jax.random.key(0), v[1], jnp.float32)
-            for k, v in specs.items()}
-  rows = jax.eval_shape(lambda: layer_rows(cfg, init_values(param_specs(cfg))))
+  rows = jax.eval_shape(lambda: layer_rows(cfg, initial_values(cfg)))
   return jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), rows)
 
 
@@ -210,7 +217,7 @@ def attention_residual(query_M, outs_BTPM, count, fresh: list, eps: float):
     return jnp.einsum("btxm,m->btx", v, query) * jax.lax.rsqrt(jnp.mean(v * v, axis=-1) + eps)
   fresh_BTFM = jnp.stack(fresh, axis=2)
   visible = jnp.arange(outs_BTPM.shape[2]) < count
-  logits_BTX = jnp.concatenate([jnp.where(visible, logits(outs_BTPM), -jnp.inf), logits(fresh_BTFM)],
+  logits_BTX = jnp.concatenate([jnp.where(visible[None, None], logits(outs_BTPM), -jnp.inf), logits(fresh_BTFM)],
                                axis=-1)
   weights_BTX = jax.nn.softmax(logits_BTX, axis=-1)
   values_BTXM = jnp.concatenate([outs_BTPM, fresh_BTFM], axis=2).astype(jnp.float32)
