@@ -197,28 +197,36 @@ def mix_values(lambdas_2, v1_BTKD, v_BTKD):
 def depth_weighted_average(weights_P, outs_BTPM, count, fresh_BTM):
   """DenseFormer's DWA: sum_j w_j X_j over the `count` buffered outputs, plus w_count * fresh.
 
-  Slots at or above `count` (later writes in the final buffer) are masked out of the sum."""
+  Slots at or above `count` (later writes in the final buffer) are masked out of the sum; the
+  buffer is read in place in its own dtype (float32 accumulation)."""
   num_slots = outs_BTPM.shape[2]
   weights_P = weights_P.astype(jnp.float32)
   visible = jnp.arange(num_slots) < count
-  buffered = jnp.einsum("btpm,p->btm", outs_BTPM.astype(jnp.float32),
-                        jnp.where(visible, weights_P[:num_slots], 0.0))
+  buffer_weights_P = jnp.where(visible, weights_P[:num_slots], 0.0).astype(outs_BTPM.dtype)
+  buffered = jnp.einsum("btpm,p->btm", outs_BTPM, buffer_weights_P, preferred_element_type=jnp.float32)
   fresh = jax.lax.dynamic_index_in_dim(weights_P, count, keepdims=False) * fresh_BTM.astype(jnp.float32)
   return (buffered + fresh).astype(fresh_BTM.dtype)
 
 
 def attention_residual(query_M, outs_BTPM, count, fresh: list, eps: float):
   """Attention residuals: softmax_i(w . RMSNorm(v_i)) weighted sum of v_i over the `count`
-  buffered outputs and the block's fresh ones (the RMSNorm gain is folded into w)."""
+  buffered outputs and the block's fresh ones (the RMSNorm gain is folded into w).
+
+  The buffer is read in place (no concatenation with the fresh outputs, no normalized copy): a
+  copy of it per read would be one more buffer-sized temporary in every layer's backward pass."""
   query = query_M.astype(jnp.float32)
 
   def logits(v_BTXM):
-    v = v_BTXM.astype(jnp.float32)
-    return jnp.einsum("btxm,m->btx", v, query) * jax.lax.rsqrt(jnp.mean(v * v, axis=-1) + eps)
+    dots = jnp.einsum("btxm,m->btx", v_BTXM, query.astype(v_BTXM.dtype), preferred_element_type=jnp.float32)
+    mean_square = jnp.einsum("btxm,btxm->btx", v_BTXM, v_BTXM, preferred_element_type=jnp.float32)
+    return dots * jax.lax.rsqrt(mean_square / v_BTXM.shape[-1] + eps)
   fresh_BTFM = jnp.stack(fresh, axis=2)
-  visible = jnp.arange(outs_BTPM.shape[2]) < count
+  num_slots = outs_BTPM.shape[2]
+  visible = jnp.arange(num_slots) < count
   logits_BTX = jnp.concatenate([jnp.where(visible[None, None], logits(outs_BTPM), -jnp.inf), logits(fresh_BTFM)],
                                axis=-1)
   weights_BTX = jax.nn.softmax(logits_BTX, axis=-1)
-  values_BTXM = jnp.concatenate([outs_BTPM, fresh_BTFM], axis=2).astype(jnp.float32)
-  return jnp.einsum("btx,btxm->btm", weights_BTX, values_BTXM).astype(fresh[0].dtype)
+  mixed = (jnp.einsum("btp,btpm->btm", weights_BTX[..., :num_slots].astype(outs_BTPM.dtype), outs_BTPM,
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("btf,btfm->btm", weights_BTX[..., num_slots:], fresh_BTFM.astype(jnp.float32)))
+  return mixed.astype(fresh[0].dtype)
