@@ -177,6 +177,16 @@ def test_finite_and_every_mixer_parameter_gets_gradient(mixer, depth_kv):
     assert np.all(grads["depth_mixer"]["dwa"] != 0)
 
 
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_bfloat16_compute_stays_near_float32(mixer):
+  cfg = config(mixer, "attn_ffn")
+  params = _params_near_init(cfg)  # far from init, dynamic HC amplifies rounding (see there)
+  want = cases.forward_fn(cfg)(params, cases.TOKENS)
+  got = cases.forward_fn(dataclasses.replace(cfg, dtype="bfloat16"))(params, cases.TOKENS)
+  assert got.dtype == jnp.float32 and np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, atol=0.1 * float(np.max(np.abs(want))))  # as tests/test_model.py
+
+
 @pytest.mark.parametrize("mixer,depth_kv", _ALONE_AND_MODA, ids=_IDS)
 def test_scan_equals_loop(mixer, depth_kv):
   scan_cfg = config(mixer, depth_kv)
