@@ -61,7 +61,7 @@ def naive_stack(layer_fn, layer_params, x_BTM, positions_BT, segment_ids_BT, *, 
   autodiff, which saves one depth buffer pair per layer (memory quadratic in depth). The oracle of
   the linear-memory stack; it exists only here, in the tests."""
   step = block_loop.writer_step(layer_fn, positions_BT, segment_ids_BT)
-  stream = depth_stream.empty(config, *x_BTM.shape[:2])
+  stream = depth_stream.start(config, x_BTM)  # empty buffers (+ a depth mixer's embedding slot)
   (x_BTM, stream), _ = block_loop.over_layers(step, (x_BTM, stream), layer_params)
   return x_BTM, stream
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from moda_jax.model import depth_stream
+from moda_jax.model import mixers
 from moda_jax.model.config import ModelConfig
 from moda_jax.model.kv_cache import cached_attention
 from moda_jax.model.kernel_call import sharded_moda_attention
@@ -75,20 +78,27 @@ class MoDAAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTM, stream: depth_stream.DepthKV, positions_BT, segment_ids_BT, kv_cache=None,
-               return_probs: bool = False):
-    """Returns (out_BTM, depth_slot, kv_cache, probs).
+               return_probs: bool = False, value_mix=None):
+    """Returns (out_BTM, depth_slot, kv_cache, probs, values_BTKD).
 
     depth_slot is this sublayer's (k_BTKD, v_BTKD) or None. Without `kv_cache` (training, scoring)
     the queries attend to their own T tokens through `moda_attention` and kv_cache / probs are None.
     With `kv_cache` = (k_BSKD, v_BSKD[, depth ring]) (decoding) the new keys are written at
     `positions_BT` and the queries attend to the whole cache (`kv_cache.cached_attention`); the
     returned cache is (k, v); probs [B, T, H, S + L] when `return_probs`.
+    values_BTKD are this layer's own values (before any value residual).
+
+    `value_mix` = (lambdas [2], V_1 [B, T, Hk, D]): value residual learning, the sequence values
+    are lambda_1 V_1 + lambda_2 V (the depth slot keeps the raw V; the cache holds the mixed V).
+    Without `config.joint_depth_read` (depth attention) the depth slots get their own softmax
+    (depth-only attention) whose output is added to the sequence attention's.
     """
     cfg = self.config
     heads = ("act_batch", "act_len", "act_heads", None)
     kv_heads = ("act_batch", "act_len", "act_kv_heads", None)
-    q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, depth_slot = project_inputs(
+    q_BTHD, k_BTKD, values_BTKD, depth_q_BTHD, depth_slot = project_inputs(
         cfg, x_BTM, positions_BT, self.writes_depth)
+    v_BTKD = values_BTKD if value_mix is None else mixers.mix_values(value_mix[0], value_mix[1], values_BTKD)
     probs = None
     depth_start = None if cfg.depth_window == 0 else cfg.depth_read_start(stream.length)
     if kv_cache is not None:
@@ -102,11 +112,15 @@ class MoDAAttention(nn.Module):
         depth_q_BTHD = nn.with_logical_constraint(depth_q_BTHD, heads)
       k_BTKD = nn.with_logical_constraint(k_BTKD, kv_heads)
       v_BTKD = nn.with_logical_constraint(v_BTKD, kv_heads)
-      out_BTHD = sharded_moda_attention(
-          q_BTHD, k_BTKD, v_BTKD, stream.k_BTLKD, stream.v_BTLKD, depth_len=stream.length,
-          depth_start=depth_start, segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl,
-          depth_q_BTHD=depth_q_BTHD, depth_chunk=cfg.depth_chunk)
+      attend = functools.partial(sharded_moda_attention, depth_len=stream.length, depth_start=depth_start,
+                                 segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl,
+                                 depth_q_BTHD=depth_q_BTHD, depth_chunk=cfg.depth_chunk)
+      if cfg.joint_depth_read or stream.k_BTLKD is None:
+        out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, stream.k_BTLKD, stream.v_BTLKD)
+      else:  # two softmaxes: sequence attention + depth-only attention (0 where no slot is visible)
+        out_BTHD = (attend(q_BTHD, k_BTKD, v_BTKD, None, None)
+                    + attend(q_BTHD, None, None, stream.k_BTLKD, stream.v_BTLKD))
       out_BTHD = checkpoint_name(out_BTHD, ATTENTION_OUT_NAME)
       out_BTHD = nn.with_logical_constraint(out_BTHD, heads)
     out_BTM = projection(cfg, cfg.d_model, (-2, -1), ("q_heads", "head_dim", "embed"), "out")(out_BTHD)
-    return out_BTM, depth_slot, kv_cache, probs
+    return out_BTM, depth_slot, kv_cache, probs, values_BTKD

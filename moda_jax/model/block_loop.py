@@ -8,7 +8,9 @@ functions here, so a change to how a block is applied happens once:
         (params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache, return_probs)
             -> (x_BTM, slots or None, kv_cache or None, probs or None)
     where `stream` is the `depth_stream.DepthKV` the block reads (its `length` is the block's
-    depth_len) and `slots` are the (k_BTSKD, v_BTSKD) it writes.
+    depth_len) and `slots` are the (k_BTSKD, v_BTSKD) it writes. With a depth mixer (docs/peers.md)
+    `params` is {"block": ..., "mixer": this layer's mixer parameters}, x the residual state (an
+    array or a tuple), `stream` a `depth_stream.Stream` and `slots` (kv slots, output slots).
   * `over_layers(step, carry, layer_params, per_layer)`: iterates `step` over the layers, as a
     `lax.scan` over stacked parameters (the scanned layout) or a Python loop over a list of
     per-layer trees (the unscanned layout). Both compute the same thing.
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moda_jax.model import depth_stream
+from moda_jax.model import mixers
 from moda_jax.model.block import Block, remat_policy
 from moda_jax.model.config import ModelConfig
 
@@ -44,6 +47,9 @@ def block_fn(config: ModelConfig, writes_depth: bool, *, remat: bool = True) -> 
   block = Block(config, writes_depth=writes_depth)
 
   def apply(params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, return_probs=False):
+    if config.has_mixer:
+      return block.apply({"params": params["block"]}, x_BTM, stream, positions_BT, segment_ids_BT,
+                         kv_cache, return_probs, mixer=params["mixer"])
     return block.apply({"params": params}, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache,
                        return_probs)
 
@@ -69,9 +75,7 @@ def writer_step(block: Callable, positions_BT, segment_ids_BT, return_probs: boo
     x_BTM, stream = carry
     x_BTM, slots, kv_cache, probs = block(params, x_BTM, stream, positions_BT, segment_ids_BT,
                                           kv_cache, return_probs)
-    if slots is not None:
-      stream = depth_stream.write(stream, *slots)
-    return (x_BTM, stream), (kv_cache, probs)
+    return (x_BTM, depth_stream.write_block(stream, slots)), (kv_cache, probs)
   return step
 
 
@@ -109,7 +113,11 @@ def init_block_params(config: ModelConfig, writes_depth: bool) -> Callable:
     x_BTM = jnp.zeros((1, 1, config.d_model), jnp.dtype(config.dtype))
     positions_BT = jnp.zeros((1, 1), jnp.int32)
     block = Block(config, writes_depth=writes_depth)
-    return block.init(rng, x_BTM, depth_stream.empty(config, 1, 1), positions_BT, None)["params"]
+    if not config.has_mixer:
+      return block.init(rng, x_BTM, depth_stream.empty(config, 1, 1), positions_BT, None)["params"]
+    state = mixers.initial_state(config, x_BTM)
+    return block.init(rng, state, depth_stream.start(config, state), positions_BT, None,
+                      mixer=mixers.zero_layer_params(config))["params"]
   return init
 
 

@@ -14,8 +14,12 @@ NORM_PLACEMENTS = ("pre", "post", "reordered")
 REMAT_OPTIONS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                  "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
+# The depth-mixing peers (docs/peers.md): other ways for a layer to read earlier layers.
+DEPTH_MIXERS = ("none", "denseformer", "value_residual", "hyper_connections", "attention_residuals",
+                "depth_attention")
 _RETIRED_FIELDS = ("z_loss_weight", "depth_memory")
 _NEUTRAL = {"depth_chunk": 1, "depth_window": 0}  # the values that keep plain MoDA
+_HC_DEFAULTS = {"hyper_connections_streams": 4, "hyper_connections_manifold": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,13 @@ class ModelConfig:
       plain MoDA.
     depth_window: W >= 0: each attention reads only the W most recent depth slots
       (depth_start = max(0, depth_len - W)); 0 reads all.
+    depth_mixer: another way to read earlier layers (docs/peers.md): "none" (the plain residual
+      stream), "denseformer", "value_residual", "hyper_connections", "attention_residuals" or
+      "depth_attention" (depth-only attention over the depth stream with its own softmax, added to the
+      sequence attention; without depth_kv it reads the attention K/V, i.e. the "attn" layout).
+      Every mixer combines with every depth_kv.
+    hyper_connections_streams: n >= 1 residual streams of hyper_connections (mHC: n >= 2).
+    hyper_connections_manifold: mHC, the residual mixing projected to doubly stochastic matrices.
   """
 
   vocab_size: int
@@ -68,6 +79,9 @@ class ModelConfig:
   norm_eps: float = 1e-6
   depth_chunk: int = 1
   depth_window: int = 0
+  depth_mixer: str = "none"
+  hyper_connections_streams: int = 4
+  hyper_connections_manifold: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
@@ -82,7 +96,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim}: expected an even number (RoPE rotates "
                        "pairs of dimensions).")
     for name, allowed in (("depth_kv", DEPTH_KV_VARIANTS), ("norm", NORM_PLACEMENTS),
-                          ("remat", REMAT_OPTIONS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+                          ("remat", REMAT_OPTIONS), ("dtype", DTYPES), ("param_dtype", DTYPES),
+                          ("depth_mixer", DEPTH_MIXERS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}.")
     for name, lowest in (("depth_chunk", 1), ("depth_window", 0)):
@@ -92,6 +107,7 @@ class ModelConfig:
       if value != _NEUTRAL[name] and not self.uses_depth:
         raise ValueError(f"ModelConfig.{name}={value!r} needs a depth stream, but depth_kv='none'; "
                          f"use depth_kv='attn' or another variant, or {name}={_NEUTRAL[name]}.")
+    self._validate_hyper_connections()
     for name in ("qk_norm", "tie_embeddings", "scan_layers"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected a bool.")
@@ -104,6 +120,22 @@ class ModelConfig:
       if self.attention_impl not in IMPLEMENTATIONS:
         raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: expected None or one "
                          f"of {IMPLEMENTATIONS}.")
+
+  def _validate_hyper_connections(self):
+    streams, manifold = self.hyper_connections_streams, self.hyper_connections_manifold
+    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+      raise ValueError(f"ModelConfig.hyper_connections_streams={streams!r}: expected an int >= 1.")
+    if not isinstance(manifold, bool):
+      raise ValueError(f"ModelConfig.hyper_connections_manifold={manifold!r}: expected a bool.")
+    if self.depth_mixer != "hyper_connections":
+      for name, neutral in _HC_DEFAULTS.items():
+        if getattr(self, name) != neutral:
+          raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} needs depth_mixer="
+                           f"'hyper_connections', but depth_mixer={self.depth_mixer!r}; set it or "
+                           f"{name}={neutral!r}.")
+    if manifold and streams < 2:
+      raise ValueError(f"ModelConfig.hyper_connections_streams={streams}: mHC "
+                       "(hyper_connections_manifold=True) expects n >= 2 streams.")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -124,18 +156,69 @@ class ModelConfig:
   # --- The depth stream's layout, derived from `depth_kv` (docs/moda.md). ---
 
   @property
+  def depth_layout(self) -> str:
+    """What the depth stream holds: `depth_kv`, except that depth attention without it reads the
+    attention K/V (the "attn" layout, no extra parameters)."""
+    if self.depth_kv == "none" and self.depth_mixer == "depth_attention":
+      return "attn"
+    return self.depth_kv
+
+  @property
   def uses_depth(self) -> bool:
-    return self.depth_kv != "none"
+    return self.depth_layout != "none"
 
   @property
   def ffn_writes_depth(self) -> bool:
     """Whether each FFN writes kv_proj(its input) as a depth slot."""
-    return self.depth_kv in ("attn_ffn", "attn_ffn_extra")
+    return self.depth_layout in ("attn_ffn", "attn_ffn_extra")
 
   @property
   def separate_attn_depth_proj(self) -> bool:
     """Whether attention writes a separate depth K/V projection instead of its own raw K/V."""
-    return self.depth_kv == "attn_ffn_extra"
+    return self.depth_layout == "attn_ffn_extra"
+
+  # --- The depth mixers (docs/peers.md), derived from `depth_mixer`. ---
+
+  @property
+  def has_mixer(self) -> bool:
+    return self.depth_mixer != "none"
+
+  @property
+  def joint_depth_read(self) -> bool:
+    """MoDA: sequence and depth keys under one softmax; False: depth attention's own softmax."""
+    return self.depth_mixer != "depth_attention"
+
+  @property
+  def mixes_values(self) -> bool:
+    """Value residual learning: every attention's values mixed with the first layer's."""
+    return self.depth_mixer == "value_residual"
+
+  @property
+  def hyper_streams(self) -> int:
+    """Residual streams of hyper-connections (0: a single plain residual stream)."""
+    return self.hyper_connections_streams if self.depth_mixer == "hyper_connections" else 0
+
+  @property
+  def attention_residuals(self) -> bool:
+    return self.depth_mixer == "attention_residuals"
+
+  @property
+  def outputs_per_block(self) -> int:
+    """Outputs a (non-last) block writes to the outputs buffer: DenseFormer its block output,
+    attention residuals its two sublayer outputs; 0 without such a buffer."""
+    return {"denseformer": 1, "attention_residuals": 2}.get(self.depth_mixer, 0)
+
+  @property
+  def num_output_slots(self) -> int:
+    """Slots of the outputs buffer: the embedding, then the non-last blocks' outputs (0: none)."""
+    per_block = self.outputs_per_block
+    return 1 + (self.num_layers - 1) * per_block if per_block else 0
+
+  @property
+  def uses_linear_stack(self) -> bool:
+    """Whether the writer blocks have write-once buffers (depth K/V, earlier outputs) whose
+    training memory the linear-memory stack keeps linear in depth."""
+    return self.num_layers > 1 and (self.num_depth_slots > 0 or self.num_output_slots > 0)
 
   @property
   def slots_per_block(self) -> int:

@@ -31,6 +31,10 @@ runs twice (like full remat), which is why `remat` has no further effect on this
 The stack is a pure function of the layer parameters so that it can be written with
 `jax.custom_vjp` directly; the model passes `block_loop.block_fn(...)` as `layer_fn`, and both passes
 iterate with `block_loop.over_layers` (scanned or unrolled layouts alike).
+
+The same argument covers the depth mixers' write-once outputs buffer (docs/peers.md): DenseFormer's
+block outputs and attention residuals' sublayer outputs are written once in layer order and read
+through a mask, exactly like the depth K/V slots.
 """
 
 from __future__ import annotations
@@ -50,68 +54,81 @@ from moda_jax.model.config import ModelConfig
 LayerFn = Callable[..., tuple]
 
 
-def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_BTM: jax.Array,
+def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_BTM,
                         positions_BT: jax.Array, segment_ids_BT: jax.Array | None, *,
-                        config: ModelConfig) -> tuple[jax.Array, depth_stream.DepthKV]:
-  """Runs the depth-writing layers; returns (x_BTM, the full DepthKV stream).
+                        config: ModelConfig) -> tuple[Any, depth_stream.DepthKV | depth_stream.Stream]:
+  """Runs the depth-writing layers; returns (x_BTM, the full stream the last block reads).
 
   Args:
-    layer_fn: one layer as a pure function (see `LayerFn`); must write S = slots_per_block slots.
+    layer_fn: one layer as a pure function (see `LayerFn`); must write S = slots_per_block slots
+      (and, with a depth mixer's outputs buffer, `config.outputs_per_block` output slots).
     layer_params: stacked parameters (leading axis N) or a list of N per-layer parameter trees.
-    x_BTM: the stack's input. positions_BT, segment_ids_BT: passed to every layer unchanged.
-    config: gives the buffer shape; N * S must equal `config.num_depth_slots`.
+    x_BTM: the stack's input: the residual state (an array, or a tree of arrays with a depth mixer).
+    positions_BT, segment_ids_BT: passed to every layer unchanged.
+    config: gives the buffer shapes; N * S must equal `config.num_depth_slots`.
+
+  The depth mixers' write-once outputs buffer (DenseFormer, attention residuals) is one more final
+  buffer here: same argument, same backward. Its slot 0 holds the stack's input (the embedding),
+  so that slot's cotangent flows to x at the end of the backward pass.
   """
   num_layers, slots = block_loop.num_layers(layer_params), config.slots_per_block
   if num_layers * slots != config.num_depth_slots:
     raise ValueError(f"linear_memory_stack got {num_layers} layers writing {slots} slots each; "
                      f"expected {num_layers * slots} == config.num_depth_slots="
                      f"{config.num_depth_slots}.")
-  batch, seq_len = x_BTM.shape[:2]
+  if config.outputs_per_block and 1 + num_layers * config.outputs_per_block != config.num_output_slots:
+    raise ValueError(f"linear_memory_stack got {num_layers} layers; expected num_layers - 1 = "
+                     f"{config.num_layers - 1} for the outputs buffer of depth_mixer="
+                     f"{config.depth_mixer!r}.")
 
   def forward(params, x_BTM, positions_BT, segment_ids_BT):
-    """(x_out, final buffers, each layer's input [N, B, T, M])."""
+    """(x_out, final buffers, each layer's input with a leading axis N)."""
     write_step = block_loop.writer_step(layer_fn, positions_BT, segment_ids_BT)
 
     def step(carry, p, per_layer, layer):
       new_carry, _ = write_step(carry, p, per_layer, layer)
       return new_carry, carry[0]
     (x_BTM, stream), inputs_NBTM = block_loop.over_layers(
-        step, (x_BTM, depth_stream.empty(config, batch, seq_len)), params)
-    return x_BTM, stream.k_BTLKD, stream.v_BTLKD, inputs_NBTM
+        step, (x_BTM, depth_stream.start(config, x_BTM)), params)
+    return x_BTM, depth_stream.buffers(stream), inputs_NBTM
 
   # Positions and segment ids are arguments (not closed over) so the custom_vjp sees every input.
   @jax.custom_vjp
   def stack(params, x_BTM, positions_BT, segment_ids_BT):
-    return forward(params, x_BTM, positions_BT, segment_ids_BT)[:3]
+    return forward(params, x_BTM, positions_BT, segment_ids_BT)[:2]
 
   def stack_fwd(params, x_BTM, positions_BT, segment_ids_BT):
-    x_out, k_BTLKD, v_BTLKD, inputs_NBTM = forward(params, x_BTM, positions_BT, segment_ids_BT)
-    residuals = (params, inputs_NBTM, k_BTLKD, v_BTLKD, positions_BT, segment_ids_BT)
-    return (x_out, k_BTLKD, v_BTLKD), residuals
+    x_out, arrays, inputs_NBTM = forward(params, x_BTM, positions_BT, segment_ids_BT)
+    residuals = (params, inputs_NBTM, arrays, positions_BT, segment_ids_BT)
+    return (x_out, arrays), residuals
 
   def stack_bwd(residuals, cotangents):
-    params, inputs_NBTM, k_BTLKD, v_BTLKD, positions_BT, segment_ids_BT = residuals
+    params, inputs_NBTM, arrays, positions_BT, segment_ids_BT = residuals
 
     def layer_bwd(carry, p, x_in_BTM, layer):
-      g_x_BTM, g_k_BTLKD, g_v_BTLKD = carry
-      start = layer * slots
-      def rerun(p, x, k, v):
-        x_out, written = layer_fn(p, x, depth_stream.DepthKV(k, v, jnp.int32(start)), positions_BT,
+      g_x_BTM, g_arrays = carry
+
+      def rerun(p, x, arrays):
+        x_out, written = layer_fn(p, x, depth_stream.view(config, arrays, layer), positions_BT,
                                   segment_ids_BT)[:2]
         return x_out, written
-      _, pullback = jax.vjp(rerun, p, x_in_BTM, k_BTLKD, v_BTLKD)
+      _, pullback = jax.vjp(rerun, p, x_in_BTM, arrays)
       # Complete here: every reader of this layer's slots lies above it and was pulled back already.
-      g_slots = (depth_stream.read_slots(g_k_BTLKD, start, slots),
-                 depth_stream.read_slots(g_v_BTLKD, start, slots))
-      g_p, g_x_in, g_k_read, g_v_read = pullback((g_x_BTM, g_slots))
-      return (g_x_in, g_k_BTLKD + g_k_read, g_v_BTLKD + g_v_read), g_p
+      g_written = depth_stream.written_part(config, g_arrays, layer)
+      g_p, g_x_in, g_read = pullback((g_x_BTM, g_written))
+      return (g_x_in, jax.tree.map(jnp.add, g_arrays, g_read)), g_p
 
-    carry, g_params = block_loop.over_layers(layer_bwd, cotangents, params, inputs_NBTM, reverse=True)
+    (g_x, g_arrays), g_params = block_loop.over_layers(layer_bwd, cotangents, params, inputs_NBTM,
+                                                       reverse=True)
+    # The stream's entry write (the embedding in output slot 0; nothing without an outputs buffer).
+    x_first = jax.tree.map(lambda a: a[0], inputs_NBTM)
+    _, start_pullback = jax.vjp(lambda x: depth_stream.buffers(depth_stream.start(config, x)), x_first)
+    g_x = jax.tree.map(jnp.add, g_x, start_pullback(g_arrays)[0])
     if isinstance(params, (list, tuple)):
       g_params = type(params)(jax.tree.map(lambda a, i=i: a[i], g_params) for i in range(num_layers))
     # Positions and segment ids are integers: no cotangent.
-    return g_params, carry[0], None, None
+    return g_params, g_x, None, None
 
   stack.defvjp(stack_fwd, stack_bwd)
-  x_BTM, k_BTLKD, v_BTLKD = stack(layer_params, x_BTM, positions_BT, segment_ids_BT)
-  return x_BTM, depth_stream.DepthKV(k_BTLKD, v_BTLKD, jnp.int32(config.num_depth_slots))
+  x_BTM, arrays = stack(layer_params, x_BTM, positions_BT, segment_ids_BT)
+  return x_BTM, depth_stream.view(config, arrays, num_layers)

@@ -4,7 +4,7 @@ Counts multiply-adds as 2 FLOPs, only in matmuls (norms, softmax, RoPE are noise
 Sequence attention is counted causally (T (T+1) / 2 query-key pairs), ignoring that packing masks
 more; the depth part counts the slots each attention actually reads (`depth_len_of_block`), not the
 padded `L_max` buffer. Training = 3x forward (backward = 2x forward), without remat recomputation,
-the usual MFU convention (PaLM, appendix B).
+the usual MFU convention (PaLM, appendix B). A depth mixer's own work is the "depth_mixer" part.
 """
 
 from moda_jax.model.config import ModelConfig
@@ -33,7 +33,32 @@ def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> dict[str, floa
     parts["attention"] += 2 * 2 * H * D * causal_pairs  # q.k and p.v
     parts["depth_attention"] += 2 * 2 * H * D * T * cfg.depth_len_of_block(block)
   parts["logits"] = 2.0 * T * M * cfg.vocab_size
+  parts["depth_mixer"] = float(mixer_flops_per_sequence(cfg, seq_len))
   return parts
+
+
+def mixer_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> int:
+  """Forward FLOPs of the depth mixer (docs/peers.md), by the same convention: its contractions
+  (weighted sums over earlier outputs or streams, the small projections that make the weights);
+  its norms, tanh / sigmoid and the Sinkhorn iterations' n x n work are noise next to them.
+  Depth attention reads the depth stream: counted in "depth_attention" above."""
+  T, N, M = seq_len, cfg.num_layers, cfg.d_model
+  if cfg.outputs_per_block == 1:  # DenseFormer: DWA_b sums b + 2 tensors, N (N + 3) / 2 in all
+    return 2 * T * M * (N * (N + 3) // 2)
+  if cfg.mixes_values:  # lambda_1 V_1 + lambda_2 V in blocks 1 .. N-1
+    return 3 * T * cfg.num_kv_heads * cfg.head_dim * (N - 1)
+  if cfg.hyper_streams:
+    n = cfg.hyper_streams
+    # Per sublayer and token: the weights from the n streams (HC: W_b, W_m [M], W_r [M, n] on each
+    # stream; mHC: phi [n M, n^2 + 2 n] on the flattened streams), then h_0 = sum a_i H_i,
+    # the n x n stream mix and the write-back b_j T(h_0).
+    weights = 2 * n * M * (n * n + 2 * n) if cfg.hyper_connections_manifold else 2 * n * M * (n + 2)
+    mixing = 2 * n * M + 2 * n * n * M + 2 * n * M
+    return 2 * N * T * (weights + mixing)
+  if cfg.attention_residuals:  # every entry read: a logit w . v_i and a weighted term
+    entries = 2 * N * N + 3 * N  # block b: 2 b + 2 for its FFN's input, 2 b + 3 for the next one's
+    return 4 * T * M * entries
+  return 0
 
 
 def train_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> float:

@@ -33,7 +33,8 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
   """`moda_attention` (causal), wrapped in `shard_map` when a mesh with the model's axes is set.
 
   `depth_q_BTHD` (None: q) scores the depth keys; it shards like q. `depth_start` / `depth_chunk`:
-  the bounded depth window and chunk-visible depth (the operator's arguments of the same names)."""
+  the bounded depth window and chunk-visible depth (the operator's arguments of the same names).
+  k = v = None: depth-only attention (the depth-attention mixer's depth read)."""
   has_depth = depth_k_BTLKD is not None
   # The model's counts are arrays even when there is no depth buffer; the operator wants None then.
   arrays = dict(q=q_BTHD, k=k_BTKD, v=v_BTKD, depth_k=depth_k_BTLKD, depth_v=depth_v_BTLKD,
@@ -42,10 +43,11 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
                 depth_start=_scalar(depth_start) if has_depth and depth_start is not None else None,
                 segment_ids=segment_ids_BT)
   arrays = {name: a for name, a in arrays.items() if a is not None}  # None cannot pass shard_map
-  options = dict(implementation=implementation, depth_chunk=None if depth_chunk == 1 else depth_chunk)
+  options = dict(implementation=implementation,
+                 depth_chunk=None if depth_chunk == 1 or not has_depth else depth_chunk)
 
   def call(arrays):
-    q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
+    q, k, v = arrays.pop("q"), arrays.pop("k", None), arrays.pop("v", None)
     depth_k, depth_v = arrays.pop("depth_k", None), arrays.pop("depth_v", None)
     return moda_attention(q, k, v, depth_k, depth_v, **arrays, **options)
 
@@ -57,7 +59,8 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
   if not batch or q_BTHD.shape[0] % math.prod(mesh.shape[a] for a in batch):
     batch = None
   heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
-  if heads and k_BTKD.shape[2] % mesh.shape[heads]:
+  num_kv_heads = (k_BTKD if k_BTKD is not None else depth_k_BTLKD).shape[-2]
+  if heads and num_kv_heads % mesh.shape[heads]:
     heads = None
   heads_spec = P(batch, None, heads, None)
   specs = dict(q=heads_spec, k=heads_spec, v=heads_spec, depth_q=heads_spec,

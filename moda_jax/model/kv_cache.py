@@ -18,6 +18,7 @@ wanted anyway for the analysis (`return_probs=True`).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -91,17 +92,37 @@ def cached_attention(config: ModelConfig, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, 
   earlier tokens when depth_chunk > 1. Returns (out_BTHD, (k_cache, v_cache), probs_BTHC or None)
   with C = S_max + L columns, [sequence | depth]: a depth column sums the slot's mass over the tokens
   whose slots the query reads. All rows advance together: row 0's first position is where the new
-  tokens go.
+  tokens go. Without `config.joint_depth_read` (depth attention) sequence and depth are two
+  softmaxes whose outputs add (so a row of probs sums to 2 once a slot is visible).
   """
   k_cache, v_cache = kv_cache
   start = (0, positions_BT[0, 0], 0, 0)
   k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKD.astype(k_cache.dtype), start)
   v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKD.astype(v_cache.dtype), start)
-  batch, max_len = k_cache.shape[:2]
+  attend = functools.partial(_attend, config, q_BTHD, depth_q_BTHD, depth_start=depth_start,
+                             positions_BT=positions_BT, ring=ring, max_len=k_cache.shape[1])
+  if config.joint_depth_read or stream.k_BTLKD is None:
+    out_BTHD, probs_BTHC = attend((k_cache, v_cache), stream)
+  else:
+    out_seq, probs_seq = attend((k_cache, v_cache), stream._replace(k_BTLKD=None, v_BTLKD=None))
+    out_depth, probs_depth = attend(None, stream)
+    out_BTHD = (out_seq.astype(jnp.float32) + out_depth.astype(jnp.float32)).astype(out_seq.dtype)
+    probs_BTHC = jnp.concatenate([probs_seq, probs_depth], axis=-1)
+  return out_BTHD, (k_cache, v_cache), (probs_BTHC if return_probs else None)
+
+
+def _attend(config: ModelConfig, q_BTHD, depth_q_BTHD, keys, stream, *, depth_start, positions_BT, ring,
+            max_len: int):
+  """(out_BTHD, probs_BTHC) of the queries over the cache `keys` (None: depth only) and the depth
+  slots of `stream` (k None: sequence only); C = S_max (if keys) + L (if depth) columns."""
+  batch = q_BTHD.shape[0]
+  k_cache, v_cache = (None, None) if keys is None else keys
   num_slots = 0 if stream.k_BTLKD is None else stream.k_BTLKD.shape[2]
-  # Keys are cache positions 0 .. S_max - 1; causality (s <= p) hides the unfilled ones.
+  # Keys are cache positions 0 .. S_max - 1; causality (s <= p) hides the unfilled ones. Positions
+  # (of keys and of depth tokens) are below S_max.
   spec = spec_lib.Spec(seq_len=max_len, num_slots=num_slots, causal=True, scale=q_BTHD.shape[-1] ** -0.5,
-                       depth_chunk=config.depth_chunk)
+                       has_sequence=keys is not None, depth_chunk=config.depth_chunk)
+  max_len = max_len if keys is not None else 0  # probs columns of the sequence part
   tokens = lambda positions_X: jnp.broadcast_to(positions_X, (batch, positions_X.shape[-1]))
   shared = dict(k_BSKD=k_cache, v_BSKD=v_cache, spec=spec, k_tokens_BS=tokens(jnp.arange(max_len, dtype=jnp.int32)),
                 depth_start=0 if depth_start is None else depth_start, depth_len=stream.length,
@@ -112,19 +133,18 @@ def cached_attention(config: ModelConfig, q_BTHD, k_BTKD, v_BTKD, depth_q_BTHD, 
     out_BTHD, _, probs_BTHC = reference.query_aligned_attention(
         q_BTHD, depth_q_BTHD=depth_q_BTHD, depth_k_BTLKD=stream.k_BTLKD, depth_v_BTLKD=stream.v_BTLKD,
         q_tokens_BT=positions_BT, **shared)
-  else:
-    # Chunk-visible depth: the ring's tokens and the new ones, positions deciding who sees whom.
-    ring_k, ring_v, ring_positions_C = ring
-    out_BTHD, _, probs_BTHC = reference.dense_attention(
-        q_BTHD, depth_q_BTHD=depth_q_BTHD,
-        depth_k_BXLKD=jnp.concatenate([ring_k.astype(stream.k_BTLKD.dtype), stream.k_BTLKD], axis=1),
-        depth_v_BXLKD=jnp.concatenate([ring_v.astype(stream.v_BTLKD.dtype), stream.v_BTLKD], axis=1),
-        q_tokens_BT=positions_BT, depth_tokens_BX=tokens(jnp.concatenate([ring_positions_C, positions_BT[0]])),
-        **shared)
-    seq_BTHS, depth_BTHXL = probs_BTHC[..., :max_len], probs_BTHC[..., max_len:]
-    depth_BTHL = depth_BTHXL.reshape(*depth_BTHXL.shape[:3], -1, num_slots).sum(axis=3)
-    probs_BTHC = jnp.concatenate([seq_BTHS, depth_BTHL], axis=-1)
-  return out_BTHD, (k_cache, v_cache), (probs_BTHC if return_probs else None)
+    return out_BTHD, probs_BTHC
+  # Chunk-visible depth: the ring's tokens and the new ones, positions deciding who sees whom.
+  ring_k, ring_v, ring_positions_C = ring
+  out_BTHD, _, probs_BTHC = reference.dense_attention(
+      q_BTHD, depth_q_BTHD=depth_q_BTHD,
+      depth_k_BXLKD=jnp.concatenate([ring_k.astype(stream.k_BTLKD.dtype), stream.k_BTLKD], axis=1),
+      depth_v_BXLKD=jnp.concatenate([ring_v.astype(stream.v_BTLKD.dtype), stream.v_BTLKD], axis=1),
+      q_tokens_BT=positions_BT, depth_tokens_BX=tokens(jnp.concatenate([ring_positions_C, positions_BT[0]])),
+      **shared)
+  seq_BTHS, depth_BTHXL = probs_BTHC[..., :max_len], probs_BTHC[..., max_len:]
+  depth_BTHL = depth_BTHXL.reshape(*depth_BTHXL.shape[:3], -1, num_slots).sum(axis=3)
+  return out_BTHD, jnp.concatenate([seq_BTHS, depth_BTHL], axis=-1)
 
 
 def ring_of(config: ModelConfig, cache: Cache):

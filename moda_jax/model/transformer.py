@@ -13,6 +13,9 @@ them, the same loop for every caller:
     depth, a plain loop (with `config.remat`);
   * decoding (`model.apply(params, tokens, cache=...)`, see `decode.py`): the same loop carrying each
     layer's sequence KV cache.
+A depth mixer (docs/peers.md) adds the top-level "depth_mixer" parameters (one row per block, handed
+to the blocks with their own), widens the carried residual state (`mixers.initial_state`) and, for
+DenseFormer and attention residuals, an outputs buffer to the stream; the loops stay the same.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from moda_jax.model import depth_stream
 from moda_jax.model.config import ModelConfig
 from moda_jax.model.depth_stack import linear_memory_stack
 from moda_jax.model import kv_cache
+from moda_jax.model import mixers
 from moda_jax.model.kv_cache import Cache
 from moda_jax.model.layers import Embedding, RMSNorm, dtype_of
 
@@ -64,29 +68,34 @@ class Transformer(nn.Module):
     x_BTM = nn.with_logical_constraint(embedding(tokens_BT), _ACT)
     writers = self._writer_params()
     last = self.param("last_block", block_loop.init_block_params(cfg, writes_depth=False))
-    stream = depth_stream.empty(cfg, batch, seq_len)
+    if cfg.has_mixer:  # docs/peers.md: each block gets its row of the mixer's parameters
+      rows = mixers.layer_rows(cfg, mixers.MixerParams(cfg, name="depth_mixer")())
+      writers, last = mixers.attach(cfg, writers, last, rows)
+    state = mixers.initial_state(cfg, x_BTM)
+    stream = depth_stream.start(cfg, state)
 
     block_caches, probs = None, []
     ring = None if cache is None else kv_cache.ring_of(cfg, cache)
     if cache is not None:
       step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, None, return_probs, ring)
-      (x_BTM, stream), outs = block_loop.over_layers(
-          step, (x_BTM, stream), writers, (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD))
+      (state, stream), outs = block_loop.over_layers(
+          step, (state, stream), writers, (cache.blocks_k_NBSKD, cache.blocks_v_NBSKD))
       if outs is not None:  # None: a one-layer model has no writer blocks
         block_caches, block_probs = outs
         probs = [] if block_probs is None else list(block_probs)
-    elif cfg.uses_depth and cfg.num_layers > 1:
-      x_BTM, stream = linear_memory_stack(block_loop.block_fn(cfg, True, remat=False), writers, x_BTM,
+    elif cfg.uses_linear_stack:
+      state, stream = linear_memory_stack(block_loop.block_fn(cfg, True, remat=False), writers, state,
                                           positions, segment_ids, config=cfg)
     else:
       step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, segment_ids)
-      (x_BTM, stream), _ = block_loop.over_layers(step, (x_BTM, stream), writers)
+      (state, stream), _ = block_loop.over_layers(step, (state, stream), writers)
 
     last_cache = None
     if cache is not None:
       last_cache = (cache.last_k_BSKD, cache.last_v_BSKD) + (() if ring is None else (ring,))
-    x_BTM, _, last_cache, last_probs = block_loop.block_fn(cfg, False)(
-        last, x_BTM, stream, positions, segment_ids, last_cache, return_probs)
+    state, _, last_cache, last_probs = block_loop.block_fn(cfg, False)(
+        last, state, stream, positions, segment_ids, last_cache, return_probs)
+    x_BTM = mixers.final_hidden(cfg, state)
     x_BTM = RMSNorm(cfg, name="final_norm")(x_BTM)
 
     if cfg.tie_embeddings:

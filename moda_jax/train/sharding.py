@@ -24,6 +24,7 @@ LOGICAL_AXIS_RULES = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
+    ("act_streams", None),    # hyper-connections' n residual streams
     # parameters (also used for activations with the same meaning, e.g. "mlp", "vocab")
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -33,6 +34,8 @@ LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("mixer", None),          # the depth mixers' small axes (streams, DWA weights, lambdas)
+    ("mixer_out", None),      # the second stream axis of an n x n stream mix
 )
 
 
