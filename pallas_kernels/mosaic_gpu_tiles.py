@@ -1,17 +1,17 @@
 """Geometry, tile sizes and the small in-kernel helpers of the Mosaic GPU MoDA kernels.
 
-A forward CTA holds two compute warpgroups (WG 0 and 1) and one memory warpgroup (WG 2). A compute
-warpgroup owns ROWS = 64 *folded rows*: `tokens` consecutive tokens times `Gp` query heads of one kv
+A CTA holds `compute_wgs` (1 or 2) compute warpgroups and one memory warpgroup (the last). A compute
+warpgroup of the forward and dq kernels owns ROWS = 64 *folded rows*: `tokens` consecutive tokens times `Gp` query heads of one kv
 head, head-major (row r is head r // tokens, token t0 + r % tokens), so that each head's rows are one
 strided TMA box [tokens, D] of q / out and one contiguous box of lse [B, Hq, T]. Gp = min(next_pow2(G), 8)
 keeps tokens >= 8 (a TMA box and an SMEM tile of 8 rows); G > 8 spreads over `head_groups` programs,
 and padded heads (g >= G) load a real head's rows and are never stored.
 
-The memory warpgroup streams one ring of `stages` slots of [block_kv, D] K and V tiles: first the
-sequence key blocks, then the depth items. A depth item gives each compute warpgroup `depth_cols` =
-block_kv / 2 columns of its own tokens' depth slots: column c is token tok0 + c % tpp, slot
-l0 + c // tpp (`tpp` tokens per item, `slots_per_item` = depth_cols / tpp slots), loaded as one
-[tpp, D] TMA box per slot. The depth logits are a dense [ROWS, depth_cols] block whose entries outside
+The forward and dq kernels' memory warpgroup streams one ring of `stages` slots of [ring_rows, D] K and
+V tiles (`mosaic_gpu_stream`): first the sequence key blocks of `block_kv` keys, then the depth items.
+A depth item gives each compute warpgroup `depth_cols` columns of its own tokens' depth slots: column c
+is token tok0 + c % tpp, slot l0 + c // tpp (`tpp` tokens per item, `slots_per_item` = depth_cols / tpp
+slots), loaded as one [tpp, D] TMA box per slot. The depth logits are a dense [ROWS, depth_cols] block whose entries outside
 a row's own token (or outside [depth_start, depth_len)) are masked: the official block-diagonal layout.
 
 Which entries are visible is never decided here: masks come from `pallas_kernels.spec` on iotas.
@@ -32,7 +32,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import spec as spec_lib
 
 ROWS = 64            # wgmma M: rows per compute warpgroup
-COMPUTE_WGS = 2
 MAX_HEADS_PER_TILE = 8
 LOG2E = math.log2(math.e)
 # Finite, so a fully masked block gives exp2(0) = 1 instead of NaN; the next visible key rescales it to 0.
@@ -47,20 +46,56 @@ def next_pow2(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlocks:
-  """Tiles of the Mosaic GPU forward.
+  """Tiles of one Mosaic GPU kernel.
 
-  block_kv: sequence keys per ring slot (a multiple of 32, <= 256); a depth item gives each compute
-    warpgroup block_kv / 2 depth columns.
-  stages: ring slots (>= 2): how many K/V tiles the memory warpgroup may load ahead.
+  block_kv: sequence keys per ring slot (a multiple of 32, <= 256).
+  depth_cols: depth columns per compute warpgroup per depth item (a multiple of 16, <= 128; 64 in the
+    backward, where the item's columns are the rows of a wgmma).
+  stages: ring slots (>= 2): how many tiles the memory warpgroup may load ahead.
+  compute_wgs: compute warpgroups per CTA (1 or 2), each with its own 64 rows (query rows, or keys in
+    the dk/dv kernel), sharing the stream.
   """
   block_kv: int = 128
+  depth_cols: int = 64
   stages: int = 2
+  compute_wgs: int = 2
+
+  def validate(self, name: str = "blocks") -> None:
+    if not isinstance(self.block_kv, int) or self.block_kv % 32 or not 32 <= self.block_kv <= 256:
+      raise ValueError(f"{name}.block_kv={self.block_kv!r}: expected a multiple of 32 in [32, 256].")
+    if not isinstance(self.depth_cols, int) or self.depth_cols % 16 or not 16 <= self.depth_cols <= 128:
+      raise ValueError(f"{name}.depth_cols={self.depth_cols!r}: expected a multiple of 16 in [16, 128].")
+    if not isinstance(self.stages, int) or not 2 <= self.stages <= 8:
+      raise ValueError(f"{name}.stages={self.stages!r}: expected an int in [2, 8].")
+    if self.compute_wgs not in (1, 2):
+      raise ValueError(f"{name}.compute_wgs={self.compute_wgs!r}: expected 1 or 2.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles of the forward, the dq (+ depth backward) and the dk/dv kernels."""
+  fwd: MosaicBlocks
+  dq: MosaicBlocks
+  dkv: MosaicBlocks
+
+  @classmethod
+  def get_default(cls, head_dim: int) -> "BlockSizes":
+    """Not yet measured on the H200. The SMEM budget (227 KB) sets them: at D 128 the dq kernel's two
+    staged [64, D] gradient tiles and its ring fit one compute warpgroup only."""
+    wide = head_dim > 64
+    return cls(fwd=MosaicBlocks(block_kv=128, depth_cols=64, stages=2, compute_wgs=2),
+               dq=MosaicBlocks(block_kv=64, depth_cols=ROWS, stages=2, compute_wgs=1 if wide else 2),
+               dkv=MosaicBlocks(block_kv=ROWS, depth_cols=ROWS, stages=2, compute_wgs=2))
 
   def validate(self) -> None:
-    if not isinstance(self.block_kv, int) or self.block_kv % 32 or not 32 <= self.block_kv <= 256:
-      raise ValueError(f"block_kv={self.block_kv!r}: expected a multiple of 32 in [32, 256].")
-    if not isinstance(self.stages, int) or not 2 <= self.stages <= 8:
-      raise ValueError(f"stages={self.stages!r}: expected an int in [2, 8].")
+    for name in ("fwd", "dq", "dkv"):
+      blocks = getattr(self, name)
+      if not isinstance(blocks, MosaicBlocks):
+        raise ValueError(f"block_sizes.{name}={blocks!r}: expected a MosaicBlocks.")
+      blocks.validate(f"block_sizes.{name}")
+    if self.dq.depth_cols != ROWS:
+      raise ValueError(f"block_sizes.dq.depth_cols={self.dq.depth_cols}: expected {ROWS} (the depth "
+                       "backward's dk / dv matmuls have the item's columns as wgmma rows).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +107,9 @@ class Geometry:
   heads_per_tile: int  # Gp
   head_dim: int        # D
   block_kv: int
+  depth_cols: int
   stages: int
+  compute_wgs: int
   interpret: bool      # GPU interpret mode: wgmma operands from SMEM only, no accumulator init
 
   @property
@@ -82,11 +119,16 @@ class Geometry:
 
   @property
   def tokens_per_cta(self) -> int:
-    return COMPUTE_WGS * self.tokens
+    return self.compute_wgs * self.tokens
 
   @property
   def head_groups(self) -> int:
     return pl.cdiv(self.group, self.heads_per_tile)
+
+  @property
+  def padded_heads(self) -> bool:
+    """Whether some tile rows belong to heads g >= G (loaded as a real head, never counted)."""
+    return self.head_groups * self.heads_per_tile != self.group
 
   @property
   def num_q_tiles(self) -> int:
@@ -97,8 +139,9 @@ class Geometry:
     return pl.cdiv(self.seq_len, self.block_kv)
 
   @property
-  def depth_cols(self) -> int:
-    return self.block_kv // COMPUTE_WGS
+  def ring_rows(self) -> int:
+    """Rows of a ring slot: a sequence block, or both compute warpgroups' depth columns."""
+    return max(self.block_kv, self.compute_wgs * self.depth_cols)
 
   @property
   def tpp(self) -> int:
@@ -118,7 +161,8 @@ class Geometry:
 def make_geometry(seq_len, num_slots, group, head_dim, blocks: MosaicBlocks, interpret: bool) -> Geometry:
   return Geometry(seq_len=seq_len, num_slots=num_slots, group=group,
                   heads_per_tile=min(next_pow2(group), MAX_HEADS_PER_TILE), head_dim=head_dim,
-                  block_kv=blocks.block_kv, stages=blocks.stages, interpret=interpret)
+                  block_kv=blocks.block_kv, depth_cols=blocks.depth_cols, stages=blocks.stages,
+                  compute_wgs=blocks.compute_wgs, interpret=interpret)
 
 
 def smem_transforms(cols: int, dtype):
