@@ -221,7 +221,7 @@ def _dq_scratch(ops: Operands, geom: mt.Geometry, dtype):
 
 
 def _dq_call(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
-  batch, seq_len, _, _ = ops.q.shape
+  batch = ops.q.shape[0]
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_type = [like(ops.q)]
   if ops.depth_q is not None:
@@ -240,7 +240,6 @@ def _dq_call(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
       interpret=interpret,
       kernel_name="moda_mosaic_backward_dq",
   )
-  del seq_len
   return kernel(*(x for x in ops if x is not None))
 
 
@@ -249,7 +248,7 @@ def backward(ops: Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, int
 
   With depth_q None the depth part of dq is summed into dq inside the dq kernel.
   """
-  _, seq_len, num_q_heads, head_dim = ops.q.shape
+  num_q_heads, head_dim = ops.q.shape[2:]
   group = num_q_heads // ops.k.shape[2]
   num_slots = 0 if ops.depth_k is None else ops.depth_k.shape[2]
   make = lambda blocks: mt.make_geometry(spec.seq_len, num_slots, group, head_dim, blocks, interpret is not None)
@@ -258,5 +257,4 @@ def backward(ops: Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, int
   d_depth_q = outs.pop(0) if ops.depth_q is not None else None
   d_depth_k, d_depth_v = outs if ops.depth_k is not None else (None, None)
   dk, dv = mosaic_gpu_bwd_dkv.dkv(ops, spec, make(block_sizes.dkv), interpret)
-  del seq_len
   return dq, d_depth_q, dk, dv, d_depth_k, d_depth_v

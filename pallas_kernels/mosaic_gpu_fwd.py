@@ -1,12 +1,12 @@
 """MoDA forward kernel in Pallas Mosaic GPU (Hopper: wgmma, TMA, warp specialization): out and lse.
 
-One CTA = one (query tile of 2 x `tokens` tokens, head group of one kv head, batch), three warpgroups:
-  * WG 2, the memory warpgroup, streams a ring of `stages` K/V slots with TMA: the sequence key blocks
-    the tile needs, then the depth items of both compute warpgroups (their own tokens' slots in
-    [depth_start, depth_len) only: slots outside are never loaded; a partial item loads a readable slot
-    in their place, masked). It refills a slot once both compute warpgroups released it.
-  * WG 0 and 1 each own 64 folded rows (`mosaic_gpu_tiles`) and run one online softmax (base 2, running
-    max m, sum l, accumulator acc in registers) over
+One CTA = one (query tile of compute_wgs x `tokens` tokens, head group of one kv head, batch):
+  * the memory warpgroup streams a ring of `stages` K/V slots with TMA (`mosaic_gpu_stream`): the
+    sequence key blocks the tile needs, then the depth items of the compute warpgroups (their own
+    tokens' slots in [depth_start, depth_len) only: slots outside are never loaded; a partial item loads
+    a readable slot in their place, masked). It refills a slot once every compute warpgroup released it.
+  * each compute warpgroup owns 64 folded rows (`mosaic_gpu_tiles`) and runs one online softmax (base 2,
+    running max m, sum l, accumulator acc in registers) over
       1. the sequence blocks: wholly visible ones first (segment mask only), then the ones overlapping
          the rows' tokens with the whole `spec.sequence_visible` mask; a warpgroup with fewer causal
          blocks than its sibling releases the extra slots unread;

@@ -1,18 +1,21 @@
 """Geometry, tile sizes and the small in-kernel helpers of the Mosaic GPU MoDA kernels.
 
 A CTA holds `compute_wgs` (1 or 2) compute warpgroups and one memory warpgroup (the last). A compute
-warpgroup of the forward and dq kernels owns ROWS = 64 *folded rows*: `tokens` consecutive tokens times `Gp` query heads of one kv
-head, head-major (row r is head r // tokens, token t0 + r % tokens), so that each head's rows are one
-strided TMA box [tokens, D] of q / out and one contiguous box of lse [B, Hq, T]. Gp = min(next_pow2(G), 8)
-keeps tokens >= 8 (a TMA box and an SMEM tile of 8 rows); G > 8 spreads over `head_groups` programs,
-and padded heads (g >= G) load a real head's rows and are never stored.
+warpgroup of the forward and dq kernels owns ROWS = 64 *folded rows*: `tokens` consecutive tokens
+times `Gp` query heads of one kv head, head-major (row r is head r // tokens, token t0 + r % tokens),
+so that each head's rows are one strided TMA box [tokens, D] of q / out and one contiguous box of lse
+[B, Hq, T]. Gp = min(next_pow2(G), 8) keeps tokens >= 8 (a TMA box and an SMEM tile of 8 rows); G > 8
+spreads over `head_groups` programs, and padded heads (g >= G) load a real head's rows and are never
+stored or counted.
 
 The forward and dq kernels' memory warpgroup streams one ring of `stages` slots of [ring_rows, D] K and
 V tiles (`mosaic_gpu_stream`): first the sequence key blocks of `block_kv` keys, then the depth items.
 A depth item gives each compute warpgroup `depth_cols` columns of its own tokens' depth slots: column c
 is token tok0 + c % tpp, slot l0 + c // tpp (`tpp` tokens per item, `slots_per_item` = depth_cols / tpp
-slots), loaded as one [tpp, D] TMA box per slot. The depth logits are a dense [ROWS, depth_cols] block whose entries outside
-a row's own token (or outside [depth_start, depth_len)) are masked: the official block-diagonal layout.
+slots), loaded as one [tpp, D] TMA box per slot. The depth logits are a dense [ROWS, depth_cols] block
+whose entries outside a row's own token (or outside [depth_start, depth_len)) are masked: the official
+block-diagonal layout, which wastes ROWS / Gp of the depth matmuls' work (the depth stream is
+memory-bound; BENCHMARKS.md §1).
 
 Which entries are visible is never decided here: masks come from `pallas_kernels.spec` on iotas.
 """
