@@ -23,7 +23,8 @@ does). `backend_options` are test and benchmark knobs (`block_sizes=`, `max_bloc
 passes none. A backend first calls its own `check_supported(inputs, spec, interpret)`, which raises
 `NotImplementedError` saying why for a combination the backend does not handle, before any work;
 with `implementation=None` the dispatcher then falls back to the next backend of the platform
-(GPU: pallas_triton, xla; TPU: pallas_tpu, xla; CPU: xla). Tests and benchmarks that call one
+(GPU: pallas_triton, xla; TPU: pallas_tpu, xla; CPU: xla). `pallas_mosaic_gpu` (Hopper) is selected
+only by name until it is measured faster than pallas_triton. Tests and benchmarks that call one
 backend directly use `prepare` the same way:
 
     inputs, spec = api.prepare(q, k, v, depth_k, depth_v, depth_len=5)
@@ -47,6 +48,7 @@ _BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reference": ("pallas_kernels.reference", ("cpu", "gpu", "cuda", "rocm", "tpu")),
     "xla": ("pallas_kernels.xla", ("cpu", "gpu", "cuda", "rocm", "tpu")),
     "pallas_triton": ("pallas_kernels.triton", ("gpu", "cuda")),
+    "pallas_mosaic_gpu": ("pallas_kernels.mosaic_gpu", ("gpu", "cuda")),
     "pallas_tpu": ("pallas_kernels.tpu", ("tpu",)),
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)

@@ -1,12 +1,15 @@
 """Times MoDA forward and forward+backward on the paper's shapes against cuDNN flash attention.
 
-    python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune | --ablate | --family]
+    python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune | --ablate | --family] [--mosaic]
+                                       [--impls A,B]
 
 Every implementation that runs here is timed on every shape where it fits; cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")`) runs the same sequence shape without depth.
 `--quick` adds the model's call (`pallas_triton_depth_q`: a depth_q of its own). `--ablate` times the
 kernels without depth, JAX's Mosaic GPU attention forward and each kernel option flipped (`_TOGGLES`);
-`--tune` times tile variants. Each time is the median of `--iters` samples (`time_ms`) after warm-up.
+`--tune` times tile variants. `--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both
+Pallas backends without depth (`*_nodepth`) to every shape; `--impls` keeps only the named
+implementations (cudnn included). Each time is the median of `--iters` samples (`time_ms`) after warm-up.
 FLOPs count only the visible logits: sequence 4 * B * Hq * D * (T(T+1)/2 causal, T^2 otherwise),
 depth 4 * B * Hq * T * L * D; forward+backward is 3.5x the forward (2 matmuls forward, 5 backward).
 Bytes are every input read once and every output written once. Roofline = max(FLOPs / 790 TFLOP/s,
@@ -112,8 +115,9 @@ def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None
     attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl, **variant)
   elif impl == "cudnn":
     attend = lambda q, k, v, dk, dv: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  elif impl == "pallas_triton_nodepth":  # the sequence phase alone: what the depth phase adds is the rest
-    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation="pallas_triton")
+  elif impl.endswith("_nodepth"):  # the sequence phase alone: what the depth phase adds is the rest
+    base = impl[:-len("_nodepth")]
+    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation=base)
   elif impl == "pallas_triton_depth_q":  # the model's call: depth scored with a depth_q of its own
     attend = lambda q, k, v, dk, dv, dq: moda_attention(q, k, v, dk, dv, depth_q=dq, causal=True,
                                                         implementation="pallas_triton")
@@ -156,8 +160,10 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 25.0) -> 
   return statistics.median(samples)
 
 
-def implementations_for(shape: Shape, quick: bool) -> list[str]:
+def implementations_for(shape: Shape, quick: bool, mosaic: bool = False) -> list[str]:
   impls = ["pallas_triton", "pallas_triton_depth_q"] if quick else ["pallas_triton"]
+  if mosaic:
+    impls += ["pallas_mosaic_gpu", "pallas_triton_nodepth", "pallas_mosaic_gpu_nodepth"]
   if shape.batch * shape.seq_len <= 4096 or quick:
     impls.append("xla")
   # The dense reference materializes [B, Hq, T, T] float32 logits: only small shapes.
@@ -168,7 +174,7 @@ def implementations_for(shape: Shape, quick: bool) -> list[str]:
 
 def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd"),
             variant: dict | None = None) -> dict:
-  depth = impl not in ("cudnn", "pallas_triton_nodepth")
+  depth = impl != "cudnn" and not impl.endswith("_nodepth")
   depth_q = impl == "pallas_triton_depth_q"
   arrays, do = make_inputs(shape, depth, depth_q=depth_q)
   forward, forward_backward = build(impl, block_sizes, variant)
@@ -297,18 +303,18 @@ def ablate(iters: int) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
   cudnn = {(r["shape"], m): r.get(f"{m}_ms") for r in rows if r["impl"] == "cudnn" for m in ("fwd", "fwd_bwd")}
-  print(f"{'shape':28s} {'impl':14s} {'mode':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'/cuDNN':>7s} {'roofl':>6s}")
+  print(f"{'shape':28s} {'impl':25s} {'mode':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'/cuDNN':>7s} {'roofl':>6s}")
   for r in rows:
     if "tune" in r:
       continue
     for mode in ("fwd", "fwd_bwd"):
       if f"{mode}_ms" not in r:
         if f"{mode}_error" in r:
-          print(f"{r['shape']:28s} {r['impl']:14s} {mode:8s} ERROR {r[f'{mode}_error'][:60]}")
+          print(f"{r['shape']:28s} {r['impl']:25s} {mode:8s} ERROR {r[f'{mode}_error'][:60]}")
         continue
       ref = cudnn.get((r["shape"], mode))
       ratio = f"{r[f'{mode}_ms'] / ref:7.2f}" if ref else "      -"
-      print(f"{r['shape']:28s} {r['impl']:14s} {mode:8s} {r[f'{mode}_ms']:9.3f} {r[f'{mode}_tflops']:8.1f} "
+      print(f"{r['shape']:28s} {r['impl']:25s} {mode:8s} {r[f'{mode}_ms']:9.3f} {r[f'{mode}_tflops']:8.1f} "
             f"{r[f'{mode}_gbps']:7.0f} {ratio} {r[f'{mode}_roofline_fraction']:6.2f}")
 
 
@@ -321,13 +327,19 @@ def main() -> None:
                       help="time the kernels without depth, JAX's Mosaic GPU forward and each kernel option flipped")
   parser.add_argument("--family", action="store_true",
                       help="time chunk-visible depth and depth-only attention (pallas_triton vs xla)")
+  parser.add_argument("--mosaic", action="store_true",
+                      help="also time pallas_mosaic_gpu and both Pallas backends without depth")
+  parser.add_argument("--impls", default=None,
+                      help="comma-separated implementations to keep (e.g. cudnn,pallas_mosaic_gpu)")
   parser.add_argument("--iters", type=int, default=None)
   args = parser.parse_args()
   iters = args.iters or (5 if args.quick else 10)
   special = args.tune or args.ablate or args.family
   rows = tune(iters) if args.tune else ablate(iters) if args.ablate else family(iters) if args.family else []
   for shape in ([] if special else quick_shapes() if args.quick else paper_shapes()):
-    for impl in ["cudnn"] + implementations_for(shape, args.quick):
+    for impl in ["cudnn"] + implementations_for(shape, args.quick, args.mosaic):
+      if args.impls and impl not in args.impls.split(","):
+        continue
       # Long sequences: fewer repeats keep the full run inside its time budget.
       n = iters if shape.seq_len * shape.group <= 16384 * 8 else max(3, iters // 2)
       rows.append(measure(shape, impl, iters=n))

@@ -116,8 +116,8 @@ _BAD_VALUES = [
     _case("implementation_unknown", dict(implementation="cudnn"), r"implementation='cudnn'"),
     _case("implementation_wrong_case", dict(implementation="XLA"), r"implementation='XLA'"),
     _case("implementation_list", dict(implementation=["xla"]), r"implementation"),
-    _case("implementation_mosaic_gpu_not_a_backend", dict(implementation="pallas_mosaic_gpu"),
-          r"implementation='pallas_mosaic_gpu'.*'reference', 'xla', 'pallas_triton', 'pallas_tpu'"),
+    _case("implementation_mosaic_misspelt", dict(implementation="pallas_mosaic"),
+          r"implementation='pallas_mosaic'.*'reference', 'xla', 'pallas_triton', 'pallas_mosaic_gpu', 'pallas_tpu'"),
     # which pairs are present: k / v both or neither (depth-only), and something to attend to
     _case("only_k", dict(v=None), r"v is None but k is given"),
     _case("only_v", dict(k=None), r"k is None but v is given"),

@@ -1,0 +1,163 @@
+"""`implementation="pallas_mosaic_gpu"`: the MoDA backend written in Pallas Mosaic GPU for Hopper GPUs.
+
+This file owns the layout glue, what the backend supports and the `custom_vjp`; the kernels live in
+`mosaic_gpu_fwd.py` (forward), `mosaic_gpu_bwd.py` (dq + depth backward) and `mosaic_gpu_bwd_dkv.py`
+(sequence dk / dv): wgmma on SMEM operands, a TMA ring fed by a memory warpgroup, one or two compute
+warpgroups. No transposes of q / k / v / depth: the kernels read the native layouts with TMA boxes (a T
+that is not a multiple of a tile is handled by TMA's zero-filled reads and clipped writes; T not a
+multiple of 8 is padded here, a copy of every input). lse and delta are [B, Hq, T] inside (transposed
+here: small). The backward is deterministic (no atomics; every sum in registers in a fixed order).
+
+With G > 8 (a kv head's query heads spread over several programs) the backward is pallas_triton's
+(`triton_bwd.backward` on this forward's residuals): the depth dk / dv would otherwise be summed across
+programs.
+
+Supported: float16 / bfloat16, head dims 64 and 128, any G, causal or not, segments, depth_q, L = 0 or
+more with traced depth_start / depth_len. NotImplementedError (the dispatcher falls back) for float32,
+other head dims, depth-only attention (k = v = None) and depth_chunk > 1. In interpret mode the kernels
+run in jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), whose wgmma reads both operands from
+SMEM: `mosaic_gpu_tiles.matmul` stages register operands there (the only difference from the GPU code).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mosaic_gpu_bwd, mosaic_gpu_fwd
+from pallas_kernels import mosaic_gpu_tiles as mt
+from pallas_kernels import spec as spec_lib
+from pallas_kernels import triton_bwd
+from pallas_kernels import triton_tiles as tt
+from pallas_kernels.block_sizes import BlockSizes as TritonBlockSizes
+
+
+def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
+              block_sizes: mt.BlockSizes | None = None):
+  """The backend protocol of `pallas_kernels.api`: (out [B, T, Hq, D] in q's dtype, lse [B, T, Hq] float32).
+
+  `interpret`: False, True (GPU interpret mode with default `plgpu.InterpretGPUParams`) or an
+  `InterpretGPUParams`. `block_sizes` overrides the default tiles (tests and benchmarks).
+  """
+  check_supported(inputs, spec, interpret)
+  block_sizes = block_sizes or mt.BlockSizes.get_default(inputs.q.shape[-1])
+  if not isinstance(block_sizes, mt.BlockSizes):
+    raise ValueError(f"block_sizes={block_sizes!r}: expected a mosaic_gpu_tiles.BlockSizes.")
+  block_sizes.validate()
+  operands = tt.Operands(q=inputs.q, k=inputs.k, v=inputs.v, depth_q=inputs.depth_q,
+                         segment_ids=inputs.segment_ids)
+  if spec.has_depth:
+    operands = operands._replace(depth_k=inputs.depth_k, depth_v=inputs.depth_v,
+                                 depth_bounds=jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32))
+  return _moda(operands, spec, block_sizes, _interpret_params(interpret))
+
+
+def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> None:
+  """Raises NotImplementedError for what this backend cannot do (the dispatcher then falls back)."""
+  del interpret  # Interpret mode runs the same kernels: it supports the same calls.
+  seq_len, head_dim = inputs.q.shape[1], inputs.q.shape[3]
+  if spec.seq_len != seq_len:
+    raise NotImplementedError(f"pallas_mosaic_gpu: spec.seq_len={spec.seq_len} differs from the {seq_len} "
+                              "query tokens; the kernels attend over the queries' own tokens only.")
+  if jnp.dtype(inputs.q.dtype) not in mt.SUPPORTED_DTYPES:
+    raise NotImplementedError(f"pallas_mosaic_gpu: dtype {jnp.dtype(inputs.q.dtype).name} is not supported "
+                              "(wgmma operands here are float16 or bfloat16).")
+  if head_dim not in mt.SUPPORTED_HEAD_DIMS:
+    raise NotImplementedError(f"pallas_mosaic_gpu: head_dim={head_dim} is not supported (expected one of "
+                              f"{mt.SUPPORTED_HEAD_DIMS}).")
+  if not spec.has_sequence:
+    raise NotImplementedError("pallas_mosaic_gpu: depth-only attention (k = v = None) is not supported.")
+  if spec.depth_chunk > 1:
+    raise NotImplementedError(f"pallas_mosaic_gpu: depth_chunk={spec.depth_chunk} > 1 is not supported "
+                              "(a query sees its own token's depth slots only here).")
+
+
+def _interpret_params(interpret):
+  """None (compile for the GPU) or the `InterpretGPUParams` of GPU interpret mode (hashable)."""
+  if interpret is None or interpret is False:
+    return None
+  if interpret is True:
+    return plgpu.InterpretGPUParams()
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  raise ValueError(f"interpret={interpret!r}: pallas_mosaic_gpu expects a bool or a plgpu.InterpretGPUParams.")
+
+
+def _padded(operands: tt.Operands) -> tt.Operands:
+  """Operands with T padded to a multiple of 8 (a tiled TMA box needs whole 8-row tiles); the padded
+  tokens are masked by spec.seq_len like any key >= T, and their rows sliced off."""
+  pad = -operands.q.shape[1] % 8
+  if not pad:
+    return operands
+  pad_tokens = lambda x: x if x is None or x.ndim < 2 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return tt.Operands(*(pad_tokens(x) if name != "depth_bounds" else x
+                       for name, x in zip(tt.Operands._fields, operands)))
+
+
+def _forward(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret):
+  """(out [B, T, Hq, D], lse [B, T, Hq], lse [B, Hq, T8]) of the unpadded operands."""
+  batch, seq_len, num_q_heads, head_dim = operands.q.shape
+  group = num_q_heads // operands.k.shape[2]
+  num_slots = 0 if operands.depth_k is None else operands.depth_k.shape[2]
+  geom = mt.make_geometry(seq_len, num_slots, group, head_dim, block_sizes.fwd, interpret is not None)
+  padded = _padded(operands)
+  out, lse_BHT = mosaic_gpu_fwd.forward(mosaic_gpu_fwd.Operands(*padded), spec, geom, interpret)
+  return out[:, :seq_len], jnp.transpose(lse_BHT[:, :, :seq_len], (0, 2, 1)), lse_BHT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret):
+  return _forward(operands, spec, block_sizes, interpret)[:2]
+
+
+def _moda_fwd(operands, spec, block_sizes, interpret):
+  out, lse, lse_BHT = _forward(operands, spec, block_sizes, interpret)
+  return (out, lse), (operands, out, lse, lse_BHT)
+
+
+def _moda_bwd(spec, block_sizes, interpret, residuals, cotangents):
+  operands, out, lse, lse_BHT = residuals
+  d_out, d_lse = cotangents
+  batch, seq_len, num_q_heads, head_dim = operands.q.shape
+  group = num_q_heads // operands.k.shape[2]
+  # d lse / d logit = p, so an lse cotangent shifts every ds = p * (dp - delta) like a -dlse in delta.
+  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1) - d_lse
+  d_out = d_out.astype(out.dtype)
+  if group > mt.MAX_HEADS_PER_TILE:
+    return (_triton_backward(operands, out, lse, d_out, delta, spec, interpret),)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, -seq_len % 8)] + [(0, 0)] * (x.ndim - 2))
+  delta_BHT = jnp.transpose(pad(delta), (0, 2, 1))
+  ops = mosaic_gpu_bwd.Operands(*_padded(operands), do=pad(d_out), lse=lse_BHT, delta=delta_BHT)
+  grads = mosaic_gpu_bwd.backward(ops, spec, block_sizes, interpret)
+  dq, d_depth_q, dk, dv, d_depth_k, d_depth_v = (None if g is None else g[:, :seq_len] for g in grads)
+  del batch, head_dim
+  return (tt.Operands(q=dq, k=dk, v=dv, depth_q=d_depth_q, depth_k=d_depth_k, depth_v=d_depth_v),)
+
+
+def _triton_backward(operands: tt.Operands, out, lse, d_out, delta, spec, interpret) -> tt.Operands:
+  """pallas_triton's backward kernels on this forward's residuals (views per kv head, no copies)."""
+  batch, seq_len, num_q_heads, head_dim = operands.q.shape
+  num_kv_heads = operands.k.shape[2]
+  group = num_q_heads // num_kv_heads
+  per_kv_head = lambda x: None if x is None else x.reshape(batch, seq_len, num_kv_heads, group, head_dim)
+  q = per_kv_head(operands.q)
+  triton_operands = operands._replace(q=q)
+  if spec.has_depth:
+    triton_operands = triton_operands._replace(depth_q=q if operands.depth_q is None else per_kv_head(operands.depth_q))
+  rows = tt.RowGrads(do=per_kv_head(d_out), lse=lse.reshape(q.shape[:-1]), delta=delta.reshape(q.shape[:-1]))
+  block_sizes = TritonBlockSizes.get_default(head_dim, group, operands.q.dtype)
+  grads = triton_bwd.backward(triton_operands, rows, spec, block_sizes=block_sizes, interpret=interpret is not None)
+  to_q_layout = lambda x: x.reshape(operands.q.shape)
+  dq, d_depth_q = to_q_layout(grads.q), None
+  if spec.has_depth:
+    if operands.depth_q is None:  # depth scored with q: both parts of q's gradient
+      dq = (dq.astype(jnp.float32) + to_q_layout(grads.depth_q).astype(jnp.float32)).astype(dq.dtype)
+    else:
+      d_depth_q = to_q_layout(grads.depth_q)
+  return tt.Operands(q=dq, k=grads.k, v=grads.v, depth_q=d_depth_q, depth_k=grads.depth_k, depth_v=grads.depth_v)
+
+
+_moda.defvjp(_moda_fwd, _moda_bwd)
