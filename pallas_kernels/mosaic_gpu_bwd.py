@@ -166,11 +166,12 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
     smem["p"][...] = p.astype(dq_smem.dtype)
     plgpu.commit_smem()
     ddq = mt.matmul(smem["ds"], k_ref, acc=ddq, interpret=geom.interpret)
-    dk_cols = mt.matmul(smem["ds"].T, dq_smem, interpret=geom.interpret) * spec.scale
-    dv_cols = mt.matmul(smem["p"].T, do_smem, interpret=geom.interpret)
     plgpu.barrier_arrive(ring["k_consumed"].at[slot])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read the staging
+    # One [64, D] float32 tile live at a time (with ddq): staged as soon as it is formed.
+    dk_cols = mt.matmul(smem["ds"].T, dq_smem, interpret=geom.interpret) * spec.scale
     smem["dk_out"][...] = dk_cols.astype(ddk_ref.dtype)
+    dv_cols = mt.matmul(smem["p"].T, do_smem, interpret=geom.interpret)
     smem["dv_out"][...] = dv_cols.astype(ddv_ref.dtype)
     plgpu.commit_smem()
     tokens = pl.ds(first_token + tok0, geom.tpp)

@@ -81,15 +81,23 @@ def _kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
                      segment_ids=ops.segment_ids, ring=scratch["ring"], max_kv=max_kv, **where, **depth)
 
 
-def online_update(carry, logits, v_ref, *, v_bar, release, staging, geom: mt.Geometry):
-  """Folds one block of base-2 logits [64, C] and its values (SMEM [C, D]) into (acc, m, l)."""
+def online_update(carry, logits, v_ref, *, v_bar, release, staging, schedule, geom: mt.Geometry):
+  """Folds one block of base-2 logits [64, C] and its values (SMEM [C, D]) into (acc, m, l).
+
+  With the ping-pong `schedule` barrier, the softmax's end is where this warpgroup hands the tensor
+  cores over: it arrives, and waits for the sibling's arrival before its own P V.
+  """
   acc, m_prev, l_prev = carry
   m_next = jnp.maximum(m_prev, logits.max(axis=1))
   alpha = jnp.exp2(m_prev - m_next)
   p = jnp.exp2(logits - mt.rows_bcast(m_next, logits.shape))
   l_next = l_prev * alpha + p.sum(axis=1)
   acc = acc * mt.rows_bcast(alpha, acc.shape)
+  if schedule is not None:
+    plgpu.barrier_arrive(schedule)
   plgpu.barrier_wait(v_bar)
+  if schedule is not None:
+    plgpu.barrier_wait(schedule)
   acc = mt.matmul(p.astype(v_ref.dtype), v_ref, acc=acc, staging=staging, interpret=geom.interpret)
   plgpu.barrier_arrive(release)
   return acc, m_next, l_next
@@ -116,13 +124,20 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
            plgpu.layout_cast(jnp.full((mt.ROWS,), mt.MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
            plgpu.layout_cast(jnp.zeros((mt.ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
   ring = scratch["ring"]
-  update = functools.partial(online_update, geom=geom)
+  schedule = scratch["schedule"]
+
+  def handover():
+    plgpu.barrier_arrive(schedule)
+    plgpu.barrier_wait(schedule)
+
+  after_issue = None if schedule is None else handover
+  update = functools.partial(online_update, schedule=schedule, geom=geom)
 
   def seq_step(i, carry, *, masked: bool):
     slot = stream.slot_of(i, geom)
     k_ref, v_ref = stream.seq_refs(ring, slot, geom)
     plgpu.barrier_wait(ring["k_bar"].at[slot])
-    s = mt.matmul(q_smem, k_ref.T, interpret=geom.interpret)
+    s = mt.matmul(q_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
     k_seg = None
     if q_seg is not None:  # read before the release: the slot's segments arrive with its keys
       k_seg = mt.cols_bcast(plgpu.load(ring["seg"].at[slot], layout=plgpu.Layout.WGMMA.reduce(0)), s.shape)
@@ -139,9 +154,12 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
     num_free, num_steps = mt.causal_kv_steps(first_token, geom)
   else:
     num_free, num_steps = jnp.int32(geom.seq_len // geom.block_kv), max_kv
+  if schedule is not None:  # warpgroup 0 takes the tensor cores first
+    pl.when(wg == 1)(handover)
   carry = lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
   carry = lax.fori_loop(num_free, num_steps, functools.partial(seq_step, masked=True), carry)
-  lax.fori_loop(num_steps, max_kv, functools.partial(stream.skip_item, ring=ring, geom=geom), None)
+  lax.fori_loop(num_steps, max_kv, functools.partial(stream.skip_item, ring=ring, geom=geom, schedule=schedule),
+                None)
 
   if spec.has_depth:
     def depth_step(j, carry):
@@ -149,7 +167,7 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
       tok0, slot0 = mt.depth_item(j, first_step, geom)
       k_ref, v_ref, k_bar, v_bar = stream.depth_refs(ring, slot, wg, geom)
       plgpu.barrier_wait(k_bar)
-      s = mt.matmul(dq_smem, k_ref.T, interpret=geom.interpret)
+      s = mt.matmul(dq_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
       plgpu.barrier_arrive(ring["k_consumed"].at[slot])
       keep = mt.depth_mask(spec, first_token, first_token + tok0, slot0, depth_start, depth_len, geom)
       logits = jnp.where(keep, s * qk_scale, mt.MASK_VALUE)
@@ -157,6 +175,8 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
                     staging=None if scratch["p_depth"] is None else scratch["p_depth"].at[wg])
 
     carry = lax.fori_loop(0, num_depth, depth_step, carry)
+  if schedule is not None:  # the matching last handover
+    pl.when(wg == 0)(handover)
 
   acc, m, l = carry
   q_smem[...] = (acc / mt.rows_bcast(l, acc.shape)).astype(q_smem.dtype)
@@ -181,6 +201,7 @@ def _scratch(ops: Operands, geom: mt.Geometry, dtype):
       row_bar=plgpu.Barrier(num_arrivals=geom.heads_per_tile * copies_per_head, num_barriers=wgs),
       p_seq=staging(geom.block_kv),
       p_depth=staging(geom.depth_cols) if ops.depth_k is not None else None,
+      schedule=plgpu.Barrier(num_arrivals=wgs) if geom.ping_pong else None,
       ring=stream.ring_scratch(geom, dtype, segments=ops.segment_ids is not None))
 
 

@@ -56,9 +56,16 @@ def depth_refs(ring, slot, wg, geom: mt.Geometry):
   return ring["k"].at[slot, cols], ring["v"].at[slot, cols], ring["dk_bar"].at[bar], ring["dv_bar"].at[bar]
 
 
-def skip_item(i, _, *, ring, geom: mt.Geometry):
-  """Releases a sequence item these rows do not need (the sibling warpgroup does) without reading it."""
+def skip_item(i, _, *, ring, geom: mt.Geometry, schedule=None):
+  """Releases a sequence item these rows do not need (the sibling warpgroup does) without reading it.
+
+  `schedule`: the forward's ping-pong barrier, passed twice per item like a computed one.
+  """
   slot = slot_of(i, geom)
+  if schedule is not None:
+    for _step in range(2):
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
   plgpu.barrier_wait(ring["k_bar"].at[slot])
   plgpu.barrier_arrive(ring["k_consumed"].at[slot])
   plgpu.barrier_wait(ring["v_bar"].at[slot])

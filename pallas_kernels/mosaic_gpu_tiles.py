@@ -57,11 +57,14 @@ class MosaicBlocks:
   stages: ring slots (>= 2): how many tiles the memory warpgroup may load ahead.
   compute_wgs: compute warpgroups per CTA (1 or 2), each with its own 64 rows (query rows, or keys in
     the dk/dv kernel), sharing the stream.
+  ping_pong: (forward with two compute warpgroups) a schedule barrier makes them alternate, one's
+    softmax under the other's matmuls (FlashAttention-3's ping-pong).
   """
   block_kv: int = 128
   depth_cols: int = 64
   stages: int = 2
   compute_wgs: int = 2
+  ping_pong: bool = True
 
   def validate(self, name: str = "blocks") -> None:
     if not isinstance(self.block_kv, int) or self.block_kv % 32 or not 32 <= self.block_kv <= 256:
@@ -72,6 +75,8 @@ class MosaicBlocks:
       raise ValueError(f"{name}.stages={self.stages!r}: expected an int in [2, 8].")
     if self.compute_wgs not in (1, 2):
       raise ValueError(f"{name}.compute_wgs={self.compute_wgs!r}: expected 1 or 2.")
+    if not isinstance(self.ping_pong, bool):
+      raise ValueError(f"{name}.ping_pong={self.ping_pong!r}: expected a bool.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +118,7 @@ class Geometry:
   depth_cols: int
   stages: int
   compute_wgs: int
+  ping_pong: bool
   interpret: bool      # GPU interpret mode: wgmma operands from SMEM only, no accumulator init
 
   @property
@@ -165,7 +171,8 @@ def make_geometry(seq_len, num_slots, group, head_dim, blocks: MosaicBlocks, int
   return Geometry(seq_len=seq_len, num_slots=num_slots, group=group,
                   heads_per_tile=min(next_pow2(group), MAX_HEADS_PER_TILE), head_dim=head_dim,
                   block_kv=blocks.block_kv, depth_cols=blocks.depth_cols, stages=blocks.stages,
-                  compute_wgs=blocks.compute_wgs, interpret=interpret)
+                  compute_wgs=blocks.compute_wgs, ping_pong=blocks.ping_pong and blocks.compute_wgs == 2,
+                  interpret=interpret)
 
 
 def smem_transforms(cols: int, dtype):
@@ -174,8 +181,10 @@ def smem_transforms(cols: int, dtype):
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def matmul(a, b_ref, *, acc=None, staging=None, interpret: bool):
+def matmul(a, b_ref, *, acc=None, staging=None, after_issue=None, interpret: bool):
   """acc + a @ b_ref on the tensor cores (wgmma), float32; `acc` None starts from zero.
+
+  `after_issue` (with acc None) runs between issuing the wgmma and waiting for it (a schedule barrier).
 
   `a` is an SMEM ref, or a register array (e.g. the probabilities) when `staging` is given. GPU
   interpret mode in jax 0.11.2 reads both wgmma operands from SMEM and runs no `pl.run_state`
@@ -193,6 +202,8 @@ def matmul(a, b_ref, *, acc=None, staging=None, interpret: bool):
 
   def product(acc_ref):
     plgpu.wgmma(acc_ref, a, b_ref)
+    if after_issue is not None:
+      after_issue()
     return acc_ref[...]
 
   shape = (ROWS, b_ref.shape[1])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pallas_mosaic_gpu on the GPU machine (device tool `run`, kind nvidia-h200), from the repo root:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PWD && bash scripts/gpu_check_mosaic.sh [--full] [--no-tests] [--no-bench]
+#   bash scripts/gpu_check_mosaic.sh [--full] [--no-tests] [--no-bench]
+# It needs only the image's jax, numpy and pytest (pallas_kernels and tests import nothing else), so no
+# wheels; with the usual .whl/ install first (scripts/gpu_check.sh) it runs the same.
 # (a) tests/gpu/test_mosaic_gpu.py: compiled kernels against the float64 oracle / reference, and three
 #     bitwise-identical backward runs (GPU_TEST_FILTER=<pytest -k expression> narrows them);
 # (b) the benchmark: cuDNN, pallas_triton and pallas_mosaic_gpu, with and without depth, in one process
