@@ -3,7 +3,7 @@
 #   bash scripts/gpu_check_mosaic.sh [--full] [--no-tests] [--no-bench]
 # It needs only the image's jax, numpy and pytest (pallas_kernels and tests import nothing else), so no
 # wheels; with the usual .whl/ install first (scripts/gpu_check.sh) it runs the same.
-# (a) tests/gpu/test_mosaic_gpu.py: compiled kernels against the float64 oracle / reference, and three
+# (a) tests/gpu/test_mosaic_gpu_device.py: compiled kernels against the float64 oracle / reference, and three
 #     bitwise-identical backward runs (GPU_TEST_FILTER=<pytest -k expression> narrows them);
 # (b) the benchmark: cuDNN, pallas_triton and pallas_mosaic_gpu, with and without depth, in one process
 #     (--quick shapes unless --full); JSON, logs and the table under $OUT (or /tmp/moda_out).
@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' | tee -a "$OUT/device.txt"
 status=0
 if [ "$run_tests" = 1 ]; then
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests/gpu/test_mosaic_gpu.py -q -p no:cacheprovider --maxfail=10 \
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests/gpu/test_mosaic_gpu_device.py -q -p no:cacheprovider --maxfail=10 \
     -rfE -k "${GPU_TEST_FILTER:-}" 2>&1 | tee "$OUT/gpu_tests_mosaic.log" | tail -n 40
   status=$?
 fi

@@ -1,6 +1,6 @@
 """pallas_mosaic_gpu compiled for a Hopper GPU (no interpret mode): skipped visibly without one.
 
-Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_mosaic_gpu.py -q`
+Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_mosaic_gpu_device.py -q`
 (scripts/gpu_check_mosaic.sh).
 1. Every case of the shared operator table on the backend's support matrix (float32 -> bfloat16, head
    dims -> 64 / 128; depth-only and depth_chunk cases are not supported) against the float64 oracle.
