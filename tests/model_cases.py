@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moda_jax import ModelConfig, Transformer
-from moda_jax.model import block_loop, depth_stream, transformer
+from moda_jax.model import block_loop, decode, depth_stream, transformer
 
 VOCAB = 37
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12)).astype(np.int32)
@@ -107,3 +107,15 @@ def causal_pattern(batch: int, seq_len: int) -> np.ndarray:
   """[b, t, b', s] True where causality allows an influence: same row, s <= t."""
   same_row = np.eye(batch, dtype=bool)[:, None, :, None]
   return same_row & np.tril(np.ones((seq_len, seq_len), bool))[None, :, None, :]
+
+
+def decoded_logits(cfg: ModelConfig, params, tokens, prefill: int):
+  """Logits of `tokens` decoded as a prefill of `prefill` tokens, then one token at a time."""
+  step = jax.jit(lambda p, t, c: decode.decode_step(cfg, p, t, c))
+  cache = decode.init_cache(cfg, tokens.shape[0], cfg.max_seq_len)
+  logits, cache, _ = step(params, tokens[:, :prefill], cache)
+  pieces = [logits]
+  for t in range(prefill, tokens.shape[1]):
+    logits, cache, _ = step(params, tokens[:, t:t + 1], cache)
+    pieces.append(logits)
+  return jnp.concatenate(pieces, axis=1)

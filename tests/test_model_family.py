@@ -11,7 +11,6 @@ import pytest
 import model_cases as cases
 from moda_jax import ModelConfig
 from moda_jax.eval import analysis
-from moda_jax.model import decode
 from moda_jax.model.param_layout import scan_to_loop
 
 _ATOL, _RTOL = 1e-5, 1e-4  # float32, two evaluation orders
@@ -23,18 +22,6 @@ _WINDOW = cases.config(depth_kv="attn_ffn", num_layers=4, depth_window=2)
 _BOTH = cases.config(depth_kv="attn_ffn_extra", num_layers=4, depth_chunk=4, depth_window=3)
 
 
-def _decoded_logits(cfg, params, tokens, prefill: int):
-  """Logits of `tokens` decoded as a prefill of `prefill` tokens, then one token at a time."""
-  step = jax.jit(lambda p, t, c: decode.decode_step(cfg, p, t, c))
-  cache = decode.init_cache(cfg, tokens.shape[0], cfg.max_seq_len)
-  logits, cache, _ = step(params, tokens[:, :prefill], cache)
-  pieces = [logits]
-  for t in range(prefill, tokens.shape[1]):
-    logits, cache, _ = step(params, tokens[:, t:t + 1], cache)
-    pieces.append(logits)
-  return jnp.concatenate(pieces, axis=1)
-
-
 @pytest.mark.parametrize("cfg", [_CHUNK, _WINDOW, _BOTH], ids=["chunk3", "window2", "chunk4-window3"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
 def test_decoding_equals_full_forward(cfg, scan):
@@ -44,7 +31,7 @@ def test_decoding_equals_full_forward(cfg, scan):
     params = scan_to_loop(params)
   full = cases.forward_fn(cfg)(params, cases.TOKENS)
   # A prefill that ends inside a chunk, then single tokens crossing chunk boundaries.
-  np.testing.assert_allclose(_decoded_logits(cfg, params, cases.TOKENS, prefill=5), full,
+  np.testing.assert_allclose(cases.decoded_logits(cfg, params, cases.TOKENS, prefill=5), full,
                              atol=_LOGIT_ATOL, rtol=0)
   assert float(jnp.abs(full).max()) > 1.0
 

@@ -18,7 +18,7 @@ import pytest
 import model_cases as cases
 import peers_reference
 from moda_jax import ModelConfig, Transformer
-from moda_jax.model import decode, flops, mixers
+from moda_jax.model import flops, mixers
 from moda_jax.model.hyper_connections import sinkhorn
 from moda_jax.model.param_layout import scan_to_loop
 from moda_jax.train import sharding
@@ -228,23 +228,12 @@ def test_linear_memory_stack_gradients_equal_naive_autodiff(mixer, depth_kv):
   _close(grads, want_grads, _ATOL * _grad_scale(want_grads), _RTOL)
 
 
-def _decoded_logits(cfg, params, tokens, prefill: int):
-  step = jax.jit(lambda p, t, c: decode.decode_step(cfg, p, t, c))
-  cache = decode.init_cache(cfg, tokens.shape[0], cfg.max_seq_len)
-  logits, cache, _ = step(params, tokens[:, :prefill], cache)
-  pieces = [logits]
-  for t in range(prefill, tokens.shape[1]):
-    logits, cache, _ = step(params, tokens[:, t:t + 1], cache)
-    pieces.append(logits)
-  return jnp.concatenate(pieces, axis=1)
-
-
 @pytest.mark.parametrize("mixer,depth_kv", _HALF_B, ids=_ids(_HALF_B))
 def test_decoding_equals_full_forward(mixer, depth_kv):
   cfg = config(mixer, depth_kv)
   params = cases.random_params(cfg)
   full = cases.forward_fn(cfg)(params, cases.TOKENS)
-  np.testing.assert_allclose(_decoded_logits(cfg, params, cases.TOKENS, prefill=5), full,
+  np.testing.assert_allclose(cases.decoded_logits(cfg, params, cases.TOKENS, prefill=5), full,
                              atol=_LOGIT_ATOL, rtol=0)
   assert float(jnp.abs(full).max()) > 1.0
 
@@ -253,7 +242,7 @@ def test_decoding_equals_full_forward(mixer, depth_kv):
 def test_decoding_unscanned_with_chunked_depth(mixer):
   cfg = config(mixer, "attn_ffn", scan_layers=False, depth_chunk=3)
   params = scan_to_loop(cases.random_params(dataclasses.replace(cfg, scan_layers=True)))
-  np.testing.assert_allclose(_decoded_logits(cfg, params, cases.TOKENS, prefill=4),
+  np.testing.assert_allclose(cases.decoded_logits(cfg, params, cases.TOKENS, prefill=4),
                              cases.forward_fn(cfg)(params, cases.TOKENS), atol=_LOGIT_ATOL, rtol=0)
 
 
