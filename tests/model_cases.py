@@ -119,3 +119,20 @@ def decoded_logits(cfg: ModelConfig, params, tokens, prefill: int):
     logits, cache, _ = step(params, tokens[:, t:t + 1], cache)
     pieces.append(logits)
   return jnp.concatenate(pieces, axis=1)
+
+
+@functools.cache
+def train_step_bytes(cfg: ModelConfig, batch: int, seq_len: int, naive: bool = False) -> tuple[int, int]:
+  """(temp + argument bytes, float32 parameter bytes) of a compiled gradient step on [batch, seq_len]
+  tokens, from `memory_analysis()`; `naive` traces it with the naive depth stack."""
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  params = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"])
+
+  def loss(params, tokens):
+    logits = Transformer(cfg).apply({"params": params}, tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  with naive_depth_memory() if naive else contextlib.nullcontext():
+    analysis = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
+  param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
+  return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes, param_bytes

@@ -7,16 +7,10 @@ remat="full": the custom_vjp stack recomputes each block in its backward pass an
 baseline must too for the difference to be the depth stream's. Run with `-s` to see the table.
 """
 
-import contextlib
-import functools
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 import model_cases as cases
-from moda_jax import ModelConfig, Transformer
+from moda_jax import ModelConfig
 
 _BATCH, _SEQ = 2, 128
 _LAYERS = (8, 16, 32)
@@ -34,20 +28,8 @@ def _pair_bytes(cfg: ModelConfig) -> int:
   return 2 * _BATCH * _SEQ * cfg.num_depth_slots * cfg.num_kv_heads * cfg.head_dim * 4
 
 
-@functools.cache
 def _train_step_bytes(cfg: ModelConfig, naive: bool = False) -> tuple[int, int]:
-  """(temp + argument bytes, parameter bytes) of a compiled gradient step."""
-  tokens = jax.ShapeDtypeStruct((_BATCH, _SEQ), jnp.int32)
-  params = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"])
-
-  def loss(params, tokens):
-    logits = Transformer(cfg).apply({"params": params}, tokens)
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-
-  with cases.naive_depth_memory() if naive else contextlib.nullcontext():
-    analysis = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
-  param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
-  return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes, param_bytes
+  return cases.train_step_bytes(cfg, _BATCH, _SEQ, naive)
 
 
 def test_train_step_memory_is_linear_in_depth():

@@ -14,17 +14,10 @@ Plain autodiff of the outputs buffer in the scan carry saves one buffer per laye
 contrast. Run with `-s` to see the table.
 """
 
-import contextlib
-import functools
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import model_cases as cases
-from moda_jax import ModelConfig, Transformer
+from moda_jax import ModelConfig
 
 _BATCH, _SEQ, _WIDTH = 2, 128, 64
 _ACTIVATION = _BATCH * _SEQ * _WIDTH * 4  # bytes of one [B, T, M] float32 activation
@@ -39,20 +32,8 @@ def _config(num_layers, mixer, **overrides):
   return ModelConfig(**{**base, **overrides})
 
 
-@functools.cache
 def _train_step_bytes(cfg: ModelConfig, naive: bool = False) -> tuple[int, int]:
-  """(temp + argument bytes, parameter bytes) of a compiled gradient step."""
-  tokens = jax.ShapeDtypeStruct((_BATCH, _SEQ), jnp.int32)
-  params = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"])
-
-  def loss(params, tokens):
-    logits = Transformer(cfg).apply({"params": params}, tokens)
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-
-  with cases.naive_depth_memory() if naive else contextlib.nullcontext():
-    analysis = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
-  param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
-  return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes, param_bytes
+  return cases.train_step_bytes(cfg, _BATCH, _SEQ, naive)
 
 
 def _mixer_part(num_layers, mixer, naive=False) -> int:
