@@ -60,15 +60,7 @@ def _dq_kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
   kv_head = lax.axis_index("heads")  # one head group (G <= 8)
   cta_token = tile * geom.tokens_per_cta
   where = dict(batch=batch, kv_head=kv_head, geom=geom)
-  if spec.causal:
-    max_kv = mt.causal_kv_steps(cta_token + (geom.compute_wgs - 1) * geom.tokens, geom)[1]
-  else:
-    max_kv = jnp.int32(geom.num_kv_blocks)
-  depth = dict(depth_start=None, depth_len=None, first_step=None, num_depth=jnp.int32(0))
-  if spec.has_depth:
-    depth_start, depth_len = ops.depth_bounds[0], ops.depth_bounds[1]
-    first_step, num_depth = mt.depth_items(depth_start, depth_len, geom)
-    depth = dict(depth_start=depth_start, depth_len=depth_len, first_step=first_step, num_depth=num_depth)
+  max_kv, depth = mt.cta_bounds(cta_token, ops, spec, geom)
 
   @pl.when(wg < geom.compute_wgs)
   def _compute():

@@ -271,3 +271,18 @@ def causal_kv_steps(first_token, geom: Geometry):
   """(blocks visible by position, blocks to visit) for rows starting at `first_token` (causal)."""
   last = jnp.minimum(first_token + geom.tokens, geom.seq_len)
   return lax.div(first_token, jnp.int32(geom.block_kv)), lax.div(last + geom.block_kv - 1, jnp.int32(geom.block_kv))
+
+
+def cta_bounds(cta_token, ops, spec, geom: Geometry):
+  """What one CTA's compute warpgroups visit, shared by the forward and the dq kernel: (the key blocks
+  the CTA's last warpgroup needs, the depth bounds as keyword arguments of the compute warpgroups)."""
+  if spec.causal:
+    max_kv = causal_kv_steps(cta_token + (geom.compute_wgs - 1) * geom.tokens, geom)[1]
+  else:
+    max_kv = jnp.int32(geom.num_kv_blocks)
+  depth = dict(depth_start=None, depth_len=None, first_step=None, num_depth=jnp.int32(0))
+  if spec.has_depth:
+    depth_start, depth_len = ops.depth_bounds[0], ops.depth_bounds[1]
+    first_step, num_depth = depth_items(depth_start, depth_len, geom)
+    depth = dict(depth_start=depth_start, depth_len=depth_len, first_step=first_step, num_depth=num_depth)
+  return max_kv, depth
