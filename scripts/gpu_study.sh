@@ -10,7 +10,9 @@
 #   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl grain==0.2.18 ...`.
 # Each device call (kind nvidia-h200, carry [".whl", "data_cache"], timeout_s 600):
 #   bash scripts/gpu_study.sh [--max_minutes=7] [--jobs=2] [--order=entry] [--only=none,attn_ffn] [--no_depth_mass]
-# (--jobs=2: two runs share the GPU; --order=entry: an entry's seeds in a row reuse its compiled programs.)
+# (--jobs=2: two runs share the GPU; on the H200 (2026-12-01) two `none` runs took 176 ms/step each, about
+# what they take one after the other, so the default is one at a time and the report times only runs alone.
+# --order=entry: an entry's seeds in a row reuse its compiled programs.)
 # then, here: mkdir -p benchmarks/results/study_table6 && tar xzf <files_at>/study_table6.tar.gz -C "$_"
 # and commit that folder.
 # Runs already under benchmarks/results/study_table6 (status "done") are not trained again; so the calls add

@@ -55,13 +55,14 @@ def test_config_differences_ignore_how_a_run_runs():
   assert study.config_differences(stored, c) == ["learning_rate", "model.num_layers"]
 
 
-def _fake_run(directory, entry, seed, finals, steps=(5, 10), total=10, step_time=0.1):
+def _fake_run(directory, entry, seed, finals, steps=(5, 10), total=10, step_time=0.1, jobs=1):
   run_dir = directory / entry / f"seed{seed}"
   run_dir.mkdir(parents=True)
   (run_dir / "config.json").write_text(json.dumps({"total_steps": total, "batch_size": 2, "seq_len": 4,
                                                    "model": {"depth_kv": "none"}}))
   (run_dir / "study.json").write_text(json.dumps({"status": "done", "params": 1000,
-                                                  "train_flops_per_token": 5e6, "wall_s": 3.0}))
+                                                  "train_flops_per_token": 5e6, "wall_s": 3.0,
+                                                  "jobs": jobs}))
   lines = []
   for step in steps:
     scale = 1.0 + (steps[-1] - step) / 10
@@ -99,6 +100,20 @@ def test_report_statistics_match_numpy(tmp_path):
   assert "1.50×" in text and "| alpha | beta |" in text and "| x | 3 | done | 5/10 |" in text
   for png in ("loss_curves.png", "source_differences.png"):
     assert (tmp_path / png).stat().st_size > 10_000 and f"]({png})" in text
+
+
+def test_report_times_only_runs_alone_and_compares_like_with_like(tmp_path):
+  finals = {k: 3.0 for k in ("all",) + SOURCES}
+  # b: seed 0 shared the device with another run (slower per step), seed 1 ran alone.
+  _fake_run(tmp_path, "b", 0, finals, step_time=0.4, jobs=2)
+  _fake_run(tmp_path, "b", 1, finals, step_time=0.1)
+  _fake_run(tmp_path, "x", 0, finals, step_time=0.3, jobs=2)  # x never ran alone
+  (tmp_path / "study.json").write_text(json.dumps({"entries": {"b": {}, "x": {}}, "seeds": [0, 1],
+                                                   "baseline": "b"}))
+  loaded = study_report.load_study(str(tmp_path))
+  assert study_report.entry_summary(loaded, "b")["step_time_s"] == pytest.approx(0.1)
+  x_row = next(line for line in study_report.main_table(loaded) if line.startswith("| x "))
+  assert "300.0 (2 at a time)" in x_row and x_row.endswith("| – |")  # no ratio against a run alone
 
 
 def _corpus(path, n, seed):

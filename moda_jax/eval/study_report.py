@@ -183,14 +183,18 @@ def entry_summary(study: Study, entry: str) -> dict:
   runs = list(study.finished(entry).values())
   every = list(study.runs[entry].values())
   cost = every[0].cost()
+  # Runs that shared the devices (study run --jobs > 1) are slower per step; time only the least shared ones.
+  jobs = min((r.record.get("jobs", 1) for r in runs), default=1)
+  timed = [r for r in runs if r.record.get("jobs", 1) == jobs]
   return {
       "entry": entry, "seeds": [r.seed for r in runs], "runs": len(every),
       "params": cost.get("params", math.nan), "flops_per_token": cost.get("train_flops_per_token", math.nan),
       "tokens": every[0].total_steps * every[0].tokens_per_step,
       "val_loss": mean_std([r.final.get("val_loss") for r in runs]),
       "delta": paired_difference(study, entry, "val_loss"),
-      "step_time_s": mean_std([r.median("step_time_s") for r in runs])[0],
-      "tokens_per_s": mean_std([r.median("tokens_per_s") for r in runs])[0],
+      "step_time_s": mean_std([r.median("step_time_s") for r in timed])[0],
+      "tokens_per_s": mean_std([r.median("tokens_per_s") for r in timed])[0],
+      "timed_jobs": jobs,
   }
 
 
@@ -209,13 +213,16 @@ def main_table(study: Study) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for entry in study.entries:
     s = entry_summary(study, entry)
-    ratio = s["step_time_s"] / base["step_time_s"] if base else math.nan
+    # A step-time ratio between runs that shared the devices differently would measure the sharing.
+    comparable = base and base["timed_jobs"] == s["timed_jobs"]
+    ratio = f"{s['step_time_s'] / base['step_time_s']:.2f}×" if comparable else "–"
+    shared = f" ({s['timed_jobs']} at a time)" if s["timed_jobs"] > 1 else ""
     lines.append(
         f"| {entry}{' (baseline)' if entry == study.baseline else ''} | {_overrides(study, entry)} | "
         f"{s['params'] / 1e6:.4g} | {s['flops_per_token'] / 1e6:.4g} | {s['tokens'] / 1e6:.4g} | "
         f"{len(s['seeds'])}/{s['runs']} | {_pm(*s['val_loss'])} | "
-        f"{'–' if entry == study.baseline else _pm(*s['delta'], sign=True)} | {s['step_time_s'] * 1e3:.1f} | "
-        f"{s['tokens_per_s']:,.0f} | {ratio:.2f}× |")
+        f"{'–' if entry == study.baseline else _pm(*s['delta'], sign=True)} | {s['step_time_s'] * 1e3:.1f}{shared} | "
+        f"{s['tokens_per_s']:,.0f} | {ratio} |")
   return lines
 
 
