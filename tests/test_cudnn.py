@@ -107,6 +107,10 @@ def test_refuses_what_cudnn_cannot_do(hopper, arrays, options, match):
     _check(arrays, **options)
 
 
+_ON_CPU = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks this CPU machine's own dispatch")
+
+
+@_ON_CPU
 def test_refuses_interpret_mode_old_gpus_and_no_gpu(monkeypatch):
   with pytest.raises(NotImplementedError, match="no local CUDA GPU"):  # this machine
     _check(_structs())
@@ -151,6 +155,7 @@ def test_named_cudnn_raises_instead_of_falling_back(fake_gpu):
     _resolve(_structs(slots=4), implementation="cudnn")
 
 
+@_ON_CPU
 def test_on_cpu_cudnn_is_never_tried_and_resolve_names_xla(monkeypatch):
   ran = []
   real = xla.attention
@@ -175,8 +180,8 @@ def test_lse_gradient_raises_unless_unused():
 
 
 @pytest.mark.parametrize("depth_kv, gpu, expected", [
-    ("none", False, {"sequence": {"xla"}}),
-    ("attn_ffn", False, {"sequence+depth": {"xla"}}),
+    pytest.param("none", False, {"sequence": {"xla"}}, marks=_ON_CPU),
+    pytest.param("attn_ffn", False, {"sequence+depth": {"xla"}}, marks=_ON_CPU),
     ("none", True, {"sequence": {"cudnn"}}),
     ("attn_ffn", True, {"sequence+depth": {"pallas_triton"}}),
 ])
