@@ -1,5 +1,5 @@
 """MoDA attention kernels, independent of Flax: `moda_attention` and its backends."""
 
-from pallas_kernels.api import IMPLEMENTATIONS, moda_attention
+from pallas_kernels.api import IMPLEMENTATIONS, moda_attention, resolve_implementation
 
-__all__ = ["IMPLEMENTATIONS", "moda_attention"]
+__all__ = ["IMPLEMENTATIONS", "moda_attention", "resolve_implementation"]

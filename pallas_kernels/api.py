@@ -23,9 +23,13 @@ does). `backend_options` are test and benchmark knobs (`block_sizes=`, `max_bloc
 passes none. A backend first calls its own `check_supported(inputs, spec, interpret)`, which raises
 `NotImplementedError` saying why for a combination the backend does not handle, before any work;
 with `implementation=None` the dispatcher then falls back to the next backend of the platform
-(GPU: pallas_triton, xla; TPU: pallas_tpu, xla; CPU: xla). `pallas_mosaic_gpu` (Hopper) is selected
-only by name until it is measured faster than pallas_triton. Tests and benchmarks that call one
-backend directly use `prepare` the same way:
+(GPU: cudnn, pallas_triton, xla; TPU: pallas_tpu, xla; CPU: xla). `cudnn` (cuDNN flash attention)
+takes only calls without depth, so on GPU a plain-attention call runs on cuDNN and a MoDA call on
+pallas_triton. A backend whose lse carries no gradient sets `DIFFERENTIABLE_LSE = False` and is never
+given a `return_lse=True` call. `pallas_mosaic_gpu` (Hopper) is selected only by name until it is
+measured faster than pallas_triton. `resolve_implementation` names the backend a call would run on,
+by the same order and the backends' `check_supported`, without computing anything (what the trainer
+logs). Tests and benchmarks that call one backend directly use `prepare` the same way:
 
     inputs, spec = api.prepare(q, k, v, depth_k, depth_v, depth_len=5)
     out, lse = triton.attention(inputs, spec, interpret=True, block_sizes=tiles)
@@ -50,14 +54,15 @@ _BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pallas_triton": ("pallas_kernels.triton", ("gpu", "cuda")),
     "pallas_mosaic_gpu": ("pallas_kernels.mosaic_gpu", ("gpu", "cuda")),
     "pallas_tpu": ("pallas_kernels.tpu", ("tpu",)),
+    "cudnn": ("pallas_kernels.cudnn", ("gpu", "cuda")),
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)
 
 # implementation=None tries these in order; NotImplementedError moves on to the next one. `xla` is
 # last everywhere because it runs on every platform and every call: the CPU default, the fallback
-# on GPU and TPU.
+# on GPU and TPU. `cudnn` is first on GPU: the fastest kernel there for the calls it takes (no depth).
 _DEFAULT_ORDER = {
-    "gpu": ("pallas_triton", "xla"),
+    "gpu": ("cudnn", "pallas_triton", "xla"),
     "tpu": ("pallas_tpu", "xla"),
     "cpu": ("xla",),
 }
@@ -147,7 +152,8 @@ def moda_attention(
     scale: logit scale; defaults to D ** -0.5.
     segment_ids: [B, T] integers; attention (sequence and depth) only within a segment.
     return_lse: also return the float32 log-sum-exp [B, T, Hq] (natural log, differentiable).
-    implementation: None for the best on this platform, or one of `IMPLEMENTATIONS`.
+    implementation: None for the best on this platform (GPU: `cudnn` for calls without depth, else
+      `pallas_triton`; `resolve_implementation` names it), or one of `IMPLEMENTATIONS`.
     interpret: run a Pallas backend in interpret mode (True, or a backend's interpret params).
     depth_q: [B, T, Hq, D] the queries scored against depth keys (default: q). A model whose depth
       keys are stored RMS-normalized without the reader's k-norm gain passes q * gain here, so the
@@ -164,27 +170,63 @@ def moda_attention(
                          segment_ids=segment_ids, depth_q=depth_q, depth_chunk=depth_chunk,
                          depth_start=depth_start)
   return_lse = validation.check_flag("return_lse", return_lse)
-  out, lse = _dispatch(implementation, interpret,
-                       lambda backend: backend.attention(inputs, spec, interpret=interpret))
+  _, (out, lse) = _dispatch(implementation, interpret, return_lse,
+                            lambda backend: backend.attention(inputs, spec, interpret=interpret))
   return (out, lse) if return_lse else out
 
 
-def _dispatch(implementation: str | None, interpret: Any, call: Callable):
+def resolve_implementation(
+    q: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array | None,
+    depth_k: jax.Array | None = None,
+    depth_v: jax.Array | None = None,
+    *,
+    depth_len: int | jax.Array | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    segment_ids: jax.Array | None = None,
+    return_lse: bool = False,
+    implementation: str | None = None,
+    interpret: Any = False,
+    depth_q: jax.Array | None = None,
+    depth_chunk: int | None = None,
+    depth_start: int | jax.Array | None = None,
+) -> str:
+  """The name of the backend `moda_attention` runs for these arguments (same signature), computing nothing.
+
+  The same validation, order and fallback as `moda_attention`, with each backend's `check_supported`
+  in place of its `attention`; it raises what `moda_attention` would (ValueError for a bad argument,
+  NotImplementedError when no backend, or the named one, takes the call). Arrays may be tracers.
+  """
+  inputs, spec = prepare(q, k, v, depth_k, depth_v, depth_len=depth_len, causal=causal, scale=scale,
+                         segment_ids=segment_ids, depth_q=depth_q, depth_chunk=depth_chunk,
+                         depth_start=depth_start)
+  return_lse = validation.check_flag("return_lse", return_lse)
+  name, _ = _dispatch(implementation, interpret, return_lse,
+                      lambda backend: backend.check_supported(inputs, spec, interpret))
+  return name
+
+
+def _dispatch(implementation: str | None, interpret: Any, return_lse: bool, call: Callable):
+  """(name, call(module)) for the backend that takes the call: the named one, or the first of the
+  platform's order whose module (and `call`) raises no NotImplementedError."""
   if implementation is None:
     errors = []
     for name in _DEFAULT_ORDER.get(_platform_family(), ("xla",)):
       try:
-        return call(_backend(name, interpret))
+        return name, call(_backend(name, interpret, return_lse))
       except NotImplementedError as e:
         errors.append(f"{name}: {e}")
     raise NotImplementedError("no MoDA implementation supports this call:\n" + "\n".join(errors))
   if not isinstance(implementation, str) or implementation not in _BACKENDS:
     raise ValueError(f"implementation={implementation!r}: expected None or one of {IMPLEMENTATIONS}.")
-  return call(_backend(implementation, interpret))
+  return implementation, call(_backend(implementation, interpret, return_lse))
 
 
-def _backend(name: str, interpret: Any):
-  """The backend's module; NotImplementedError when it cannot run on this platform."""
+def _backend(name: str, interpret: Any, return_lse: bool = False):
+  """The backend's module; NotImplementedError when it cannot run on this platform, or cannot give
+  the differentiable lse that `return_lse` asks for."""
   module_name, platforms = _BACKENDS[name]
   platform = current_platform()
   if not interpret and platform not in platforms:
@@ -192,9 +234,13 @@ def _backend(name: str, interpret: Any):
         f"implementation={name!r} runs on {platforms}, not on platform {platform!r}; pass "
         "interpret=True to run its Pallas kernels in interpret mode.")
   try:
-    return importlib.import_module(module_name)
+    module = importlib.import_module(module_name)
   except ImportError as e:
     raise NotImplementedError(f"implementation={name!r} is not available: {e}") from e
+  if return_lse and not getattr(module, "DIFFERENTIABLE_LSE", True):
+    raise NotImplementedError(f"implementation={name!r} returns no differentiable lse; return_lse=True "
+                              "needs another backend.")
+  return module
 
 
 def current_platform() -> str:

@@ -1,17 +1,24 @@
 """Times MoDA forward and forward+backward on the paper's shapes against cuDNN flash attention.
 
     python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune | --ablate | --family] [--mosaic]
-                                       [--impls A,B]
+                                       [--impls A,B] [--segments N]
 
 Every implementation that runs here is timed on every shape where it fits; cuDNN
-(`jax.nn.dot_product_attention(implementation="cudnn")`) runs the same sequence shape without depth.
-`--quick` adds the model's call (`pallas_triton_depth_q`: a depth_q of its own). `--ablate` times the
-kernels without depth, JAX's Mosaic GPU attention forward and each kernel option flipped (`_TOGGLES`);
-`--tune` times tile variants. `--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both
-Pallas backends without depth (`*_nodepth`) to every shape; `--impls` keeps only the named
-implementations (cudnn included). Each time is the median of `--iters` samples (`time_ms`) after warm-up.
+(`jax.nn.dot_product_attention(implementation="cudnn")` itself, row `cudnn`) runs the same sequence shape
+without depth. Every other row calls `moda_attention` with its implementation named (never None, which on
+GPU now picks the `cudnn` backend for calls without depth): `<impl>_nodepth` is `<impl>` without depth,
+so `cudnn_nodepth` is the operator's cuDNN backend (`pallas_kernels/cudnn.py`). `--quick` adds the model's
+call (`pallas_triton_depth_q`: a depth_q of its own). `--ablate` times the kernels without depth, JAX's
+Mosaic GPU attention forward and each kernel option flipped (`_TOGGLES`); `--tune` times tile variants.
+`--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas backends without depth
+(`*_nodepth`) to every shape. `--segments N` passes every `moda_attention` row segment_ids of N equal
+documents per row (the `cudnn` row stays without: the unsegmented speed of light) and adds
+`cudnn_nodepth` and `pallas_triton_nodepth`: the baseline model's call on its two candidate backends.
+`--impls` keeps only the named implementations. Each time is the median of `--iters` samples
+(`time_ms`) after warm-up.
 FLOPs count only the visible logits: sequence 4 * B * Hq * D * (T(T+1)/2 causal, T^2 otherwise),
-depth 4 * B * Hq * T * L * D; forward+backward is 3.5x the forward (2 matmuls forward, 5 backward).
+depth 4 * B * Hq * T * L * D; forward+backward is 3.5x the forward (2 matmuls forward, 5 backward);
+with `--segments` they still count every causal logit (dense-equivalent rates).
 Bytes are every input read once and every output written once. Roofline = max(FLOPs / 790 TFLOP/s,
 bytes / 4.3 TB/s), the ceilings measured on the H200 here.
 """
@@ -104,29 +111,40 @@ def make_inputs(shape: Shape, depth: bool, seed: int = 0, depth_q: bool = False)
   return (q, k, v, dk, dv) + extra, do
 
 
-def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None = None):
+def segment_ids(q, segments: int):
+  """[B, T] int32 ids of `segments` equal contiguous documents per row, or None for 0."""
+  if not segments:
+    return None
+  batch, seq_len = q.shape[:2]
+  return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32) * segments // seq_len + 1, (batch, seq_len))
+
+
+def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None = None, segments: int = 0):
   """(forward, forward+backward) jitted callables of (arrays, do) for one implementation.
 
-  `variant`: the MoDA family (`family`): depth_chunk=C, or depth_only=True (k = v = None)."""
+  `variant`: the MoDA family (`family`): depth_chunk=C, or depth_only=True (k = v = None). `segments`:
+  N > 0 passes every `moda_attention` call `segment_ids(q, N)` (not the `cudnn` row: jax's call itself)."""
   variant = dict(variant or {})
+  seg = lambda q: dict(segment_ids=segment_ids(q, segments))
   if variant.pop("depth_only", False):
-    attend = lambda q, k, v, dk, dv: moda_attention(q, None, None, dk, dv, implementation=impl)
+    attend = lambda q, k, v, dk, dv: moda_attention(q, None, None, dk, dv, implementation=impl, **seg(q))
   elif variant:
-    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl, **variant)
+    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl, **variant,
+                                                    **seg(q))
   elif impl == "cudnn":
     attend = lambda q, k, v, dk, dv: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   elif impl.endswith("_nodepth"):  # the sequence phase alone: what the depth phase adds is the rest
     base = impl[:-len("_nodepth")]
-    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation=base)
+    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation=base, **seg(q))
   elif impl == "pallas_triton_depth_q":  # the model's call: depth scored with a depth_q of its own
     attend = lambda q, k, v, dk, dv, dq: moda_attention(q, k, v, dk, dv, depth_q=dq, causal=True,
-                                                        implementation="pallas_triton")
+                                                        implementation="pallas_triton", **seg(q))
   elif block_sizes is not None:
     from pallas_kernels import api, triton
-    attend = lambda q, k, v, dk, dv: triton.attention(*api.prepare(q, k, v, dk, dv, causal=True),
+    attend = lambda q, k, v, dk, dv: triton.attention(*api.prepare(q, k, v, dk, dv, causal=True, **seg(q)),
                                                       block_sizes=block_sizes)[0]
   else:
-    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl)
+    attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl, **seg(q))
 
   forward = jax.jit(lambda arrays, do: attend(*arrays))
 
@@ -160,10 +178,12 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 25.0) -> 
   return statistics.median(samples)
 
 
-def implementations_for(shape: Shape, quick: bool, mosaic: bool = False) -> list[str]:
+def implementations_for(shape: Shape, quick: bool, mosaic: bool = False, segments: int = 0) -> list[str]:
   impls = ["pallas_triton", "pallas_triton_depth_q"] if quick else ["pallas_triton"]
   if mosaic:
     impls += ["pallas_mosaic_gpu", "pallas_triton_nodepth", "pallas_mosaic_gpu_nodepth"]
+  if segments:  # the baseline model's call (no depth, packed documents) on cuDNN and on its fallback
+    impls += [i for i in ("cudnn_nodepth", "pallas_triton_nodepth") if i not in impls]
   if shape.batch * shape.seq_len <= 4096 or quick:
     impls.append("xla")
   # The dense reference materializes [B, Hq, T, T] float32 logits: only small shapes.
@@ -173,12 +193,14 @@ def implementations_for(shape: Shape, quick: bool, mosaic: bool = False) -> list
 
 
 def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd"),
-            variant: dict | None = None) -> dict:
+            variant: dict | None = None, segments: int = 0) -> dict:
   depth = impl != "cudnn" and not impl.endswith("_nodepth")
   depth_q = impl == "pallas_triton_depth_q"
   arrays, do = make_inputs(shape, depth, depth_q=depth_q)
-  forward, forward_backward = build(impl, block_sizes, variant)
+  forward, forward_backward = build(impl, block_sizes, variant, segments)
   row = dict(shape=shape.name, impl=impl, **dataclasses.asdict(shape))
+  if segments and impl != "cudnn":
+    row["segments"] = segments
   for mode, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
     if mode not in modes:
       continue
@@ -331,21 +353,24 @@ def main() -> None:
                       help="also time pallas_mosaic_gpu and both Pallas backends without depth")
   parser.add_argument("--impls", default=None,
                       help="comma-separated implementations to keep (e.g. cudnn,pallas_mosaic_gpu)")
+  parser.add_argument("--segments", type=int, default=0,
+                      help="segment_ids of N equal documents per row in every moda_attention row")
   parser.add_argument("--iters", type=int, default=None)
   args = parser.parse_args()
   iters = args.iters or (5 if args.quick else 10)
   special = args.tune or args.ablate or args.family
   rows = tune(iters) if args.tune else ablate(iters) if args.ablate else family(iters) if args.family else []
   for shape in ([] if special else quick_shapes() if args.quick else paper_shapes()):
-    for impl in ["cudnn"] + implementations_for(shape, args.quick, args.mosaic):
+    for impl in ["cudnn"] + implementations_for(shape, args.quick, args.mosaic, args.segments):
       if args.impls and impl not in args.impls.split(","):
         continue
       # Long sequences: fewer repeats keep the full run inside its time budget.
       n = iters if shape.seq_len * shape.group <= 16384 * 8 else max(3, iters // 2)
-      rows.append(measure(shape, impl, iters=n))
+      rows.append(measure(shape, impl, iters=n, segments=args.segments))
       print(json.dumps(rows[-1]), flush=True)
   meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
-              device=jax.devices()[0].device_kind, iters=iters, peak_flops=PEAK_FLOPS, peak_bytes=PEAK_BYTES)
+              device=jax.devices()[0].device_kind, iters=iters, peak_flops=PEAK_FLOPS, peak_bytes=PEAK_BYTES,
+              segments=args.segments)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(meta=meta, rows=rows), f, indent=1)

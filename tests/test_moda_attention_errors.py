@@ -113,7 +113,7 @@ _BAD_VALUES = [
     _case("causal_string", dict(causal="yes"), r"causal='yes'"),
     _case("causal_none", dict(causal=None), r"causal=None"),
     _case("return_lse_string", dict(return_lse="no"), r"return_lse"),
-    _case("implementation_unknown", dict(implementation="cudnn"), r"implementation='cudnn'"),
+    _case("implementation_unknown", dict(implementation="flash"), r"implementation='flash'"),
     _case("implementation_wrong_case", dict(implementation="XLA"), r"implementation='XLA'"),
     _case("implementation_list", dict(implementation=["xla"]), r"implementation"),
     _case("implementation_mosaic_misspelt", dict(implementation="pallas_mosaic"),

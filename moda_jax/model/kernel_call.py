@@ -4,16 +4,43 @@ A `pallas_call` under plain `jit` on sharded operands silently gathers them and 
 Attention is independent per batch row and per kv head (the depth part too: it only reads the
 token's own slots), so under a mesh the call goes through `jax.shard_map`: batch over
 ("data", "fsdp"), heads over "tensor", each device running the kernel on its local block.
+
+`recording_implementations()` collects, while the model is traced inside it, the backend each kind of
+call resolves to (`pallas_kernels.api.resolve_implementation` on the very arguments, local shapes
+included): what the trainer logs, so a run says which kernel it trained on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import moda_attention
+from pallas_kernels import moda_attention, resolve_implementation
+
+# The open `recording_implementations` collections: {call kind: {implementation names}}.
+_RECORDINGS: list[dict[str, set[str]]] = []
+
+
+@contextlib.contextmanager
+def recording_implementations():
+  """Yields {"sequence" | "sequence+depth" | "depth-only": {implementation}} filled by every attention
+  call traced inside the block. A function that is already compiled is not traced again, so a cache hit
+  records nothing."""
+  used: dict[str, set[str]] = {}
+  _RECORDINGS.append(used)
+  try:
+    yield used
+  finally:
+    _RECORDINGS.remove(used)
+
+
+def describe_implementations(used: dict[str, set[str]]) -> str:
+  """One log line: "attention kernels: sequence -> cudnn; sequence+depth -> pallas_triton"."""
+  return "attention kernels: " + "; ".join(f"{kind} -> {', '.join(sorted(names))}"
+                                           for kind, names in sorted(used.items()))
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -49,6 +76,11 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
   def call(arrays):
     q, k, v = arrays.pop("q"), arrays.pop("k", None), arrays.pop("v", None)
     depth_k, depth_v = arrays.pop("depth_k", None), arrays.pop("depth_v", None)
+    if _RECORDINGS:
+      kind = "depth-only" if k is None else "sequence+depth" if depth_k is not None else "sequence"
+      name = resolve_implementation(q, k, v, depth_k, depth_v, **arrays, **options)
+      for used in _RECORDINGS:
+        used.setdefault(kind, set()).add(name)
     return moda_attention(q, k, v, depth_k, depth_v, **arrays, **options)
 
   mesh = _active_mesh()

@@ -23,6 +23,7 @@ from moda_jax import cli_errors
 from moda_jax.train import checkpoint
 from moda_jax.data import pipeline
 from moda_jax.model import flops
+from moda_jax.model import kernel_call
 from moda_jax.train import metrics
 from moda_jax.train import interrupts
 from moda_jax.train import optimizer as optim
@@ -182,8 +183,11 @@ def _loop(run: _Run, state, step: int, train_iter, writer,
   scalars: dict[str, float] = {}
   while step < cfg.total_steps:
     batch = sharding.global_batch(next(train_iter), run.mesh)
-    with sharding.activation_context(run.mesh):
+    # The first call traces the step: say which attention kernels it was built on (again on a retrace).
+    with sharding.activation_context(run.mesh), kernel_call.recording_implementations() as attention_impls:
       state, device_metrics = run.step_fn(state, batch)
+    if attention_impls:
+      writer.message(kernel_call.describe_implementations(attention_impls))
     step += 1
     if step == first_step + 1:
       rates.reset(step)  # the first call compiles: keep that out of the step-time figures
