@@ -127,6 +127,31 @@ def test_transformer_chunked_loss_equals_dense(tie):
                  grads, want_grads)
 
 
+def test_first_train_steps_are_unchanged():
+  """Two optimizer steps of train_step (z-loss on, two microbatches): chunked == dense."""
+  from moda_jax.train import optimizer
+  cfg, run = cases.config(depth_kv="attn"), micro.get_config()
+  model, opt = Transformer(cfg), optimizer.make_optimizer(run)
+  state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=cases.random_params(cfg),
+                        opt_state=opt.init(cases.random_params(cfg)), rng=jax.random.PRNGKey(0))
+  batch = _model_batch()
+
+  def two_steps(chunk_len):
+    step = jax.jit(lambda s, b: ts.train_step(s, b, model=model, optimizer=opt,
+                                              schedule=optimizer.learning_rate_schedule(run),
+                                              cfg=ts.StepConfig(1e-2, 2, chunk_len)))
+    first, m1 = step(state, batch)
+    second, m2 = step(first, batch)
+    return second.params, (m1, m2)
+
+  want_params, want_metrics = two_steps(0)
+  got_params, got_metrics = two_steps(5)
+  for got, want in zip(got_metrics, want_metrics):
+    for key in ("loss", "z_loss", "grad_norm", "tokens"):
+      np.testing.assert_allclose(got[key], want[key], rtol=_F32_RTOL)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), got_params, want_params)
+
+
 def test_return_hidden_gives_the_logits_exactly():
   cfg = cases.config(depth_kv="none")
   params, model = cases.random_params(cfg), Transformer(cfg)

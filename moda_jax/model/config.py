@@ -54,7 +54,7 @@ class ModelConfig:
           matmuls are hidden in its custom_vjp, so the kernel still runs twice.
         "save_dots_and_attention": projections and attention (~900 MiB): only elementwise work
           (norms, RoPE, SwiGLU's activation) is recomputed.
-        "none": no checkpoint, every intermediate is kept (float32 norm internals too; ~2 GiB).
+        "none": no checkpoint, every intermediate is kept (float32 norm internals too; ~3 GiB).
     dtype, param_dtype: compute and parameter dtypes. attention_impl: `moda_attention`'s
       `implementation=` (None = best for the platform).
     init_std: N(0, init_std) weights. norm_eps: RMSNorm epsilon.
