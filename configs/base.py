@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.adam_eps = 1e-8
   c.grad_clip_norm = 1.0          # 0 disables clipping
   c.z_loss_weight = 1e-5          # weight of the log(Z)^2 term (OLMo2); 0 disables it
+  c.loss_chunk_len = 0            # > 0: the loss forms the logits this many positions at a time
+                                  # (moda_jax/train/loss.py), never the [B, T, V] float32 ones;
+                                  # 0: dense logits (fastest while they fit)
 
   # Cadences (in optimizer steps).
   c.log_every = 10

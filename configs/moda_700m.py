@@ -8,6 +8,8 @@ SwiGLU 4096, OLMo2 reordered norm and recipe. The argument picks the depth-KV va
 
 The batch is the paper's global 1024 x 4096 tokens, as 128 microbatches of 8; on one GPU override
 `--config.batch_size=8 --config.grad_accum_steps=1` (see BENCHMARKS.md for the throughput command).
+The loss runs in chunks of 512 positions: dense float32 logits of 8 x 4096 x 100352 are 13 GB per copy,
+a chunk's 1.6 GB (`--config.loss_chunk_len=0` for the dense loss).
 """
 
 from configs import base
@@ -23,6 +25,7 @@ def get_config(depth_kv: str = "attn_ffn"):
   c.warmup_steps = 2000
   c.eval_every = 1000
   c.checkpoint_every = 1000
+  c.loss_chunk_len = 512
   c.model.dtype = "bfloat16"     # compute; parameters stay float32 (master copy)
   c.model.vocab_size = 100_352    # OLMo2's tokenizer (padded); byte data uses only 257 of them
   c.model.num_layers = 36

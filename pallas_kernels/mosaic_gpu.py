@@ -29,6 +29,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_gpu_bwd, mosaic_gpu_fwd
 from pallas_kernels import mosaic_gpu_tiles as mt
+from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton_bwd
 from pallas_kernels import triton_tiles as tt
@@ -114,7 +115,7 @@ def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes
 
 
 def _moda_fwd(operands, spec, block_sizes, interpret):
-  out, lse, lse_BHT = _forward(operands, spec, block_sizes, interpret)
+  out, lse, lse_BHT = residuals.named(*_forward(operands, spec, block_sizes, interpret))
   return (out, lse), (operands, out, lse, lse_BHT)
 
 

@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
 from pallas_kernels import tpu_bwd
 from pallas_kernels import tpu_fwd
@@ -97,7 +98,8 @@ def _moda(spec, blocks, interpret, q, k, v, depth_q, depth_k, depth_v, depth_ran
 
 
 def _moda_fwd(spec, blocks, interpret, q, k, v, depth_q, depth_k, depth_v, depth_range, segment_ids):
-  out, lse = _forward(spec, blocks, interpret, q, k, v, depth_q, depth_k, depth_v, depth_range, segment_ids)
+  out, lse = residuals.named(*_forward(spec, blocks, interpret, q, k, v, depth_q, depth_k, depth_v,
+                                       depth_range, segment_ids))
   # Residuals are the caller's own arrays (not kernel-layout copies): a layer stack that shares one
   # depth buffer across layers then keeps one buffer, not one transposed copy per layer.
   return (out, lse), (q, k, v, depth_q, depth_k, depth_v, depth_range, segment_ids, out, lse)

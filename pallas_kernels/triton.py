@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton_bwd, triton_fwd
 from pallas_kernels import triton_tiles as tt
@@ -105,7 +106,7 @@ def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: BlockSizes, i
 
 
 def _moda_fwd(operands, spec, block_sizes, interpret):
-  out, lse = _moda(operands, spec, block_sizes, interpret)
+  out, lse = residuals.named(*_moda(operands, spec, block_sizes, interpret))
   return (out, lse), (operands, out, lse)
 
 

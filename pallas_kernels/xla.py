@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import xla_backward, xla_depth
+from pallas_kernels import residuals, xla_backward, xla_depth
 from pallas_kernels.api import current_platform
 from pallas_kernels.spec import Inputs, Spec
 from pallas_kernels.xla_blocks import (
@@ -134,7 +134,7 @@ def _moda(geo, inputs):
 
 
 def _moda_fwd(geo, inputs):
-  out, lse = forward(geo, inputs)
+  out, lse = residuals.named(*forward(geo, inputs))
   return (out, lse), (inputs, out, lse)
 
 

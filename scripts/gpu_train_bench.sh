@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Training throughput of the 700M-shaped MoDA model and its OLMo2 baseline on one GPU (issue 5).
+# Training throughput of the 700M-shaped MoDA model and its OLMo2 baseline on one GPU (issues 5, 18).
 # Run from the repo root on the GPU machine (device tool; carry .whl). Writes metrics to $OUT.
-# Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both]
+# Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both] [FLAGS... [:: FLAGS...]...]
+#   FLAGS: train.py flags for both models, after the defaults below (so they override them), e.g.
+#     --config.model.remat=save_qkv_attention_out --config.loss_chunk_len=0
+#   "::" separates settings that run one after the other in the same call (each model once per setting).
+#   Without FLAGS: the defaults (remat=full, each config's own loss_chunk_len), as before.
+#   BENCH_RUN_TIMEOUT (seconds, default 280) bounds each run, compilation included.
+# Each run prints its peak memory and last metrics line; $OUT/summary.tsv has one row per run.
 set -uo pipefail
 steps=${1:-30}
 models=${2:-both}
+shift $(( $# < 2 ? $# : 2 ))
 out=${OUT:-/tmp/train_bench}
+run_timeout=${BENCH_RUN_TIMEOUT:-280}
 mkdir -p "$out"
 if [[ -d .whl ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -13,15 +21,28 @@ if [[ -d .whl ]]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+printf 'run\tflags\tpeak_gib\tstep_time_s\tmfu\tloss\n' > "$out/summary.tsv"
 
 run() {  # name config [extra flags...]: trains, then prints the last logged step and peak memory
   local name=$1 config=$2; shift 2
   local workdir=/dev/shm/bench_$name
   rm -rf "$workdir"
-  timeout 280 python3 scripts/train_and_report_memory.py --config="$config" --workdir="$workdir" "$@" \
-    | grep PEAK_GIB
-  cp "$workdir/metrics.jsonl" "$out/$name.jsonl" 2>/dev/null
-  echo "== $name"; tail -n 1 "$workdir/metrics.jsonl"
+  echo "== $name: ${*:${#common[@]}+1}"
+  timeout "$run_timeout" python3 scripts/train_and_report_memory.py --config="$config" --workdir="$workdir" "$@" \
+    > "$out/$name.log" 2>&1
+  local rc=$?
+  grep PEAK_GIB "$out/$name.log" || echo "FAILED (exit $rc): $(grep -v '^\s*$' "$out/$name.log" | tail -n 1)"
+  cp "$workdir/metrics.jsonl" "$out/$name.jsonl" 2>/dev/null && tail -n 1 "$out/$name.jsonl"
+  python3 - "$name" "${*:${#common[@]}+1}" "$out" >> "$out/summary.tsv" <<'EOF'
+import json, os, re, sys
+name, flags, out = sys.argv[1:]
+log = open(os.path.join(out, name + ".log")).read()
+peak = re.findall(r"PEAK_GIB_PER_DEVICE \[([0-9.]+)", log)
+path = os.path.join(out, name + ".jsonl")
+last = json.loads(open(path).read().splitlines()[-1]) if os.path.exists(path) else {}
+cells = [peak[0] if peak else "failed"] + [last.get(k, "") for k in ("step_time_s", "mfu", "loss")]
+print("\t".join([name, flags or "(defaults)"] + [f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells]))
+EOF
   rm -rf "$workdir"
 }
 
@@ -29,5 +50,18 @@ common=(--config.batch_size=8 --config.grad_accum_steps=1 --config.total_steps="
         --config.warmup_steps=5 --config.log_every=10 --config.eval_every=0
         --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False
         --config.model.remat=full)
-[[ $models == baseline ]] || run moda_700m configs/moda_700m.py "${common[@]}"
-[[ $models == moda ]] || run baseline_700m configs/baseline_700m.py "${common[@]}"
+
+settings=()  # one string per setting, its flags separated by newlines
+current=""
+for arg in "$@"; do
+  if [[ $arg == "::" ]]; then settings+=("$current"); current=""; else current+="$arg"$'\n'; fi
+done
+settings+=("$current")
+
+for i in "${!settings[@]}"; do
+  mapfile -t extra < <(printf '%s' "${settings[$i]}")
+  suffix=$([[ ${#settings[@]} -gt 1 ]] && echo "_$i" || echo "")
+  [[ $models == baseline ]] || run "moda_700m$suffix" configs/moda_700m.py "${common[@]}" "${extra[@]}"
+  [[ $models == moda ]] || run "baseline_700m$suffix" configs/baseline_700m.py "${common[@]}" "${extra[@]}"
+done
+echo "== summary"; column -t -s $'\t' "$out/summary.tsv" 2>/dev/null || cat "$out/summary.tsv"

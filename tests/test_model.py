@@ -10,6 +10,7 @@ import pytest
 
 import model_cases as cases
 from moda_jax import ModelConfig, Transformer
+from moda_jax.model.config import REMAT_OPTIONS
 from moda_jax.model.param_layout import loop_to_scan, scan_to_loop
 from moda_jax.model.presets import olmo2_700m, table6_small
 
@@ -120,7 +121,7 @@ def test_causality_through_gradients():
   assert np.all(influence[allowed] > 0.0)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_attention_out"])
+@pytest.mark.parametrize("remat", [r for r in REMAT_OPTIONS if r != "none"])
 @pytest.mark.parametrize("depth_kv", ["none", "attn_ffn_extra"])
 def test_remat_equals_no_remat(remat, depth_kv):
   # Without depth remat wraps every block of the loop; with depth the linear stack recomputes the

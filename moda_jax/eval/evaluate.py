@@ -96,7 +96,9 @@ def evaluate(workdir: str, step: int | None = None, *, data_paths: Sequence[str]
   tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.tokenizer_path,
                                         config.data.eos_token)
   batch_sh = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
-  eval_fn = jax.jit(lambda p, b: ts.eval_step(p, b, model=model), in_shardings=(None, batch_sh))
+  chunk = config.get("loss_chunk_len", 0)  # absent from runs saved before it existed
+  eval_fn = jax.jit(lambda p, b: ts.eval_step(p, b, model=model, loss_chunk_len=chunk),
+                    in_shardings=(None, batch_sh))
   report = {"step": step, "workdir": os.path.abspath(workdir), "devices": mesh.size,
             "datasets": {}, "tasks": {}}
 

@@ -16,8 +16,10 @@ from moda_jax.model.kernel_call import sharded_moda_attention
 from moda_jax.model.layers import DepthKVProjection, RMSNorm, depth_key, norm_gain, projection
 from moda_jax.model.rope import apply_rope
 
-# `remat="save_attention_out"` keeps this tensor for the backward pass and recomputes the rest.
+# Names for the remat policies (`block.remat_policy`): the attention output and the q / k / v
+# projection outputs (before QK-norm and RoPE, which are elementwise and cheap to redo).
 ATTENTION_OUT_NAME = "attention_out"
+QKV_PROJ_NAMES = ("query_proj", "key_proj", "value_proj")
 
 
 def project_inputs(cfg: ModelConfig, x_BTM, positions_BT, writes_depth: bool):
@@ -40,6 +42,8 @@ def project_inputs(cfg: ModelConfig, x_BTM, positions_BT, writes_depth: bool):
                       "key")(x_BTM)
   v_BTKD = projection(cfg, (cfg.num_kv_heads, cfg.head_dim), -1, ("embed", "kv_heads", "head_dim"),
                       "value")(x_BTM)
+  q_BTHD, k_BTKD, v_BTKD = (checkpoint_name(x, name) for x, name in zip((q_BTHD, k_BTKD, v_BTKD),
+                                                                      QKV_PROJ_NAMES))
 
   depth_slot = None
   if writes_depth and cfg.uses_depth:

@@ -13,10 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.residuals import RESIDUALS_NAME
+
 from moda_jax.model import depth_stream
 from moda_jax.model import hyper_connections
 from moda_jax.model import mixers
-from moda_jax.model.attention import ATTENTION_OUT_NAME, MoDAAttention
+from moda_jax.model.attention import ATTENTION_OUT_NAME, QKV_PROJ_NAMES, MoDAAttention
 from moda_jax.model.config import ModelConfig
 from moda_jax.model.layers import DepthKVProjection, RMSNorm, SwiGLU
 
@@ -25,13 +27,21 @@ _STREAMS = ("act_batch", "act_len", "act_streams", "act_embed")  # hyper-connect
 
 
 def remat_policy(name: str) -> Callable | None:
-  """The `jax.checkpoint` policy for `ModelConfig.remat` (a name validated by the config)."""
+  """The `jax.checkpoint` policy for `ModelConfig.remat` (a name validated by the config; what each
+  one saves is in the `ModelConfig` docstring)."""
   policies = jax.checkpoint_policies
+  # The attention output and the kernel's own residuals (out, lse: pallas_kernels/residuals.py);
+  # without the latter the backward pass re-runs the attention forward kernel to get lse back.
+  attention = policies.save_only_these_names(ATTENTION_OUT_NAME, RESIDUALS_NAME)
   return {
       "full": policies.nothing_saveable,
+      "save_attention_out": attention,
+      "save_qkv_attention_out": policies.save_only_these_names(*QKV_PROJ_NAMES, ATTENTION_OUT_NAME,
+                                                               RESIDUALS_NAME),
+      "save_dots_and_attention": policies.save_from_both_policies(
+          policies.dots_with_no_batch_dims_saveable, attention),
       "dots_saveable": policies.dots_saveable,
       "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable,
-      "save_attention_out": policies.save_only_these_names(ATTENTION_OUT_NAME),
   }[name]
 
 

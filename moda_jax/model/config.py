@@ -11,8 +11,9 @@ from typing import Any, Mapping
 
 DEPTH_KV_VARIANTS = ("none", "attn", "attn_ffn", "attn_ffn_extra")
 NORM_PLACEMENTS = ("pre", "post", "reordered")
-REMAT_OPTIONS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                 "save_attention_out")
+# From the least saved (most recomputed) to the most; see `ModelConfig.remat`.
+REMAT_OPTIONS = ("full", "save_attention_out", "save_qkv_attention_out", "dots_with_no_batch_dims_saveable",
+                 "dots_saveable", "save_dots_and_attention", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 # The depth-mixing peers (docs/peers.md): other ways for a layer to read earlier layers.
 DEPTH_MIXERS = ("none", "denseformer", "value_residual", "hyper_connections", "attention_residuals",
@@ -36,10 +37,24 @@ class ModelConfig:
     qk_norm: per-head RMSNorm on q and k (and, at read time, on depth keys).
     rope_theta: rotary base. tie_embeddings: logits use the input embedding.
     scan_layers: blocks as `nn.scan` (params with a leading "layers" axis) or a Python loop.
-    remat: "none", "full" or a named policy from `REMAT_OPTIONS`. With depth on, the depth-writing
-      blocks are recomputed once in the backward pass whatever this says (that is how the
-      linear-memory stack's custom_vjp stays linear in depth); remat then governs the last block,
-      and every block of `depth_kv="none"` models.
+    remat: what each block keeps for the backward pass (the rest is recomputed there). With depth on,
+      the depth-writing blocks are recomputed once in the backward pass whatever this says (that is
+      how the linear-memory stack's custom_vjp stays linear in depth); remat then governs the last
+      block, and every block of `depth_kv="none"` models. Options, least memory first; the memory is
+      an estimate per block at the 700M shape (B8 x T4096 = 32K tokens, M 1024, 16 q / 8 kv heads of
+      64, SwiGLU 4096, bf16: one [tokens, 1024] activation is 64 MiB):
+        "full": only the block input (64 MiB); the whole block, attention kernel included, runs twice.
+        "save_attention_out": + the attention output and the kernel's lse (~130 MiB): the backward
+          pass skips the attention forward kernel and recomputes the projections, norms and FFN.
+        "save_qkv_attention_out": + the q / k / v projection outputs (~260 MiB): also skips the QKV
+          matmuls (QK-norm and RoPE are redone elementwise).
+        "dots_with_no_batch_dims_saveable" (JAX's): every projection output, q / k / v / out, FFN
+          gate / up / down (~830 MiB), but not the attention kernel's: it runs twice.
+        "dots_saveable" (JAX's): every matmul output, batched ones too; but an attention backend's
+          matmuls are hidden in its custom_vjp, so the kernel still runs twice.
+        "save_dots_and_attention": projections and attention (~900 MiB): only elementwise work
+          (norms, RoPE, SwiGLU's activation) is recomputed.
+        "none": no checkpoint, every intermediate is kept (float32 norm internals too; ~3 GiB).
     dtype, param_dtype: compute and parameter dtypes. attention_impl: `moda_attention`'s
       `implementation=` (None = best for the platform).
     init_std: N(0, init_std) weights. norm_eps: RMSNorm epsilon.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,7 +125,7 @@ class DepthKVProjection(nn.Module):
 
 
 class Embedding(nn.Module):
-  """Token embedding [V, M]; `attend` gives float32 logits against it (tied embeddings)."""
+  """Token embedding [V, M] (with tied embeddings also the output layer: `Unembedding(table, True)`)."""
 
   config: ModelConfig
 
@@ -138,6 +139,21 @@ class Embedding(nn.Module):
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     return jnp.take(self.embedding, tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
 
-  def attend(self, x_BTM: jax.Array) -> jax.Array:
-    table_VM = self.embedding.astype(x_BTM.dtype)
-    return jnp.einsum("btm,vm->btv", x_BTM, table_VM, preferred_element_type=jnp.float32)
+
+@flax.struct.dataclass
+class Unembedding:
+  """The output layer as data, so a loss can compute logits a chunk of tokens at a time.
+
+  `table` is the parameter as stored (float32 master copy): the embedding [V, M] when tied
+  (`vocab_first`), the "unembed" kernel [M, V] otherwise. The rule for logits is written once, here:
+  the table cast to the hidden states' (compute) dtype, contracted with float32 accumulation, no
+  soft-capping or scaling.
+  """
+
+  table: jax.Array
+  vocab_first: bool = flax.struct.field(pytree_node=False)
+
+  def logits(self, x_NM: jax.Array) -> jax.Array:
+    """x [..., M] -> float32 logits [..., V]."""
+    spec = "...m,vm->...v" if self.vocab_first else "...m,mv->...v"
+    return jnp.einsum(spec, x_NM, self.table.astype(x_NM.dtype), preferred_element_type=jnp.float32)

@@ -1,5 +1,9 @@
 """`Transformer`: embed -> depth-writing blocks -> last block -> final norm -> float32 logits.
 
+With `return_hidden=True` it stops before the output layer and returns the final-normed hidden states
+and the output layer as data (`layers.Unembedding`): a loss can then form the [B, T, V] logits a chunk
+of tokens at a time (`moda_jax/train/loss.py`) instead of holding them all in float32.
+
 Parameter layout (`param_layout.py` converts between the two):
   scan_layers=True:  embed, blocks (leading "layers" axis, N - 1 blocks), last_block, final_norm[, unembed]
   scan_layers=False: embed, block_0 ... block_{N-2}, last_block, final_norm[, unembed]
@@ -31,7 +35,7 @@ from moda_jax.model.depth_stack import linear_memory_stack
 from moda_jax.model import kv_cache
 from moda_jax.model import mixers
 from moda_jax.model.kv_cache import Cache
-from moda_jax.model.layers import Embedding, RMSNorm, dtype_of
+from moda_jax.model.layers import Embedding, RMSNorm, Unembedding, dtype_of
 
 _ACT = ("act_batch", "act_len", "act_embed")
 
@@ -44,7 +48,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, *, cache: Cache | None = None,
-               return_probs: bool = False):
+               return_probs: bool = False, return_hidden: bool = False):
     """tokens [B, T] int -> logits [B, T, V] float32; with `cache`, (logits, cache, probs).
 
     Args:
@@ -56,8 +60,14 @@ class Transformer(nn.Module):
         (one document per row, all rows at the same position); returns the updated cache too.
       return_probs: with `cache`, also return the attention probabilities [N, B, T, H, S_max + L_max]
         of every attention sublayer (sequence columns first, then depth slots); else None.
+      return_hidden: without `cache`, return (hidden_BTM, unembedding) instead of the logits: the
+        final-normed hidden states in the compute dtype and a `layers.Unembedding` whose
+        `logits(hidden_BTM)` are exactly the logits this call would return.
     """
     cfg = self.config
+    if return_hidden and cache is not None:
+      raise ValueError("return_hidden=True was given with cache: decoding returns logits; pass one "
+                       "of them.")
     batch, seq_len = _validate_inputs(cfg, tokens_BT, segment_ids, positions, cache)
     if cache is not None:
       positions = jnp.broadcast_to(cache.length + jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
@@ -99,14 +109,16 @@ class Transformer(nn.Module):
     x_BTM = RMSNorm(cfg, name="final_norm")(x_BTM)
 
     if cfg.tie_embeddings:
-      logits_BTV = embedding.attend(x_BTM)
+      unembedding = Unembedding(embedding.embedding, vocab_first=True)
     else:
       unembed_MV = self.param(
           "unembed",
           nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
-      logits_BTV = jnp.einsum("btm,mv->btv", x_BTM, unembed_MV.astype(x_BTM.dtype),
-                              preferred_element_type=jnp.float32)
+      unembedding = Unembedding(unembed_MV, vocab_first=False)
+    if return_hidden:
+      return x_BTM, unembedding
+    logits_BTV = unembedding.logits(x_BTM)
     if cache is None:
       return logits_BTV
     if block_caches is None:

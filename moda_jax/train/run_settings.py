@@ -41,6 +41,10 @@ def check(config, devices=None) -> tuple[ModelConfig, jax.sharding.Mesh]:
   z_loss = config.z_loss_weight
   if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not z_loss >= 0:
     raise UserError(f"config.z_loss_weight={z_loss!r}: expected a number >= 0 (0 = off).")
+  chunk = config.loss_chunk_len
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    raise UserError(f"config.loss_chunk_len={chunk!r}: expected an int >= 0 (0 = dense logits, else "
+                    "positions per loss chunk).")
   optim.learning_rate_schedule(config)  # ValueError for warmup_steps / learning_rate
   mesh = sharding.mesh_from_config(config, devices)  # ValueError for mesh sizes vs devices
   shards = mesh.shape["data"] * mesh.shape["fsdp"]

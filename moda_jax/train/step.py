@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moda_jax.train import loss
 from moda_jax.train import sharding
 
 
@@ -29,6 +30,7 @@ class TrainState:
 class StepConfig:
   z_loss_weight: float = 0.0
   grad_accum_steps: int = 1
+  loss_chunk_len: int = 0  # 0: dense [B, T, V] logits; else positions per chunk (train/loss.py)
 
 
 def init_tokens(mesh, seq_len: int) -> jax.Array:
@@ -56,16 +58,20 @@ def state_shardings(model, optimizer, mesh, seed: int, tokens_BT) -> tuple[Train
   return abstract, TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
 
 
-def loss_sums(model, params, batch, z_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(objective sum, {ce_sum, z_sum, tokens}) over the valid targets of `batch`."""
-  logits_BTV = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
-                           positions=batch["positions"]).astype(jnp.float32)
+def loss_sums(model, params, batch, z_loss_weight: float,
+              loss_chunk_len: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(objective sum, {ce_sum, z_sum, tokens}) over the valid targets of `batch`.
+
+  `loss_chunk_len` > 0 computes the same sums without the dense logits (`loss.chunked_loss_sums`);
+  the model must then accept `return_hidden=True` (the `Transformer` does)."""
+  inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
   mask_BT = (batch["segment_ids"] > 0).astype(jnp.float32)  # segment 0 is packing padding
-  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-  ce_sum = jnp.sum((lse_BT - target_logit_BT) * mask_BT)
-  # z-loss (PaLM/OLMo2) keeps log Z near 0 so bf16 logits stay in range.
-  z_sum = jnp.sum(jnp.square(lse_BT) * mask_BT)
+  if loss_chunk_len:
+    hidden_BTM, unembedding = model.apply({"params": params}, batch["inputs"], **inputs, return_hidden=True)
+    ce_sum, z_sum = loss.chunked_loss_sums(hidden_BTM, unembedding, batch["targets"], mask_BT, loss_chunk_len)
+  else:
+    logits_BTV = model.apply({"params": params}, batch["inputs"], **inputs)
+    ce_sum, z_sum = loss.logit_sums(logits_BTV, batch["targets"], mask_BT)
   objective = ce_sum + z_loss_weight * z_sum
   return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BT)}
 
@@ -82,7 +88,8 @@ def _microbatches(batch, num: int):
 
 def train_step(state: TrainState, batch, *, model, optimizer, schedule, cfg: StepConfig):
   """One optimizer update on `batch` (dict of [B, T] int32); returns (new state, scalar metrics)."""
-  grad_fn = jax.grad(lambda p, b: loss_sums(model, p, b, cfg.z_loss_weight), has_aux=True)
+  grad_fn = jax.grad(lambda p, b: loss_sums(model, p, b, cfg.z_loss_weight, cfg.loss_chunk_len),
+                     has_aux=True)
   if cfg.grad_accum_steps == 1:
     grads, sums = grad_fn(state.params, batch)
   else:
@@ -103,7 +110,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, cfg: Ste
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-def eval_step(params, batch, *, model):
+def eval_step(params, batch, *, model, loss_chunk_len: int = 0):
   """Summed cross-entropy and token count of one batch (summed, so batches combine exactly)."""
-  _, sums = loss_sums(model, params, batch, 0.0)
+  _, sums = loss_sums(model, params, batch, 0.0, loss_chunk_len)
   return {"ce_sum": sums["ce_sum"], "tokens": sums["tokens"]}

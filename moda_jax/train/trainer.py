@@ -63,13 +63,13 @@ class _Run:
       self.abstract, self.shardings = ts.state_shardings(model, optimizer, self.mesh, config.seed, tokens)
     self.init_fn = jax.jit(lambda: ts.init_train_state(model, optimizer, config.seed, tokens),
                            out_shardings=self.shardings)
-    step_cfg = ts.StepConfig(config.z_loss_weight, config.grad_accum_steps)
+    step_cfg = ts.StepConfig(config.z_loss_weight, config.grad_accum_steps, config.loss_chunk_len)
     self.step_fn = jax.jit(
         functools.partial(_step_with_check, model=model, optimizer=optimizer,
                           schedule=optim.learning_rate_schedule(config), cfg=step_cfg),
         in_shardings=(self.shardings, batch_sh), out_shardings=(self.shardings, rep),
         donate_argnums=0)
-    self.eval_fn = jax.jit(functools.partial(ts.eval_step, model=model),
+    self.eval_fn = jax.jit(functools.partial(ts.eval_step, model=model, loss_chunk_len=config.loss_chunk_len),
                            in_shardings=(self.shardings.params, batch_sh), out_shardings=rep)
     # data.val_path: one set per file (val_batches is all of them); else one unnamed set.
     self.val_sets = {name: [sharding.global_batch(b, self.mesh) for b in batches]
