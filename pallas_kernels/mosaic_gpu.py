@@ -5,8 +5,9 @@ This file owns the layout glue, what the backend supports and the `custom_vjp`; 
 (sequence dk / dv): wgmma on SMEM operands, a TMA ring fed by a memory warpgroup, one or two compute
 warpgroups. No transposes of q / k / v / depth: the kernels read the native layouts with TMA boxes (a T
 that is not a multiple of a tile is handled by TMA's zero-filled reads and clipped writes; T not a
-multiple of 8 is padded here, a copy of every input). lse and delta are [B, Hq, T] inside (transposed
-here: small). The backward is deterministic (no atomics; every sum in registers in a fixed order).
+multiple of 8 is padded here, a copy of every input). lse, delta and the rows' segment ids are in row
+tiles inside (`mosaic_gpu_tiles.to_row_tiles`: one aligned TMA box per warpgroup; re-laid here: small).
+The backward is deterministic (no atomics; every sum in registers in a fixed order).
 
 With G > 8 (a kv head's query heads spread over several programs) the backward is pallas_triton's
 (`triton_bwd.backward` on this forward's residuals): the depth dk / dv would otherwise be summed across
@@ -48,12 +49,17 @@ def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
   if not isinstance(block_sizes, mt.BlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r}: expected a mosaic_gpu_tiles.BlockSizes.")
   block_sizes.validate()
+  return _moda(operands_of(inputs, spec), spec, block_sizes, interpret_params(interpret))
+
+
+def operands_of(inputs: spec_lib.Inputs, spec: spec_lib.Spec) -> tt.Operands:
+  """The kernels' operands of a prepared call (depth bounds as one int32 [2] array)."""
   operands = tt.Operands(q=inputs.q, k=inputs.k, v=inputs.v, depth_q=inputs.depth_q,
                          segment_ids=inputs.segment_ids)
   if spec.has_depth:
     operands = operands._replace(depth_k=inputs.depth_k, depth_v=inputs.depth_v,
                                  depth_bounds=jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32))
-  return _moda(operands, spec, block_sizes, _interpret_params(interpret))
+  return operands
 
 
 def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> None:
@@ -76,7 +82,7 @@ def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> 
                               "(a query sees its own token's depth slots only here).")
 
 
-def _interpret_params(interpret):
+def interpret_params(interpret):
   """None (compile for the GPU) or the `InterpretGPUParams` of GPU interpret mode (hashable)."""
   if interpret is None or interpret is False:
     return None
@@ -98,29 +104,40 @@ def _padded(operands: tt.Operands) -> tt.Operands:
                        for name, x in zip(tt.Operands._fields, operands)))
 
 
-def _forward(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret):
-  """(out [B, T, Hq, D], lse [B, T, Hq], lse [B, Hq, T8]) of the unpadded operands."""
-  batch, seq_len, num_q_heads, head_dim = operands.q.shape
-  group = num_q_heads // operands.k.shape[2]
+def _geometry(operands: tt.Operands, blocks: mt.MosaicBlocks, interpret) -> mt.Geometry:
+  _, seq_len, num_q_heads, head_dim = operands.q.shape
   num_slots = 0 if operands.depth_k is None else operands.depth_k.shape[2]
-  geom = mt.make_geometry(seq_len, num_slots, group, head_dim, block_sizes.fwd, interpret is not None)
-  padded = _padded(operands)
-  out, lse_BHT = mosaic_gpu_fwd.forward(mosaic_gpu_fwd.Operands(*padded), spec, geom, interpret)
-  return out[:, :seq_len], jnp.transpose(lse_BHT[:, :, :seq_len], (0, 2, 1)), lse_BHT
+  return mt.make_geometry(seq_len, num_slots, num_q_heads // operands.k.shape[2], head_dim, blocks,
+                          interpret is not None)
+
+
+def _row_segments(segment_ids, num_tiles: int, geom: mt.Geometry):
+  return None if segment_ids is None else mt.row_segments(segment_ids, num_tiles, geom)
+
+
+def forward(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret):
+  """The forward kernel: (out [B, T, Hq, D], lse [B, T, Hq], lse in row tiles) of the unpadded operands;
+  `interpret` from `interpret_params`."""
+  seq_len = operands.q.shape[1]
+  geom = _geometry(operands, block_sizes.fwd, interpret)
+  ops = mosaic_gpu_fwd.Operands(*_padded(operands))
+  ops = ops._replace(row_segments=_row_segments(operands.segment_ids, geom.row_tiles, geom))
+  out, lse_rows = mosaic_gpu_fwd.forward(ops, spec, geom, interpret)
+  return out[:, :seq_len], mt.from_row_tiles(lse_rows, seq_len, geom), lse_rows
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret):
-  return _forward(operands, spec, block_sizes, interpret)[:2]
+  return forward(operands, spec, block_sizes, interpret)[:2]
 
 
 def _moda_fwd(operands, spec, block_sizes, interpret):
-  out, lse, lse_BHT = residuals.named(*_forward(operands, spec, block_sizes, interpret))
-  return (out, lse), (operands, out, lse, lse_BHT)
+  out, lse, lse_rows = residuals.named(*forward(operands, spec, block_sizes, interpret))
+  return (out, lse), (operands, out, lse, lse_rows)
 
 
-def _moda_bwd(spec, block_sizes, interpret, residuals, cotangents):
-  operands, out, lse, lse_BHT = residuals
+def _moda_bwd(spec, block_sizes, interpret, saved, cotangents):
+  operands, out, lse, lse_rows = saved
   d_out, d_lse = cotangents
   batch, seq_len, num_q_heads, head_dim = operands.q.shape
   group = num_q_heads // operands.k.shape[2]
@@ -129,13 +146,21 @@ def _moda_bwd(spec, block_sizes, interpret, residuals, cotangents):
   d_out = d_out.astype(out.dtype)
   if group > mt.MAX_HEADS_PER_TILE:
     return (_triton_backward(operands, out, lse, d_out, delta, spec, interpret),)
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, -seq_len % 8)] + [(0, 0)] * (x.ndim - 2))
-  delta_BHT = jnp.transpose(pad(delta), (0, 2, 1))
-  ops = mosaic_gpu_bwd.Operands(*_padded(operands), do=pad(d_out), lse=lse_BHT, delta=delta_BHT)
+  ops = backward_operands(operands, lse_rows, d_out, delta, block_sizes, interpret)
   grads = mosaic_gpu_bwd.backward(ops, spec, block_sizes, interpret)
   dq, d_depth_q, dk, dv, d_depth_k, d_depth_v = (None if g is None else g[:, :seq_len] for g in grads)
   del batch, head_dim
   return (tt.Operands(q=dq, k=dk, v=dv, depth_q=d_depth_q, depth_k=d_depth_k, depth_v=d_depth_v),)
+
+
+def backward_operands(operands: tt.Operands, lse_rows, d_out, delta, block_sizes: mt.BlockSizes, interpret):
+  """The backward kernels' `mosaic_gpu_bwd.Operands` (T padded to 8, the rows' vectors in row tiles) from
+  the unpadded operands, the forward's lse row tiles, do [B, T, Hq, D] and delta [B, T, Hq] (G <= 8)."""
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, -x.shape[1] % 8)] + [(0, 0)] * (x.ndim - 2))
+  geom, num_tiles = _geometry(operands, block_sizes.dq, interpret), lse_rows.shape[2]  # tokens, Gp: any kernel's
+  return mosaic_gpu_bwd.Operands(*_padded(operands), do=pad(d_out), lse=lse_rows,
+                                 delta=mt.to_row_tiles(delta, num_tiles, geom),
+                                 row_segments=_row_segments(operands.segment_ids, num_tiles, geom))
 
 
 def _triton_backward(operands: tt.Operands, out, lse, d_out, delta, spec, interpret) -> tt.Operands:

@@ -32,8 +32,9 @@ from pallas_kernels import spec as spec_lib
 
 
 class Operands(NamedTuple):
-  """The backward's inputs (absent: None): the forward's (mosaic_gpu_fwd.Operands order) and the rows'
-  do [B, T, Hq, D], lse and delta [B, Hq, T] float32."""
+  """The backward's inputs (absent: None): the forward's (mosaic_gpu_fwd.Operands order, but for
+  row_segments, last here) and the rows' do [B, T, Hq, D], lse and delta float32 in row tiles
+  [B, Hk, row_tiles, ROWS] (`mosaic_gpu_tiles.to_row_tiles`; G <= 8: one head group)."""
   q: Any
   k: Any
   v: Any
@@ -45,6 +46,7 @@ class Operands(NamedTuple):
   do: Any
   lse: Any
   delta: Any
+  row_segments: Any = None
 
 
 def _dq_kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
@@ -84,11 +86,14 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
   dq_smem = q_smem if smem["depth_q"] is None else smem["depth_q"]
   row_bar = scratch["row_bar"].at[wg]
   rows = dict(batch=batch, first_token=first_token, kv_head=kv_head, head_base=0, geom=geom)
-  for name in ("q", "do", "depth_q", "lse", "delta"):
+  for name in ("q", "do", "depth_q"):
     if smem[name] is not None:
       stream.load_rows(getattr(ops, name), smem[name], row_bar, **rows)
-  if ops.segment_ids is not None:
-    stream.load_rows(ops.segment_ids, smem["q_seg"], row_bar, **rows)
+  row_tile = dict(batch=batch, first_token=first_token, geom=geom)
+  for name, program in (("lse", kv_head), ("delta", kv_head), ("row_segments", None)):
+    if getattr(ops, name) is not None:
+      dst = smem["q_seg" if name == "row_segments" else name]
+      plgpu.copy_gmem_to_smem(stream.row_vector(getattr(ops, name), program=program, **row_tile), dst, row_bar)
   plgpu.barrier_wait(row_bar)
   row_vector = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
   lse2 = row_vector(smem["lse"]) * mt.LOG2E
@@ -201,7 +206,7 @@ def _dq_scratch(ops: Operands, geom: mt.Geometry, dtype):
   matrix = lambda cols: plgpu.SMEM((wgs, mt.ROWS, cols), dtype, transforms=mt.smem_transforms(cols, dtype))
   vector = lambda dt: plgpu.SMEM((wgs, mt.ROWS), dt)
   depth = ops.depth_k is not None
-  copies = 2 + (ops.depth_q is not None) + 2 + (ops.segment_ids is not None)
+  copies = geom.heads_per_tile * (2 + (ops.depth_q is not None)) + 2 + (ops.segment_ids is not None)
   return dict(
       q=matrix(d), do=matrix(d), depth_q=matrix(d) if ops.depth_q is not None else None,
       q_seg=vector(jnp.int32) if ops.segment_ids is not None else None,
@@ -209,11 +214,12 @@ def _dq_scratch(ops: Operands, geom: mt.Geometry, dtype):
       ds=matrix(mt.ROWS) if depth else None, p=matrix(mt.ROWS) if depth else None,
       dk_out=matrix(d) if depth else None, dv_out=matrix(d) if depth else None,
       ds_seq=matrix(geom.block_kv) if geom.interpret else None,
-      row_bar=plgpu.Barrier(num_arrivals=geom.heads_per_tile * copies, num_barriers=wgs),
+      row_bar=plgpu.Barrier(num_arrivals=copies, num_barriers=wgs),
       ring=stream.ring_scratch(geom, dtype, segments=ops.segment_ids is not None))
 
 
-def _dq_call(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
+def dq_and_depth(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
+  """The dq kernel: (dq, d depth_q if depth_q, d depth_k and d depth_v if depth) in the inputs' layouts."""
   batch = ops.q.shape[0]
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_type = [like(ops.q)]
@@ -245,7 +251,7 @@ def backward(ops: Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, int
   group = num_q_heads // ops.k.shape[2]
   num_slots = 0 if ops.depth_k is None else ops.depth_k.shape[2]
   make = lambda blocks: mt.make_geometry(spec.seq_len, num_slots, group, head_dim, blocks, interpret is not None)
-  outs = list(_dq_call(ops, spec, make(block_sizes.dq), interpret))
+  outs = list(dq_and_depth(ops, spec, make(block_sizes.dq), interpret))
   dq = outs.pop(0)
   d_depth_q = outs.pop(0) if ops.depth_q is not None else None
   d_depth_k, d_depth_v = outs if ops.depth_k is not None else (None, None)

@@ -5,11 +5,12 @@ keys and values in SMEM and dk, dv in registers, keys as the rows of every produ
     s^T = k q^T,  p^T = exp2(s^T - lse),  dv += p^T do,  dp^T = v do^T,  ds^T = p^T (dp^T - delta),
     dk += ds^T q.
 The memory warpgroup streams the query row tiles (64 folded rows: the `tokens` tokens of a tile times
-the Gp heads of a head group, as in the forward) with their do, lse, delta and segment ids through a
-ring; the G heads of the kv head are summed by looping over the head groups (in registers, in order:
-deterministic). Causal: a tile is visited from the first one holding the CTA's first key; the tiles
-overlapping a warpgroup's keys take the whole `spec.sequence_visible` mask, later ones the segment mask
-only; a warpgroup whose keys start later releases the earlier tiles unread.
+the Gp heads of a head group, as in the forward) with their do, lse, delta and segment ids (one row-tile
+box each, `mosaic_gpu_tiles.to_row_tiles`) through a ring; the G heads of the kv head are summed by
+looping over the head groups (in registers, in order: deterministic). Causal: a tile is visited from
+the first one holding the CTA's first key; the tiles overlapping a warpgroup's keys take the whole
+`spec.sequence_visible` mask, later ones the segment mask only; a warpgroup whose keys start later
+releases the earlier tiles unread.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ KEYS = mt.ROWS  # keys per compute warpgroup (wgmma M of every product)
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, segments: bool, geom: mt.Geometry,
             spec: spec_lib.Spec):
-  seg_ref = rest[0] if segments else None
-  dk_ref, dv_ref, scratch = rest[1:] if segments else rest
+  seg_ref, row_seg_ref = rest[:2] if segments else (None, None)
+  dk_ref, dv_ref, scratch = rest[2:] if segments else rest
   wg = lax.axis_index("wg")
   batch = lax.axis_index("batch")
   kv_head = lax.axis_index("heads")
@@ -59,8 +60,13 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, segments: bo
                   geom=geom)
       bar = ring[names[0] + "_bar"].at[slot]
       for name in names:
-        src = dict(q=q_ref, seg=seg_ref, do=do_ref, lse=lse_ref, delta=delta_ref)[name]
-        stream.load_rows(src, ring[name].at[slot], bar, **rows)
+        if name in ("q", "do"):
+          stream.load_rows(dict(q=q_ref, do=do_ref)[name], ring[name].at[slot], bar, **rows)
+        else:
+          src, program = dict(seg=(row_seg_ref, None), lse=(lse_ref, kv_head * geom.head_groups + group),
+                              delta=(delta_ref, kv_head * geom.head_groups + group))[name]
+          vector = stream.row_vector(src, batch=batch, program=program, first_token=first_token, geom=geom)
+          plgpu.copy_gmem_to_smem(vector, ring[name].at[slot], bar)
 
     total = geom.head_groups * per_group
     halves = (("q", "seg") if segments else ("q",), ("do", "lse", "delta"))
@@ -164,8 +170,8 @@ def _scratch(geom: mt.Geometry, dtype, segments: bool):
   ring = dict(q=tiled((st, mt.ROWS, d)), do=tiled((st, mt.ROWS, d)),
               seg=plgpu.SMEM((st, mt.ROWS), jnp.int32) if segments else None,
               lse=plgpu.SMEM((st, mt.ROWS), jnp.float32), delta=plgpu.SMEM((st, mt.ROWS), jnp.float32),
-              q_bar=plgpu.Barrier(num_arrivals=heads * (1 + segments), num_barriers=st),
-              do_bar=plgpu.Barrier(num_arrivals=heads * 3, num_barriers=st),
+              q_bar=plgpu.Barrier(num_arrivals=heads + segments, num_barriers=st),
+              do_bar=plgpu.Barrier(num_arrivals=heads + 2, num_barriers=st),
               q_consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=st),
               do_consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=st))
   return dict(k=tiled((wgs, KEYS, d)), v=tiled((wgs, KEYS, d)),
@@ -193,5 +199,5 @@ def dkv(ops, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
       interpret=interpret,
       kernel_name="moda_mosaic_backward_dkv",
   )
-  arrays = [ops.q, ops.k, ops.v, ops.do, ops.lse, ops.delta] + ([ops.segment_ids] if segments else [])
+  arrays = [ops.q, ops.k, ops.v, ops.do, ops.lse, ops.delta] + ([ops.segment_ids, ops.row_segments] if segments else [])
   return kernel(*arrays)

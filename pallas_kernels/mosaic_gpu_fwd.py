@@ -13,7 +13,8 @@ One CTA = one (query tile of compute_wgs x `tokens` tokens, head group of one kv
       2. the depth items: a dense [64, depth_cols] wgmma block of the rows against their tokens' slots,
          masked by `spec.depth_token_visible` and `spec.depth_slot_visible`.
     q (and depth_q) stay in SMEM for the whole pass; S = q k^T and acc += p v are wgmma with the
-    probabilities p from registers. out goes through SMEM (q's buffer) to TMA stores, lse too.
+    probabilities p from registers. out goes through SMEM (q's buffer) to TMA stores, lse too (one
+    box of the warpgroup's row tile, `mosaic_gpu_tiles.to_row_tiles`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from pallas_kernels import spec as spec_lib
 
 class Operands(NamedTuple):
   """The forward's inputs (absent: None). q, depth_q [B, T, Hq, D]; k, v [B, T, Hk, D]; depth_k,
-  depth_v [B, T, L, Hk, D]; depth_bounds [2] int32 (start, len); segment_ids [B, T] int32. T is a
-  multiple of 8 (tiled TMA boxes); spec.seq_len may be smaller (the padding is masked)."""
+  depth_v [B, T, L, Hk, D]; depth_bounds [2] int32 (start, len); segment_ids [B, T] int32 (the keys')
+  and row_segments [B, row_tiles, ROWS] int32 (the same in row tiles: the rows'), both or neither. T
+  is a multiple of 8 (tiled TMA boxes); spec.seq_len may be smaller (the padding is masked)."""
   q: Any
   k: Any
   v: Any
@@ -44,6 +46,7 @@ class Operands(NamedTuple):
   depth_v: Any = None
   depth_bounds: Any = None
   segment_ids: Any = None
+  row_segments: Any = None
 
 
 def _kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
@@ -64,7 +67,7 @@ def _kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     _compute_wg(wg, cta_token + wg * geom.tokens, out_ref, lse_ref, ops=ops, scratch=scratch, spec=spec,
-                head_base=head_base, max_kv=max_kv, **where, **depth)
+                program=lax.axis_index("heads"), head_base=head_base, max_kv=max_kv, **where, **depth)
 
   @pl.when(wg == geom.compute_wgs)
   def _memory():
@@ -95,7 +98,7 @@ def online_update(carry, logits, v_ref, *, v_bar, release, staging, schedule, ge
   return acc, m_next, l_next
 
 
-def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, batch, kv_head, head_base,
+def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, batch, program, kv_head, head_base,
                 geom: mt.Geometry, spec: spec_lib.Spec, max_kv, depth_start, depth_len, first_step, num_depth):
   q_smem = scratch["q"].at[wg]
   dq_smem = q_smem if scratch["depth_q"] is None else scratch["depth_q"].at[wg]
@@ -104,8 +107,10 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
   stream.load_rows(ops.q, q_smem, row_bar, **rows)
   if ops.depth_q is not None:
     stream.load_rows(ops.depth_q, dq_smem, row_bar, **rows)
+  row_tile = dict(batch=batch, first_token=first_token, geom=geom)
   if ops.segment_ids is not None:
-    stream.load_rows(ops.segment_ids, scratch["q_seg"].at[wg], row_bar, **rows)
+    plgpu.copy_gmem_to_smem(stream.row_vector(ops.row_segments, program=None, **row_tile), scratch["q_seg"].at[wg],
+                            row_bar)
   plgpu.barrier_wait(row_bar)
   q_seg = None
   if ops.segment_ids is not None:
@@ -176,21 +181,21 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
   lse_smem[...] = (m + jnp.log2(l)) / mt.LOG2E
   plgpu.commit_smem()
   stream.store_rows(q_smem, out_ref, **rows)
-  stream.store_rows(lse_smem, lse_ref, **rows)
+  plgpu.copy_smem_to_gmem(lse_smem, stream.row_vector(lse_ref, program=program, **row_tile))
   plgpu.wait_smem_to_gmem(0)
 
 
 def _scratch(ops: Operands, geom: mt.Geometry, dtype):
   wgs = geom.compute_wgs
   rows = plgpu.SMEM((wgs, mt.ROWS, geom.head_dim), dtype, transforms=mt.smem_transforms(geom.head_dim, dtype))
-  copies_per_head = 1 + (ops.depth_q is not None) + (ops.segment_ids is not None)
+  copies = geom.heads_per_tile * (1 + (ops.depth_q is not None)) + (ops.segment_ids is not None)
   staging = lambda cols: (plgpu.SMEM((wgs, mt.ROWS, cols), dtype, transforms=mt.smem_transforms(cols, dtype))
                           if geom.interpret else None)
   return dict(
       q=rows, depth_q=rows if ops.depth_q is not None else None,
       q_seg=None if ops.segment_ids is None else plgpu.SMEM((wgs, mt.ROWS), jnp.int32),
       lse=plgpu.SMEM((wgs, mt.ROWS), jnp.float32),
-      row_bar=plgpu.Barrier(num_arrivals=geom.heads_per_tile * copies_per_head, num_barriers=wgs),
+      row_bar=plgpu.Barrier(num_arrivals=copies, num_barriers=wgs),
       p_seq=staging(geom.block_kv),
       p_depth=staging(geom.depth_cols) if ops.depth_k is not None else None,
       schedule=plgpu.Barrier(num_arrivals=wgs) if geom.ping_pong else None,
@@ -198,14 +203,15 @@ def _scratch(ops: Operands, geom: mt.Geometry, dtype):
 
 
 def forward(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
-  """(out [B, T, Hq, D] in q's dtype, lse [B, Hq, T] float32 natural log)."""
-  batch, seq_len, num_q_heads, head_dim = ops.q.shape
+  """(out [B, T, Hq, D] in q's dtype, lse float32 natural log in row tiles [B, Hk * head_groups,
+  row_tiles, ROWS] (`mosaic_gpu_tiles.from_row_tiles` reads it))."""
+  batch = ops.q.shape[0]
   num_kv_heads = ops.k.shape[2]
   present = tuple(x is not None for x in ops)
   kernel = plgpu.kernel(
       functools.partial(_kernel, present=present, geom=geom, spec=spec),
       out_type=(jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype),
-                jax.ShapeDtypeStruct((batch, num_q_heads, seq_len), jnp.float32)),
+                jax.ShapeDtypeStruct((batch, num_kv_heads * geom.head_groups, geom.row_tiles, mt.ROWS), jnp.float32)),
       scratch_types=[_scratch(ops, geom, ops.q.dtype)],
       grid=(num_kv_heads * geom.head_groups, geom.num_q_tiles, batch),
       grid_names=("heads", "q_seq", "batch"),

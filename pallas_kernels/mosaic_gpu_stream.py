@@ -124,21 +124,12 @@ def tile_head(head_base, g, geom: mt.Geometry):
 
 
 def load_rows(src, dst, bar, *, batch, first_token, kv_head, head_base, geom: mt.Geometry):
-  """Gp TMA boxes: rows [g * tokens, (g + 1) * tokens) of `dst` from head g's `tokens` tokens of `src`.
-
-  `src` is [B, T, Hq, ...] (q-like: [tokens, D] boxes) or [B, Hq, T] (lse-like: [tokens] boxes) or
-  [B, T] (segment ids: the same tokens for every head).
-  """
+  """Gp TMA boxes: rows [g * tokens, (g + 1) * tokens) of `dst` from head g's `tokens` tokens of `src`
+  [B, T, Hq, D] (q-like)."""
   tokens = pl.ds(first_token, geom.tokens)
   for g in range(geom.heads_per_tile):
     h = kv_head * geom.group + tile_head(head_base, g, geom)
-    part = dst.at[pl.ds(g * geom.tokens, geom.tokens)]
-    if len(src.shape) == 4:
-      plgpu.copy_gmem_to_smem(src.at[batch, tokens, h], part, bar)
-    elif len(src.shape) == 3:
-      plgpu.copy_gmem_to_smem(src.at[batch, h, tokens], part, bar)
-    else:
-      plgpu.copy_gmem_to_smem(src.at[batch, tokens], part, bar)
+    plgpu.copy_gmem_to_smem(src.at[batch, tokens, h], dst.at[pl.ds(g * geom.tokens, geom.tokens)], bar)
 
 
 def store_rows(src, dst, *, batch, first_token, kv_head, head_base, geom: mt.Geometry):
@@ -149,5 +140,12 @@ def store_rows(src, dst, *, batch, first_token, kv_head, head_base, geom: mt.Geo
 
     @pl.when(head_base + g < geom.group)
     def _store():
-      h = kv_head * geom.group + head_base + g
-      plgpu.copy_smem_to_gmem(part, dst.at[batch, tokens, h] if len(dst.shape) == 4 else dst.at[batch, h, tokens])
+      plgpu.copy_smem_to_gmem(part, dst.at[batch, tokens, kv_head * geom.group + head_base + g])
+
+
+def row_vector(src, *, batch, program, first_token, geom: mt.Geometry):
+  """The GMEM row tile (`mt.to_row_tiles`) of the rows starting at `first_token` (a multiple of tokens):
+  src [B, Hk * head_groups, tiles, ROWS] (lse, delta; `program` = kv_head * head_groups + head group) or
+  [B, tiles, ROWS] (segment ids). One 256-byte TMA box, at a 256-byte multiple of an SMEM vector."""
+  tile = lax.div(first_token, jnp.int32(geom.tokens))
+  return src.at[batch, program, tile] if len(src.shape) == 4 else src.at[batch, tile]

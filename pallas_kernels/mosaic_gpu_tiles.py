@@ -3,10 +3,16 @@
 A CTA holds `compute_wgs` (1 or 2) compute warpgroups and one memory warpgroup (the last). A compute
 warpgroup of the forward and dq kernels owns ROWS = 64 *folded rows*: `tokens` consecutive tokens
 times `Gp` query heads of one kv head, head-major (row r is head r // tokens, token t0 + r % tokens),
-so that each head's rows are one strided TMA box [tokens, D] of q / out and one contiguous box of lse
-[B, Hq, T]. Gp = min(next_pow2(G), 8) keeps tokens >= 8 (a TMA box and an SMEM tile of 8 rows); G > 8
-spreads over `head_groups` programs, and padded heads (g >= G) load a real head's rows and are never
-stored or counted.
+so that each head's rows are one strided TMA box [tokens, D] of q / out. Gp = min(next_pow2(G), 8) keeps
+tokens >= 8 (a TMA box and an SMEM tile of 8 rows); G > 8 spreads over `head_groups` programs, and
+padded heads (g >= G) load a real head's rows and are never stored or counted.
+
+The rows' vectors (lse, delta, the rows' segment ids) live in *row tiles* outside the kernels
+(`to_row_tiles`): [B, Hk * head_groups, row_tiles, ROWS], a warpgroup's 64 rows one contiguous 256-byte
+vector, read and written as one TMA box. A box per head would start 32 or 64 bytes into the SMEM vector
+for Gp >= 4, and a tiled TMA copy needs a 128-byte aligned SMEM address (else
+CUDA_ERROR_MISALIGNED_ADDRESS); a store of a head's [tokens] window of a [B, Hq, T] array also ran past
+T into the next head's row (Mosaic GPU clips such contiguous stores at the array's end only).
 
 The forward and dq kernels' memory warpgroup streams one ring of `stages` slots of [ring_rows, D] K and
 V tiles (`mosaic_gpu_stream`): first the sequence key blocks of `block_kv` keys, then the depth items.
@@ -143,6 +149,11 @@ class Geometry:
     return pl.cdiv(self.seq_len, self.tokens_per_cta)
 
   @property
+  def row_tiles(self) -> int:
+    """Token tiles of `tokens` tokens that the CTAs cover (the last ones may lie past T)."""
+    return self.num_q_tiles * self.compute_wgs
+
+  @property
   def num_kv_blocks(self) -> int:
     return pl.cdiv(self.seq_len, self.block_kv)
 
@@ -172,6 +183,34 @@ def make_geometry(seq_len, num_slots, group, head_dim, blocks: MosaicBlocks, int
                   block_kv=blocks.block_kv, depth_cols=blocks.depth_cols, stages=blocks.stages,
                   compute_wgs=blocks.compute_wgs, ping_pong=blocks.ping_pong and blocks.compute_wgs == 2,
                   interpret=interpret)
+
+
+def to_row_tiles(x_BTH, num_tiles: int, geom: Geometry):
+  """[B, T, Hk * G] -> [B, Hk * head_groups, num_tiles, ROWS] row tiles (module doc); tokens past T and
+  padded heads are zeros (num_tiles * tokens >= T)."""
+  batch, seq_len, num_q_heads = x_BTH.shape
+  num_kv_heads, tokens, heads = num_q_heads // geom.group, geom.tokens, geom.heads_per_tile
+  x = x_BTH.reshape(batch, seq_len, num_kv_heads, geom.group)
+  x = jnp.pad(x, [(0, 0), (0, num_tiles * tokens - seq_len), (0, 0), (0, geom.head_groups * heads - geom.group)])
+  x = x.reshape(batch, num_tiles, tokens, num_kv_heads, geom.head_groups, heads).transpose(0, 3, 4, 1, 5, 2)
+  return x.reshape(batch, num_kv_heads * geom.head_groups, num_tiles, ROWS)
+
+
+def from_row_tiles(x, seq_len: int, geom: Geometry):
+  """The inverse of `to_row_tiles`: [B, T, Hk * G] (padded heads and tokens >= T dropped)."""
+  batch, programs, num_tiles, _ = x.shape
+  num_kv_heads, tokens, heads = programs // geom.head_groups, geom.tokens, geom.heads_per_tile
+  x = x.reshape(batch, num_kv_heads, geom.head_groups, num_tiles, heads, tokens).transpose(0, 3, 5, 1, 2, 4)
+  x = x.reshape(batch, num_tiles * tokens, num_kv_heads, geom.head_groups * heads)[:, :seq_len, :, :geom.group]
+  return x.reshape(batch, seq_len, num_kv_heads * geom.group)
+
+
+def row_segments(segment_ids_BT, num_tiles: int, geom: Geometry):
+  """[B, T] -> [B, num_tiles, ROWS]: the rows' segment ids in row tiles (the same for every head)."""
+  batch, seq_len = segment_ids_BT.shape
+  x = jnp.pad(segment_ids_BT, [(0, 0), (0, num_tiles * geom.tokens - seq_len)])
+  x = x.reshape(batch, num_tiles, 1, geom.tokens)
+  return jnp.broadcast_to(x, (batch, num_tiles, geom.heads_per_tile, geom.tokens)).reshape(batch, num_tiles, ROWS)
 
 
 def smem_transforms(cols: int, dtype):

@@ -7,11 +7,22 @@ module in Python and so rejects layouts, wgmma shapes, TMA boxes and SMEM budget
 would. Each kernel (forward, dq + depth backward, sequence dk/dv) must become one Mosaic GPU call;
 with G > 8 the backward is pallas_triton's (Triton calls). Compiling to PTX and running still needs the
 GPU machine: scripts/gpu_check_mosaic.sh.
+
+The lowering does not check the TMA copies' SMEM addresses, which the GPU does at run time (a misaligned
+one is CUDA_ERROR_MISALIGNED_ADDRESS, poisoning the process): `_checked_copies` records every copy's
+SMEM view while the kernels are traced and checks it on the CPU.
 """
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax._src.pallas.mosaic_gpu import core as gpu_core  # the SMEM views' tiling / swizzle transforms
+from jax._src.state import indexing
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import api, mosaic_gpu
 
@@ -57,6 +68,105 @@ _SHAPES = [(8, 4096, 2, 64, 72, True, False, True), (8, 4096, 2, 128, 72, True, 
 def test_forward_and_backward_lower_for_h200(batch, seq_len, group, head_dim, slots, depth_q, segments, causal):
   text = _lowered_text(batch, seq_len, group, head_dim, slots, depth_q=depth_q, segments=segments, causal=causal)
   assert text.count(_MOSAIC_CALL) == 3 and _TRITON_CALL not in text
+
+
+def _smem_view(ref):
+  """(static byte offset, byte strides of the dynamically indexed dims, swizzle or None) of an SMEM view
+  inside its allocation (allocations start 1024-byte aligned). Offsets are row-major in the logical
+  shape: for a tiled buffer that is the physical offset of a slice starting on a tile boundary, the only
+  slices a TMA copy takes."""
+  itemsize = jnp.dtype(ref.dtype).itemsize
+  swizzle, strides, static, dynamic = None, None, 0, []
+  for t in getattr(ref, "transforms", ()):
+    if isinstance(t, gpu_core.UnswizzleRef):
+      swizzle = t.swizzle
+    elif isinstance(t, indexing.NDIndexer):
+      strides = strides or [int(np.prod(t.shape[i + 1:])) for i in range(len(t.shape))]
+      kept = []
+      for index, stride in zip(t.indices, strides):
+        start = index.start if isinstance(index, indexing.Slice) else index
+        if isinstance(start, (int, np.integer)):
+          static += int(start) * stride
+        else:
+          dynamic.append(stride)
+        if isinstance(index, indexing.Slice):
+          kept.append(stride * index.stride)
+      strides = kept
+    elif not isinstance(t, gpu_core.UntilingTransform):
+      raise AssertionError(f"unhandled SMEM transform {t!r}: teach _smem_view its offsets")
+  return static * itemsize, [s * itemsize for s in dynamic], swizzle
+
+
+def _check_smem_side(ref, what):
+  """A tiled TMA copy needs a 128-byte aligned SMEM address (CUDA programming guide, TMA alignment
+  table); a swizzled one starts on its swizzle pattern's period (8 rows of `swizzle` bytes), or the
+  data lands permuted."""
+  static, dynamic, swizzle = _smem_view(ref)
+  align = 128 if swizzle is None else 8 * swizzle
+  bad = [b for b in [static, *dynamic] if b % align]
+  assert not bad, f"{what}: SMEM view {ref} at byte offset {static} + k * {dynamic}: not {align}-byte aligned"
+
+
+def _check_gmem_window(ref, what):
+  """A store from an unswizzled SMEM view to a contiguous GMEM window is one bulk copy that Mosaic GPU
+  clips at the array's end only (jax 0.11.2 `LaunchContext.async_copy`): a window running past its row
+  writes the next row. Such stores here write whole minor dims (integer indices elsewhere)."""
+  for t in getattr(ref, "transforms", ()):
+    if isinstance(t, indexing.NDIndexer):
+      for index, size in zip(t.indices, t.shape):
+        if isinstance(index, indexing.Slice):
+          assert isinstance(index.start, (int, np.integer)) and index.start == 0 and index.size == size, (
+              f"{what}: an unswizzled SMEM store to the GMEM window {t.indices} of {t.shape}")
+
+
+@contextlib.contextmanager
+def _checked_copies(monkeypatch):
+  """Checks every TMA copy of the kernels traced inside; yields the number of copies seen."""
+  seen = []
+  load, store = plgpu.copy_gmem_to_smem, plgpu.copy_smem_to_gmem
+
+  def checked_load(src, dst, *args, **kwargs):
+    seen.append(dst)
+    _check_smem_side(dst, "copy_gmem_to_smem")
+    return load(src, dst, *args, **kwargs)
+
+  def checked_store(src, dst, *args, **kwargs):
+    seen.append(src)
+    _check_smem_side(src, "copy_smem_to_gmem")
+    if _smem_view(src)[2] is None:
+      _check_gmem_window(dst, "copy_smem_to_gmem")
+    return store(src, dst, *args, **kwargs)
+
+  monkeypatch.setattr(plgpu, "copy_gmem_to_smem", checked_load)
+  monkeypatch.setattr(plgpu, "copy_smem_to_gmem", checked_store)
+  yield seen
+
+
+# T 7 (padded to 8, one partial tile), G 3 and 8 (Gp >= 4: a head's tokens < 32), segments, D 128.
+_ALIGNMENT_SHAPES = _SHAPES + [(1, 7, 3, 64, 5, False, False, True), (1, 4096, 8, 64, 64, False, False, True),
+                               (1, 7, 3, 128, 5, True, True, False)]
+
+
+@pytest.mark.parametrize("batch, seq_len, group, head_dim, slots, depth_q, segments, causal", _ALIGNMENT_SHAPES,
+                         ids=[f"B{s[0]}_T{s[1]}_G{s[2]}_D{s[3]}_L{s[4]}_seg{int(s[6])}" for s in _ALIGNMENT_SHAPES])
+def test_tma_copies_are_aligned(monkeypatch, batch, seq_len, group, head_dim, slots, depth_q, segments, causal):
+  with _checked_copies(monkeypatch) as seen:
+    _lowered_text(batch, seq_len, group, head_dim, slots, depth_q=depth_q, segments=segments, causal=causal)
+  assert len(seen) > 10  # the check saw the three kernels' copies
+
+
+def test_alignment_check_catches_a_misaligned_view(monkeypatch):
+  # An [8] int32 box at row 8 of a [64] vector starts 32 bytes in: the check must fail on it.
+  def kernel(x_ref, o_ref, vec, bar):
+    plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, 8)], vec.at[pl.ds(8, 8)], bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+    o_ref[...] = vec[...]
+
+  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((64,), jnp.int32),
+                      scratch_types=[plgpu.SMEM((64,), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=1)])
+  with _checked_copies(monkeypatch), pytest.raises(AssertionError, match="not 128-byte aligned"):
+    with jax.sharding.use_abstract_mesh(_MESH):
+      jax.jit(call).trace(jax.ShapeDtypeStruct((64,), jnp.int32)).lower(lowering_platforms=("cuda",))
 
 
 def test_many_heads_per_kv_head_use_the_triton_backward():
