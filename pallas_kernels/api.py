@@ -17,7 +17,10 @@ Every backend module exposes
 
 with `out` in q's dtype and `lse` float32 in natural log (-inf for a row that sees nothing, whose `out`
 is 0). It is differentiable in every floating array of `inputs` (a cotangent on `lse` included) and
-owns its `custom_vjp`. With depth_q None a backend may pass q twice (JAX then sums the two
+owns its `custom_vjp`. A backend may also expose `attention_with_depth(inputs, spec, *, interpret=False)
+-> (out, lse, depth_k, depth_v)`, the depth arrays returned unchanged, whose backward adds its depth
+cotangents into theirs in place (`return_depth=True`); without it the dispatcher returns the inputs
+themselves and JAX adds the two cotangents. With depth_q None a backend may pass q twice (JAX then sums the two
 cotangents: one code path per kernel, as the Pallas backends do) or keep a single dq (as `xla`
 does). `backend_options` are test and benchmark knobs (`block_sizes=`, `max_block=`); the dispatcher
 passes none. A backend first calls its own `check_supported(inputs, spec, interpret)`, which raises
@@ -128,6 +131,7 @@ def moda_attention(
     depth_q: jax.Array | None = None,
     depth_chunk: int | None = None,
     depth_start: int | jax.Array | None = None,
+    return_depth: bool = False,
 ):
   """Mixture-of-Depths attention: one softmax over the sequence K/V and the visible depth K/V.
 
@@ -162,17 +166,40 @@ def moda_attention(
       tokens of its chunk of C tokens. C > 1 needs causal=True and depth arrays.
     depth_start: slots < depth_start are ignored like slots >= depth_len. None means 0. A Python int
       or an int32 scalar array (may be traced).
+    return_depth: also return depth_k and depth_v, unchanged. A caller that carries depth buffers
+      through a stack of calls (the model's layers) threads them through this one: the cotangent
+      flowing back along the returned buffers then comes back as theirs with this call's depth
+      cotangent added in place, over the visible slots only, where the backend supports it
+      (pallas_triton, xla), instead of a zero-filled [B, T, L, Hk, D] gradient added to it. Needs
+      depth_k / depth_v.
 
   Returns:
-    out [B, T, Hq, D] in q's dtype, or (out, lse) when return_lse.
+    out [B, T, Hq, D] in q's dtype, or (out, lse) when return_lse; with return_depth, followed by
+    depth_k and depth_v.
   """
   inputs, spec = prepare(q, k, v, depth_k, depth_v, depth_len=depth_len, causal=causal, scale=scale,
                          segment_ids=segment_ids, depth_q=depth_q, depth_chunk=depth_chunk,
                          depth_start=depth_start)
   return_lse = validation.check_flag("return_lse", return_lse)
-  _, (out, lse) = _dispatch(implementation, interpret, return_lse,
-                            lambda backend: backend.attention(inputs, spec, interpret=interpret))
-  return (out, lse) if return_lse else out
+  return_depth = validation.check_flag("return_depth", return_depth)
+  if return_depth and depth_k is None:
+    raise ValueError("return_depth=True returns depth_k and depth_v: pass them (they are None).")
+  _, (out, lse, *depth) = _dispatch(implementation, interpret, return_lse,
+                                    lambda backend: _attend(backend, inputs, spec, interpret, return_depth))
+  result = (out, lse) if return_lse else (out,)
+  if return_depth:
+    # Depth arrays with L = 0 took no part (prepare dropped them): they come back as given.
+    result += (depth_k, depth_v) if inputs.depth_k is None else tuple(depth)
+  return result if len(result) > 1 else out
+
+
+def _attend(backend, inputs: Inputs, spec: Spec, interpret: Any, return_depth: bool):
+  """(out, lse) or, with return_depth, (out, lse, depth_k, depth_v) from one backend."""
+  if not return_depth:
+    return backend.attention(inputs, spec, interpret=interpret)
+  if hasattr(backend, "attention_with_depth"):
+    return backend.attention_with_depth(inputs, spec, interpret=interpret)
+  return (*backend.attention(inputs, spec, interpret=interpret), inputs.depth_k, inputs.depth_v)
 
 
 def resolve_implementation(
@@ -192,8 +219,12 @@ def resolve_implementation(
     depth_q: jax.Array | None = None,
     depth_chunk: int | None = None,
     depth_start: int | jax.Array | None = None,
+    return_depth: bool = False,
 ) -> str:
   """The name of the backend `moda_attention` runs for these arguments (same signature), computing nothing.
+
+  `return_depth` never changes the choice: a backend without an in-place depth cotangent returns the
+  depth inputs through the dispatcher instead.
 
   The same validation, order and fallback as `moda_attention`, with each backend's `check_supported`
   in place of its `attention`; it raises what `moda_attention` would (ValueError for a bad argument,
@@ -203,6 +234,7 @@ def resolve_implementation(
                          segment_ids=segment_ids, depth_q=depth_q, depth_chunk=depth_chunk,
                          depth_start=depth_start)
   return_lse = validation.check_flag("return_lse", return_lse)
+  validation.check_flag("return_depth", return_depth)
   name, _ = _dispatch(implementation, interpret, return_lse,
                       lambda backend: backend.check_supported(inputs, spec, interpret))
   return name

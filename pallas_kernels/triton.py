@@ -30,6 +30,16 @@ def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
 
   `block_sizes` overrides the per-device default tiles (benchmarks and tests use it).
   """
+  return attention_with_depth(inputs, spec, interpret=interpret, block_sizes=block_sizes)[:2]
+
+
+def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
+                         block_sizes: BlockSizes | None = None):
+  """`attention` returning (out, lse, depth_k, depth_v): the depth arrays unchanged (None without depth).
+
+  Their cotangents are the buffers the depth kernel adds its dk / dv into (`triton_bwd`), so a caller that
+  threads its depth buffers through the call gets their cotangent back with this call's added in place.
+  """
   block_sizes = _block_sizes(inputs, block_sizes)
   check_supported(inputs, spec, interpret, block_sizes=block_sizes)
   batch, seq_len, num_q_heads, head_dim = inputs.q.shape
@@ -51,9 +61,11 @@ def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
     bounds = jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32)
     operands = operands._replace(depth_q=q_BTKGD if inputs.depth_q is None else per_kv_head(inputs.depth_q),
                                  depth_k=pad(inputs.depth_k), depth_v=pad(inputs.depth_v), depth_bounds=bounds)
-  out_BTKGD, lse_BTKG = _moda(operands, spec, block_sizes, interpret)
+  out_BTKGD, lse_BTKG, depth_k, depth_v = _moda(operands, spec, block_sizes, interpret)
   out_BTHD = out_BTKGD.reshape(batch, seq_len, num_q_heads, padded_dim)[..., :head_dim]
-  return out_BTHD, lse_BTKG.reshape(batch, seq_len, num_q_heads)
+  if spec.has_depth and padded_dim != head_dim:  # the padded copies went through: back to the inputs' width
+    depth_k, depth_v = depth_k[..., :head_dim], depth_v[..., :head_dim]
+  return out_BTHD, lse_BTKG.reshape(batch, seq_len, num_q_heads), depth_k, depth_v
 
 
 def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret, *,
@@ -102,21 +114,24 @@ def _device_kind() -> str | None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: BlockSizes, interpret):
-  return triton_fwd.forward(operands, spec, blocks=block_sizes.fwd, interpret=interpret)
+  out, lse = triton_fwd.forward(operands, spec, blocks=block_sizes.fwd, interpret=interpret)
+  return out, lse, operands.depth_k, operands.depth_v
 
 
 def _moda_fwd(operands, spec, block_sizes, interpret):
-  out, lse = residuals.named(*_moda(operands, spec, block_sizes, interpret))
-  return (out, lse), (operands, out, lse)
+  out, lse, *depth = _moda(operands, spec, block_sizes, interpret)
+  out, lse = residuals.named(out, lse)
+  return (out, lse, *depth), (operands, out, lse)
 
 
-def _moda_bwd(spec, block_sizes, interpret, residuals, cotangents):
-  operands, out, lse = residuals
-  d_out, d_lse = cotangents
+def _moda_bwd(spec, block_sizes, interpret, saved, cotangents):
+  operands, out, lse = saved
+  d_out, d_lse, *depth_acc = cotangents
   # d lse / d logit = p, so an lse cotangent shifts every ds = p * (dp - delta) like a -dlse in delta.
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1) - d_lse
   rows = tt.RowGrads(do=d_out.astype(out.dtype), lse=lse, delta=delta)
-  grads = triton_bwd.backward(operands, rows, spec, block_sizes=block_sizes, interpret=interpret)
+  grads = triton_bwd.backward(operands, rows, spec, block_sizes=block_sizes, interpret=interpret,
+                              depth_acc=depth_acc if spec.has_depth else None)
   return (grads,)
 
 

@@ -3,9 +3,11 @@
 Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent enters only there):
   * `_dq_kernel`, one program per query tile: recomputes p = exp2(logits - lse) over the same sequence blocks
     as the forward and stores dq; then its depth phase (scored with depth_q, whose tile replaces the dead q
-    and dq registers) writes d depth_q and the depth dk/dv of the tile's own tokens. A tile holds whole
-    tokens (and whole depth chunks), so every depth slot gets its gradient from exactly one program and is
-    stored directly. Slots outside [depth_start, depth_len) are not computed, only zero-filled. With
+    and dq registers) writes d depth_q and adds the depth dk/dv of the tile's own tokens into the depth
+    cotangents it is given (zeros, or the cotangent a caller threads through `return_depth`), whose
+    buffers are its outputs (input_output_aliases): updated in place. A tile holds whole tokens (and whole
+    depth chunks), so every depth slot gets its gradient from exactly one program: a plain load-add-store.
+    Slots outside [depth_start, depth_len) are neither computed, read nor written. With
     `separate_depth_kernel` (and always for depth-only attention) the same kernel body runs as a sequence
     kernel and a depth kernel (the official kernel's split; keeps the depth phase's registers out of the
     T^2 loop); the two share no output, since d depth_q is its own array.
@@ -36,9 +38,10 @@ def _probs(logits, lse2, keep):
   return p if keep is None else jnp.where(keep, p, 0.0)
 
 
-def _dq_kernel(refs: tt.Operands, row_refs: tt.RowGrads, out: tt.Operands, *, geom: tt.Geometry,
-               spec: spec_lib.Spec):
-  """Writes the sequence dq when `out.q` is given, the depth cotangents when `out.depth_q` is."""
+def _dq_kernel(refs: tt.Operands, row_refs: tt.RowGrads, acc_refs: tt.Operands, out: tt.Operands, *,
+               geom: tt.Geometry, spec: spec_lib.Spec):
+  """Writes the sequence dq when `out.q` is given, the depth cotangents when `out.depth_q` is: d depth_q,
+  and acc_refs' depth_k / depth_v plus this call's into out's (the same buffers)."""
   tile = pl.num_programs(0) - 1 - pl.program_id(0)
   first_token = tile * geom.tokens_per_tile
   rows = tt.tile_rows(first_token, geom)
@@ -78,27 +81,15 @@ def _dq_kernel(refs: tt.Operands, row_refs: tt.RowGrads, out: tt.Operands, *, ge
     # its own tokens' slots only.
     for part_first_token, part_geom, (part_do, part_lse2, part_delta, part_chunk_seg) in tt.split_rows(
         first_token, (do, lse2, delta, chunk_seg), geom):
-      # The same for every part: they share the geometry and the bounds.
-      first_written, end_written = _depth_backward(
-          refs, out, depth_start, depth_len, part_first_token, part_geom, part_do, part_lse2, part_delta,
-          part_chunk_seg, spec)
-    # Unwritten slots got no probability mass: their gradient is zero, stored without any math.
-    zeros = jnp.zeros((geom.tokens_per_tile, geom.head_dim), jnp.float32)
-
-    def zero_slot(slot, _):
-      tt.store_token_slot(out.depth_k, first_token, slot, zeros, geom)
-      tt.store_token_slot(out.depth_v, first_token, slot, zeros, geom)
-      return _
-
-    jax.lax.fori_loop(0, jnp.minimum(first_written, geom.num_slots), zero_slot, jnp.int32(0))
-    jax.lax.fori_loop(jnp.minimum(end_written, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
+      _depth_backward(refs, acc_refs, out, depth_start, depth_len, part_first_token, part_geom, part_do,
+                      part_lse2, part_delta, part_chunk_seg, spec)
 
 
-def _depth_backward(refs: tt.Operands, out: tt.Operands, depth_start, depth_len, first_token, geom: tt.Geometry,
-                    do, lse2, delta, chunk_seg, spec: spec_lib.Spec):
-  """Writes d depth_q of the rows starting at `first_token` and the depth dk/dv of their tokens' slots in
-  the steps that hold readable ones; returns [first, end) of the slots it wrote (the caller zero-fills
-  the others)."""
+def _depth_backward(refs: tt.Operands, acc_refs: tt.Operands, out: tt.Operands, depth_start, depth_len,
+                    first_token, geom: tt.Geometry, do, lse2, delta, chunk_seg, spec: spec_lib.Spec):
+  """Writes d depth_q of the rows starting at `first_token` and adds the depth dk/dv of their tokens'
+  readable slots to the given cotangents, in the steps that hold readable ones (the other slots keep
+  theirs: nothing flows into them)."""
   rows = tt.tile_rows(first_token, geom)
   qk_scale = spec.scale * tt.LOG2E
   depth_q = tt.load_rows(refs.depth_q, rows, geom)
@@ -112,16 +103,15 @@ def _depth_backward(refs: tt.Operands, out: tt.Operands, depth_start, depth_len,
     p = _probs(tt.dot(depth_q, dk, trans_b=True) * qk_scale, lse2, keep)
     ds = p * (tt.dot(do, dv, trans_b=True) - delta)
     # Every row that sees a column is in this part: the sums over rows are the slots' whole gradients.
-    tt.store_depth(out.depth_k, cols, tt.dot(ds.astype(depth_q.dtype), depth_q, trans_a=True) * spec.scale, geom)
-    tt.store_depth(out.depth_v, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom)
+    d_keys = tt.dot(ds.astype(depth_q.dtype), depth_q, trans_a=True) * spec.scale
+    tt.add_depth(acc_refs.depth_k, out.depth_k, cols, d_keys, geom)
+    tt.add_depth(acc_refs.depth_v, out.depth_v, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom)
     return ddq + tt.dot(ds.astype(dk.dtype), dk)
 
   ddq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
   first_step, end_step = tt.depth_step_range(depth_start, depth_len, geom)
   ddq = jax.lax.fori_loop(first_step, end_step, depth_step, ddq)
   tt.store_rows(out.depth_q, rows, ddq * spec.scale, geom)
-  per = geom.slots_per_step
-  return first_step * per, jnp.maximum(first_step, end_step) * per
 
 
 def _dkv_kernel(refs: tt.Operands, row_refs: tt.RowGrads, out: tt.Operands, *, geom: tt.Geometry,
@@ -171,9 +161,10 @@ def _dkv_kernel(refs: tt.Operands, row_refs: tt.RowGrads, out: tt.Operands, *, g
 
 
 def backward(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec, *, block_sizes: BlockSizes,
-             interpret) -> tt.Operands:
+             interpret, depth_acc=None) -> tt.Operands:
   """The cotangents of `operands` (None where absent or integer): dq is the sequence part, d depth_q the
-  depth part of the query gradient."""
+  depth part of the query gradient. `depth_acc` = (dk, dv) shaped like the depth operands (or None:
+  zeros) is what the depth cotangents are added into; its buffers become theirs."""
   q_like = operands.depth_q if operands.q is None else operands.q
   batch, seq_len, num_kv_heads, group, head_dim = q_like.shape
   num_slots = 0 if operands.depth_k is None else operands.depth_k.shape[2]
@@ -182,7 +173,7 @@ def backward(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec, *, b
 
   def dq_call(*, sequence: bool, depth: bool):
     """The dq kernel writing the sequence dq, the depth cotangents, or both."""
-    ins, outs = tt.Operands(), tt.Operands()
+    ins, outs, acc = tt.Operands(), tt.Operands(), tt.Operands()
     if sequence:
       ins = ins._replace(q=operands.q, k=operands.k, v=operands.v, segment_ids=operands.segment_ids)
       outs = outs._replace(q=like(operands.q))
@@ -193,17 +184,25 @@ def backward(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec, *, b
         ins = ins._replace(segment_ids=operands.segment_ids)
       outs = outs._replace(depth_q=like(operands.depth_q), depth_k=like(operands.depth_k),
                            depth_v=like(operands.depth_v))
+      acc_k, acc_v = depth_acc or (jnp.zeros_like(operands.depth_k), jnp.zeros_like(operands.depth_v))
+      acc = acc._replace(depth_k=acc_k.astype(operands.depth_k.dtype), depth_v=acc_v.astype(operands.depth_v.dtype))
     blocks = block_sizes.dq
+    # The depth cotangents are updated in place: each given buffer is its output's.
+    first_acc = len(jax.tree.leaves((ins, rows)))
+    out_names = [name for name, x in zip(tt.Operands._fields, outs) if x is not None]
+    aliases = {first_acc + i: out_names.index(name) for i, name in enumerate(("depth_k", "depth_v")) if depth}
     return pl.pallas_call(
         functools.partial(_dq_kernel, geom=geom, spec=spec),
         grid=(geom.num_q_tiles, batch, num_kv_heads),
-        in_specs=[tt.kv_head_specs(ins, seq_len, group, head_dim), tt.row_grads_specs(seq_len, group, head_dim)],
+        in_specs=[tt.kv_head_specs(ins, seq_len, group, head_dim), tt.row_grads_specs(seq_len, group, head_dim),
+                  tt.kv_head_specs(acc, seq_len, group, head_dim)],
         out_specs=[tt.kv_head_specs(outs, seq_len, group, head_dim)],
         out_shape=[outs],
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="moda_backward_dq" if sequence else "moda_backward_depth",
-    )(ins, rows)[0]
+    )(ins, rows, acc)[0]
 
   has_sequence, has_depth = operands.q is not None, operands.depth_k is not None
   if has_sequence and has_depth and not block_sizes.dq.separate_depth_kernel:

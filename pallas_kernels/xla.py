@@ -41,6 +41,15 @@ def attention(inputs: Inputs, spec: Spec, *, interpret=False, max_block: int | N
   `max_block` caps the tile size; None picks it for the platform and the batch * heads (tests pass
   small values to exercise many blocks on short inputs).
   """
+  return attention_with_depth(inputs, spec, interpret=interpret, max_block=max_block)[:2]
+
+
+def attention_with_depth(inputs: Inputs, spec: Spec, *, interpret=False, max_block: int | None = None):
+  """`attention` returning (out, lse, depth_k, depth_v): the depth arrays unchanged (None without depth).
+
+  Their cotangents seed the backward's depth cotangent carry (`xla_backward`), so a caller that threads
+  its depth buffers through the call gets their cotangent back with this call's added in place.
+  """
   check_supported(inputs, spec, interpret)
   batch, seq_len, num_q_heads, head_dim = inputs.q.shape
   if max_block is None:
@@ -66,6 +75,11 @@ class _Softmax(NamedTuple):
   max_BKR: jax.Array
   sum_BKR: jax.Array
   acc_BKRD: jax.Array
+
+
+def _empty(shape_BKR, geo: Geometry) -> _Softmax:
+  return _Softmax(jnp.full(shape_BKR, -jnp.inf, jnp.float32), jnp.zeros(shape_BKR, jnp.float32),
+                  jnp.zeros((*shape_BKR, geo.head_dim), jnp.float32))
 
 
 def _merge(state: _Softmax, logits_BKRN, weighted_values: Callable) -> _Softmax:
@@ -95,13 +109,14 @@ def forward(geo: Geometry, inputs: Inputs):
   def query_block(i):
     q_BKRD = q_NBKRD[i]
     seg_rows_BR = None if seg_rows_NBR is None else seg_rows_NBR[i]
-    shape_BKR = (geo.batch, geo.num_kv_heads, geo.rows)
-    state = _Softmax(jnp.full(shape_BKR, -jnp.inf, jnp.float32), jnp.zeros(shape_BKR, jnp.float32),
-                     jnp.zeros((*shape_BKR, geo.head_dim), jnp.float32))
     if spec.has_depth:
       depth = xla_depth.phase(depth_k_BTLKD, depth_v_BTLKD, segments_BT, inputs.depth_start,
                               inputs.depth_len, i, geo)
-      state = _merge(state, depth.logits(depth_q_NBKRD[i]), lambda p: depth.weighted_values(p, dtype))
+      # The depth phase starts the state: the softmax of its own logits, for its rows.
+      state = depth.softmax_state(depth_q_NBKRD[i], dtype,
+                                  lambda logits, values: _merge(_empty(logits.shape[:3], geo), logits, values))
+    else:
+      state = _empty((geo.batch, geo.num_kv_heads, geo.rows), geo)
 
     def step(j, diagonal, state):
       k_BKSD, v_BKSD = k_NBKSD[j], v_NBKSD[j]
@@ -130,17 +145,19 @@ def forward(geo: Geometry, inputs: Inputs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _moda(geo, inputs):
-  return forward(geo, inputs)
+  return (*forward(geo, inputs), inputs.depth_k, inputs.depth_v)
 
 
 def _moda_fwd(geo, inputs):
   out, lse = residuals.named(*forward(geo, inputs))
-  return (out, lse), (inputs, out, lse)
+  return (out, lse, inputs.depth_k, inputs.depth_v), (inputs, out, lse)
 
 
-def _moda_bwd(geo, residuals, cotangents):
-  inputs, out, lse = residuals
-  dq, dk, dv, d_depth_q, d_depth_k, d_depth_v = xla_backward.backward(geo, inputs, out, lse, *cotangents)
+def _moda_bwd(geo, saved, cotangents):
+  inputs, out, lse = saved
+  d_out, d_lse, *depth_acc = cotangents
+  dq, dk, dv, d_depth_q, d_depth_k, d_depth_v = xla_backward.backward(
+      geo, inputs, out, lse, d_out, d_lse, depth_acc=depth_acc if geo.spec.has_depth else None)
   # depth_start, depth_len and segment_ids are integers: no cotangent.
   return (Inputs(q=dq, k=dk, v=dv, depth_q=d_depth_q, depth_k=d_depth_k, depth_v=d_depth_v,
                  depth_start=None, depth_len=None, segment_ids=None),)

@@ -10,10 +10,12 @@ depth part of the query gradient is d depth_q, a separate output unless depth_q 
 
 Loop order: a `lax.scan` over query blocks carries float32 dk / dv accumulators for the whole sequence
 ([B, T, K, D]: O(T * D), smaller than a dq carry whenever G > 1); a query block's dq is complete when
-its sweep ends, and so are the depth gradients of the tokens it read when no other block reads them
-(C = 1, or chunks inside blocks: `xla_depth`), so those are emitted as scan outputs. Overlapping
-sliding depth windows (C > max_block) add into a float32 [B, T, L, K, D] carry instead. Hidden slots
-have p = 0 exactly, hence gradients that are exactly zero.
+its sweep ends, so it is a scan output. The depth cotangents [B, T, L, K, D] are a carry too, which each
+block's depth phase adds its tokens' gradients into in place (`xla_depth`): seeded with zeros, or with the
+cotangent a caller threads through the call, so the result is that cotangent plus this call's without any
+other array of the buffers' size. It has the buffers' dtype (each slot's gradient is added once, rounded
+once), float32 where sliding depth windows (C > max_block) overlap. Hidden slots have p = 0 exactly, hence
+gradients that are exactly zero.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from pallas_kernels.xla_blocks import (
     segment_blocks, sweep_key_blocks, to_key_blocks, to_query_blocks)
 
 
-def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH):
+def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse_BTH, depth_acc=None):
   """Returns (dq, dk, dv, d_depth_q, d_depth_k, d_depth_v) in the inputs' dtypes.
 
   depth_q None means the depth keys were scored with q: dq then holds both parts and d_depth_q is
   None (one query gradient, not two [B, T, Hq, D] arrays and their sum). Otherwise dq is the
-  sequence part only. dk / dv are None for depth-only attention, the depth grads None without depth."""
+  sequence part only. dk / dv are None for depth-only attention, the depth grads None without depth.
+  `depth_acc` = (dk, dv) like the depth arrays (or None: zeros) is added into the depth grads."""
   spec = geo.spec
   q_BTHD = inputs.q
   dtype = q_BTHD.dtype
@@ -46,7 +49,6 @@ def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse
   lse_NBKR = to_query_blocks(jnp.where(lse_BTH == -jnp.inf, jnp.inf, lse_BTH), geo, pad_value=jnp.inf)
   seg_rows_NBR, seg_keys_NBS = segment_blocks(inputs.segment_ids, geo)
   shared_query = inputs.depth_q is None
-  sliding = spec.has_depth and xla_depth.sliding(geo)
   if spec.has_sequence:
     k_NBKSD, v_NBKSD = to_key_blocks(inputs.k, geo), to_key_blocks(inputs.v, geo)
   depth_q_NBKRD = None
@@ -62,17 +64,13 @@ def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse
       depth_q_BKRD = q_BKRD
     seg_rows_BR = None if seg_rows_NBR is None else seg_rows_NBR[i]
 
-    def grads_of_logits(logits_BKRN, d_probs_BKRN):
-      probs = jnp.exp(logits_BKRN - lse_BKR[..., None])
-      return probs, probs * (d_probs_BKRN - delta_BKR[..., None])
-
     def step(j, diagonal, carry):
       dq_BKRD, (dk_NBKSD, dv_NBKSD) = carry
       k_BKSD, v_BKSD = k_NBKSD[j], v_NBKSD[j]
       seg_keys_BS = None if seg_keys_NBS is None else seg_keys_NBS[j]
       logits = geo.scale * dot("bkrd,bksd->bkrs", q_BKRD, k_BKSD)
       logits = masked(logits, key_block_mask(i, j, diagonal, seg_rows_BR, seg_keys_BS, geo))
-      probs, d_logits = grads_of_logits(logits, dot("bkrd,bksd->bkrs", d_out_BKRD, v_BKSD))
+      probs, d_logits = _grads_of_logits(logits, dot("bkrd,bksd->bkrs", d_out_BKRD, v_BKSD), lse_BKR, delta_BKR)
       probs, d_logits = probs.astype(dtype), d_logits.astype(dtype)
       dq_BKRD += geo.scale * dot("bkrs,bksd->bkrd", d_logits, k_BKSD)
       dk_NBKSD = _add_block(dk_NBKSD, j, geo.scale * dot("bkrs,bkrd->bksd", d_logits, q_BKRD))
@@ -84,16 +82,12 @@ def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse
     if spec.has_depth:
       depth = xla_depth.phase(depth_k_BTLKD, depth_v_BTLKD, segments_BT, inputs.depth_start,
                               inputs.depth_len, i, geo)
-      probs, d_logits = grads_of_logits(depth.logits(depth_q_BKRD), depth.d_probs(d_out_BKRD))
-      d_depth_q, d_depth_k, d_depth_v = depth.grads(probs, d_logits, depth_q_BKRD, d_out_BKRD, dtype)
+      d_depth_q, depth_acc = depth.backward(depth_q_BKRD, d_out_BKRD, (lse_BKR, delta_BKR), _grads_of_logits,
+                                            dtype, depth_acc)
       if shared_query:
         dq_BKRD += d_depth_q
       else:
         depth_grads = (d_depth_q.astype(dtype),)
-      if sliding:
-        depth_acc = (depth.accumulate(depth_acc[0], d_depth_k), depth.accumulate(depth_acc[1], d_depth_v))
-      else:
-        depth_grads += (d_depth_k, d_depth_v)
 
     if spec.has_sequence:
       dq_BKRD, dkv_acc = sweep_key_blocks(i, step, (dq_BKRD, dkv_acc), geo)
@@ -103,9 +97,12 @@ def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse
   dkv_init = ((jnp.zeros(shape_NBKSD, jnp.float32), jnp.zeros(shape_NBKSD, jnp.float32))
               if spec.has_sequence else ())
   depth_init = ()
-  if sliding:
-    shape_BTLKD = (geo.batch, geo.padded_len, geo.num_slots, geo.num_kv_heads, geo.head_dim)
-    depth_init = (jnp.zeros(shape_BTLKD, jnp.float32), jnp.zeros(shape_BTLKD, jnp.float32))
+  if spec.has_depth:
+    depth_arrays = (inputs.depth_k, inputs.depth_v)
+    if depth_acc is None:
+      depth_acc = tuple(jnp.zeros(a.shape, a.dtype) for a in depth_arrays)
+    depth_init = tuple(pad_tokens(acc, geo).astype(xla_depth.acc_dtype(geo, a.dtype))
+                       for acc, a in zip(depth_acc, depth_arrays))
   xs = (jnp.arange(geo.num_blocks), q_NBKRD, depth_q_NBKRD, d_out_NBKRD, lse_NBKR, delta_NBKR)
   (dkv_acc, depth_acc), per_block = jax.lax.scan(query_block, (dkv_init, depth_init), xs)
 
@@ -117,20 +114,17 @@ def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse
   if not spec.has_depth:
     return dq_BTHD, dk_BTKD, dv_BTKD, None, None, None
   d_depth_q = None if shared_query else from_query_blocks(per_block[1], geo)
-  if sliding:
-    d_depth_k, d_depth_v = (x[:, :geo.seq_len].astype(dtype) for x in depth_acc)
-  else:
-    d_depth_k, d_depth_v = (_from_depth_blocks(x, geo) for x in per_block[-2:])
+  d_depth_k, d_depth_v = (acc[:, :geo.seq_len].astype(a.dtype) for acc, a in zip(depth_acc, depth_arrays))
   return dq_BTHD, dk_BTKD, dv_BTKD, d_depth_q, d_depth_k, d_depth_v
+
+
+def _grads_of_logits(logits_BKRN, d_probs_BKRN, lse_BKR, delta_BKR):
+  """(p, d logits) of a tile: p recomputed from the saved lse, d logits = p * (dp - delta)."""
+  probs = jnp.exp(logits_BKRN - lse_BKR[..., None])
+  return probs, probs * (d_probs_BKRN - delta_BKR[..., None])
 
 
 def _add_block(acc_NBKSD, j, update_BKSD):
   """acc[j] += update, written as a dynamic slice + update so XLA keeps the carry in place."""
   block = jax.lax.dynamic_index_in_dim(acc_NBKSD, j, keepdims=False)
   return jax.lax.dynamic_update_index_in_dim(acc_NBKSD, block + update_BKSD, j, 0)
-
-
-def _from_depth_blocks(x_NBtLKD, geo: Geometry):
-  """[num_blocks, B, block, L, K, D] -> [B, T, L, K, D], padded tokens dropped."""
-  x = jnp.moveaxis(x_NBtLKD, 0, 1).reshape(geo.batch, geo.padded_len, *x_NBtLKD.shape[3:])
-  return x[:, :geo.seq_len]

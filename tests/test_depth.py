@@ -23,7 +23,8 @@ def _config(depth_kv, num_layers):
 
 
 def _toy_layer(p, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, return_probs=False):
-  """x + (softmax-weighted depth values), then S slots from tanh projections of the new x."""
+  """x + (softmax-weighted depth values), then S slots from tanh projections of the new x; returns the
+  stream it read as is (not threaded through an operator: JAX adds the carried cotangent to its own)."""
   del positions_BT, segment_ids_BT, kv_cache, return_probs
   k_BTLKD, v_BTLKD, depth_len = stream
   q_BTKD = jnp.einsum("btm,mkd->btkd", x_BTM, p["wq"])
@@ -36,14 +37,14 @@ def _toy_layer(p, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, re
   x_BTM = x_BTM + jnp.einsum("btkd,kdm->btm", read_BTKD, p["wo"])
   k_BTSKD = jnp.tanh(jnp.einsum("btm,smkd->btskd", x_BTM, p["wk"]))
   v_BTSKD = jnp.einsum("btm,smkd->btskd", x_BTM, p["wv"])
-  return x_BTM, (k_BTSKD, v_BTSKD), None, None
+  return x_BTM, (k_BTSKD, v_BTSKD), None, None, stream
 
 
 def _naive_stack(layer_params, x_BTM, cfg):
   """Plain scan with the buffers in the carry: what autodiff differentiates in O(N^2) memory."""
   def body(carry, p):
     x_BTM, stream = carry
-    x_BTM, slots, _, _ = _toy_layer(p, x_BTM, stream, None, None)
+    x_BTM, slots, *_ = _toy_layer(p, x_BTM, stream, None, None)
     return (x_BTM, depth_stream.write(stream, *slots)), None
   (x_BTM, stream), _ = jax.lax.scan(body, (x_BTM, depth_stream.empty(cfg, *x_BTM.shape[:2])), layer_params)
   return x_BTM, stream

@@ -49,6 +49,30 @@ def test_linear_memory_stack_gradients_equal_naive_scan_autodiff(cfg):
       assert np.all(np.abs(kernel).sum(axis=(1, 2, 3)) > 0)
 
 
+# The xla backend threads the stack's cotangent carry through each layer's depth read and adds the
+# layer's depth cotangent into it in place (`return_depth`): every way a layer reads the buffers.
+_THREADED = {
+    "attn_ffn_extra": cases.config(depth_kv="attn_ffn_extra", num_layers=3, attention_impl="xla"),
+    "window_chunk": cases.config(num_layers=4, depth_window=3, depth_chunk=2, attention_impl="xla"),
+    "depth_attention": cases.config(num_layers=3, depth_mixer="depth_attention", attention_impl="xla"),
+    "denseformer": cases.config(num_layers=3, depth_mixer="denseformer", attention_impl="xla"),
+}
+
+
+@pytest.mark.parametrize("cfg", list(_THREADED.values()), ids=list(_THREADED))
+def test_in_place_depth_cotangents_equal_plain_autodiff(cfg):
+  """The linear stack on the in-place path (xla) against plain autodiff of the naive scan through the
+  reference backend, whose full-size depth gradients JAX adds up itself: same loss, same gradients."""
+  params = cases.random_params(cfg)
+  value, grads = cases.grad_fn(cfg)(params, cases.TOKENS)
+  oracle_cfg = dataclasses.replace(cfg, attention_impl="reference")
+  want_value, want_grads = cases.naive_value_and_grad(oracle_cfg, params, cases.TOKENS)
+  np.testing.assert_allclose(value, want_value, rtol=_RTOL)
+  scale = _grad_scale(want_grads)
+  assert scale > 1e-3
+  _assert_trees_close(grads, want_grads, atol=_ATOL * scale)
+
+
 def test_scan_equals_loop_outputs_and_gradients():
   loop_cfg = dataclasses.replace(_MAIN, scan_layers=False)
   scan_params = cases.random_params(_MAIN)

@@ -83,10 +83,14 @@ class MoDAAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BTM, stream: depth_stream.DepthKV, positions_BT, segment_ids_BT, kv_cache=None,
                return_probs: bool = False, value_mix=None):
-    """Returns (out_BTM, depth_slot, kv_cache, probs, values_BTKD).
+    """Returns (out_BTM, depth_slot, kv_cache, probs, values_BTKD, read).
 
-    depth_slot is this sublayer's (k_BTKD, v_BTKD) or None. Without `kv_cache` (training, scoring)
-    the queries attend to their own T tokens through `moda_attention` and kv_cache / probs are None.
+    depth_slot is this sublayer's (k_BTKD, v_BTKD) or None. `read` is `stream` with its depth
+    buffers as the operator returned them (`return_depth`): the same values, threaded through the
+    call, so that the cotangent a caller sends back along them gets this read's cotangent added in
+    place (the linear-memory stack's carry, `depth_stack`); `stream` itself when decoding.
+    Without `kv_cache` (training, scoring) the queries attend to their own T tokens through
+    `moda_attention` and kv_cache / probs are None.
     With `kv_cache` = (k_BSKD, v_BSKD[, depth ring]) (decoding) the new keys are written at
     `positions_BT` and the queries attend to the whole cache (`kv_cache.cached_attention`); the
     returned cache is (k, v); probs [B, T, H, S + L] when `return_probs`.
@@ -103,7 +107,7 @@ class MoDAAttention(nn.Module):
     q_BTHD, k_BTKD, values_BTKD, depth_q_BTHD, depth_slot = project_inputs(
         cfg, x_BTM, positions_BT, self.writes_depth)
     v_BTKD = values_BTKD if value_mix is None else mixers.mix_values(value_mix[0], value_mix[1], values_BTKD)
-    probs = None
+    probs, read = None, stream
     depth_start = None if cfg.depth_window == 0 else cfg.depth_read_start(stream.length)
     if kv_cache is not None:
       k_cache, v_cache, *depth_ring = kv_cache  # (k, v) or (k, v, the chunk ring)
@@ -119,12 +123,16 @@ class MoDAAttention(nn.Module):
       attend = functools.partial(sharded_moda_attention, depth_len=stream.length, depth_start=depth_start,
                                  segment_ids_BT=segment_ids_BT, implementation=cfg.attention_impl,
                                  depth_q_BTHD=depth_q_BTHD, depth_chunk=cfg.depth_chunk)
-      if cfg.joint_depth_read or stream.k_BTLKD is None:
-        out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, stream.k_BTLKD, stream.v_BTLKD)
+      if stream.k_BTLKD is None:
+        out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, None, None)
+      elif cfg.joint_depth_read:
+        out_BTHD, *depth = attend(q_BTHD, k_BTKD, v_BTKD, stream.k_BTLKD, stream.v_BTLKD, return_depth=True)
       else:  # two softmaxes: sequence attention + depth-only attention (0 where no slot is visible)
-        out_BTHD = (attend(q_BTHD, k_BTKD, v_BTKD, None, None)
-                    + attend(q_BTHD, None, None, stream.k_BTLKD, stream.v_BTLKD))
+        depth_out_BTHD, *depth = attend(q_BTHD, None, None, stream.k_BTLKD, stream.v_BTLKD, return_depth=True)
+        out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, None, None) + depth_out_BTHD
+      if stream.k_BTLKD is not None:
+        read = stream._replace(k_BTLKD=depth[0], v_BTLKD=depth[1])
       out_BTHD = checkpoint_name(out_BTHD, ATTENTION_OUT_NAME)
       out_BTHD = nn.with_logical_constraint(out_BTHD, heads)
     out_BTM = projection(cfg, cfg.d_model, (-2, -1), ("q_heads", "head_dim", "embed"), "out")(out_BTHD)
-    return out_BTM, depth_slot, kv_cache, probs, values_BTKD
+    return out_BTM, depth_slot, kv_cache, probs, values_BTKD, read

@@ -81,11 +81,12 @@ class Block(nn.Module):
                return_probs: bool = False, mixer=None):
     """Reads the slots `stream` holds (depth_len = stream.length) and returns what it writes.
 
-    Returns (x_out_BTM, slots, kv_cache, probs): slots = (k_BTSKD, v_BTSKD) of this block's S written
-    slots in slot order (attention's, then FFN's) or None when the block writes none; kv_cache and
-    probs as `MoDAAttention` returns them (None unless decoding with a cache). With a depth mixer,
-    x is the residual state (`mixers.initial_state`), `mixer` this block's row of the mixer
-    parameters, and slots (kv slots or None, output slots or None), or None for the last block.
+    Returns (x_out_BTM, slots, kv_cache, probs, read): slots = (k_BTSKD, v_BTSKD) of this block's S
+    written slots in slot order (attention's, then FFN's) or None when the block writes none; kv_cache,
+    probs and read (the stream as the attention read it, its depth buffers threaded through the
+    operator) as `MoDAAttention` returns them (kv_cache and probs None unless decoding with a cache).
+    With a depth mixer, x is the residual state (`mixers.initial_state`), `mixer` this block's row of
+    the mixer parameters, and slots (kv slots or None, output slots or None), or None for the last block.
     """
     cfg = self.config
     norm = cfg.norm
@@ -113,7 +114,7 @@ class Block(nn.Module):
     if cfg.hyper_streams:
       streams = nn.with_logical_constraint(x_BTM, _STREAMS)
       h0, mixed, b = hyper_connections.width(cfg, mixer["attention"], streams)
-      v_att, (attn_slot, kv_cache, probs, _) = attention_sublayer(h0)
+      v_att, (attn_slot, kv_cache, probs, _, read) = attention_sublayer(h0)
       streams = nn.with_logical_constraint(residual_sum(norm, hyper_connections.depth(mixed, b, v_att),
                                                         attn_norm), _STREAMS)
       h0, mixed, b = hyper_connections.width(cfg, mixer["mlp"], streams)
@@ -123,7 +124,7 @@ class Block(nn.Module):
     elif cfg.attention_residuals:
       # The input h_l of every sublayer is a softmax mix of the embedding and all earlier outputs.
       count, eps = depth_stream.outputs_read(cfg, stream), cfg.norm_eps
-      v_att, (attn_slot, kv_cache, probs, _) = attention_sublayer(nn.with_logical_constraint(h_BTM, _ACT))
+      v_att, (attn_slot, kv_cache, probs, _, read) = attention_sublayer(nn.with_logical_constraint(h_BTM, _ACT))
       h_ffn = residual_sum(norm, mixers.attention_residual(mixer["query_mlp"], stream.outs_BTPM, count,
                                                            [v_att], eps), attn_norm)
       v_ffn, ffn_slot = ffn_sublayer(nn.with_logical_constraint(h_ffn, _ACT))
@@ -133,7 +134,7 @@ class Block(nn.Module):
       outs = jnp.stack([v_att, v_ffn], axis=2)
     else:
       h_BTM = nn.with_logical_constraint(h_BTM, _ACT)
-      v_att, (attn_slot, kv_cache, probs, values_BTKD) = attention_sublayer(h_BTM)
+      v_att, (attn_slot, kv_cache, probs, values_BTKD, read) = attention_sublayer(h_BTM)
       h_BTM = nn.with_logical_constraint(residual_sum(norm, h_BTM + v_att, attn_norm), _ACT)
       v_ffn, ffn_slot = ffn_sublayer(h_BTM)
       out_BTM = nn.with_logical_constraint(residual_sum(norm, h_BTM + v_ffn, mlp_norm), _ACT)
@@ -150,5 +151,5 @@ class Block(nn.Module):
       slots.append(ffn_slot)
     kv = depth_stream.stack_slots(slots) if slots else None
     if not cfg.has_mixer:
-      return x_out, kv, kv_cache, probs
-    return x_out, ((kv, outs) if self.writes_depth else None), kv_cache, probs
+      return x_out, kv, kv_cache, probs, read
+    return x_out, ((kv, outs) if self.writes_depth else None), kv_cache, probs, read

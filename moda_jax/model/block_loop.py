@@ -6,17 +6,20 @@ functions here, so a change to how a block is applied happens once:
 
   * `block_fn(config, writes_depth)`: one block as a pure function of its parameters,
         (params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache, return_probs)
-            -> (x_BTM, slots or None, kv_cache or None, probs or None)
+            -> (x_BTM, slots or None, kv_cache or None, probs or None, read)
     where `stream` is the `depth_stream.DepthKV` the block reads (its `length` is the block's
-    depth_len) and `slots` are the (k_BTSKD, v_BTSKD) it writes. With a depth mixer (docs/peers.md)
-    `params` is {"block": ..., "mixer": this layer's mixer parameters}, x the residual state (an
-    array or a tuple), `stream` a `depth_stream.Stream` and `slots` (kv slots, output slots).
+    depth_len), `slots` are the (k_BTSKD, v_BTSKD) it writes and `read` is `stream` with its depth
+    buffers threaded through the attention operator (`MoDAAttention`): the stream to write into, so
+    that the buffers' cotangent passes through the operator's backward, which adds its own in place.
+    With a depth mixer (docs/peers.md) `params` is {"block": ..., "mixer": this layer's mixer
+    parameters}, x the residual state (an array or a tuple), `stream` a `depth_stream.Stream` and
+    `slots` (kv slots, output slots).
   * `over_layers(step, carry, layer_params, per_layer)`: iterates `step` over the layers, as a
     `lax.scan` over stacked parameters (the scanned layout) or a Python loop over a list of
     per-layer trees (the unscanned layout). Both compute the same thing.
 
 `writer_step` combines them into the usual step: apply a block, then write its slots into the
-stream it carries.
+stream it read.
 """
 
 from __future__ import annotations
@@ -73,9 +76,9 @@ def writer_step(block: Callable, positions_BT, segment_ids_BT, return_probs: boo
     if kv_cache is not None and depth_ring is not None:
       kv_cache = (*kv_cache, depth_ring)
     x_BTM, stream = carry
-    x_BTM, slots, kv_cache, probs = block(params, x_BTM, stream, positions_BT, segment_ids_BT,
-                                          kv_cache, return_probs)
-    return (x_BTM, depth_stream.write_block(stream, slots)), (kv_cache, probs)
+    x_BTM, slots, kv_cache, probs, read = block(params, x_BTM, stream, positions_BT, segment_ids_BT,
+                                                kv_cache, return_probs)
+    return (x_BTM, depth_stream.write_block(read, slots)), (kv_cache, probs)
   return step
 
 

@@ -20,13 +20,17 @@ final = concat(slots_0 ... slots_{N-1})". Its reverse pass, layer by layer from 
     added its contribution, so the carried cotangent at slots [i * S, (i + 1) * S) is complete:
     it is the cotangent of layer i's written slots;
   * re-running layer i from its saved input x_i against `final` (masked to i * S) and pulling
-    back (cotangent of x_{i+1}, cotangent of slots_i) gives the cotangents of p_i, x_i and of the
-    slots it read, which are added to the carry. Contributions a layer adds at slots >= i * S
-    (zero for a correct kernel) are harmless anyway: those slots' writers were already processed.
+    back (cotangent of x_{i+1}, cotangent of slots_i, the carry) gives the cotangents of p_i, x_i and
+    the new carry: the layer threads the buffers through its attention operator (`read`, see
+    `block_loop`), whose backward adds the cotangent of the slots it read into the carry in place,
+    over the visible slots only (no zero-filled full-size gradient per layer, no separate add).
+    Contributions a layer adds at slots >= i * S (zero for a correct kernel) are harmless anyway:
+    those slots' writers were already processed.
 
 Residuals: the final buffers, each layer's input x_i [N, B, T, M] and the params: O(N). The
-backward holds the carried buffer cotangents plus one layer's activations. Each layer's forward
-runs twice (like full remat), which is why `remat` has no further effect on this stack.
+backward holds the final buffers, the carried buffer cotangents and one layer's activations: two
+buffer pairs plus a layer (tests/test_model_memory.py). Each layer's forward runs twice (like full
+remat), which is why `remat` has no further effect on this stack.
 
 The stack is a pure function of the layer parameters so that it can be written with
 `jax.custom_vjp` directly; the model passes `block_loop.block_fn(...)` as `layer_fn`, and both passes
@@ -49,8 +53,8 @@ from moda_jax.model import depth_stream
 from moda_jax.model.config import ModelConfig
 
 # layer_fn(params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, return_probs=False)
-#   -> (x_BTM, (k_BTSKD, v_BTSKD), kv_cache, probs):
-# a `block_loop.block_fn`; the stack reads the first two results.
+#   -> (x_BTM, (k_BTSKD, v_BTSKD), kv_cache, probs, read):
+# a `block_loop.block_fn`; the stack reads the first two results and `read`, the stream it read.
 LayerFn = Callable[..., tuple]
 
 
@@ -109,14 +113,19 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
       g_x_BTM, g_arrays = carry
 
       def rerun(p, x, arrays):
-        x_out, written = layer_fn(p, x, depth_stream.view(config, arrays, layer), positions_BT,
-                                  segment_ids_BT)[:2]
-        return x_out, written
+        x_out, written, _, _, read = layer_fn(p, x, depth_stream.view(config, arrays, layer), positions_BT,
+                                              segment_ids_BT)
+        return x_out, written, depth_stream.buffers(read)
       _, pullback = jax.vjp(rerun, p, x_in_BTM, arrays)
       # Complete here: every reader of this layer's slots lies above it and was pulled back already.
       g_written = depth_stream.written_part(config, g_arrays, layer)
-      g_p, g_x_in, g_read = pullback((g_x_BTM, g_written))
-      return (g_x_in, jax.tree.map(jnp.add, g_arrays, g_read)), g_p
+      # Read the written slots' cotangent out before the pullback updates the carry in place (XLA
+      # would otherwise read it from the carry late, and copy the whole carry to do so).
+      g_written, g_arrays = jax.lax.optimization_barrier((g_written, g_arrays))
+      # The carry goes in as the cotangent of the buffers the layer read and comes back with the
+      # layer's read cotangent added (by the operator in place; by JAX for the outputs buffer).
+      g_p, g_x_in, g_arrays = pullback((g_x_BTM, g_written, g_arrays))
+      return (g_x_in, g_arrays), g_p
 
     (g_x, g_arrays), g_params = block_loop.over_layers(layer_bwd, cotangents, params, inputs_NBTM,
                                                        reverse=True)

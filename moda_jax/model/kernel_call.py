@@ -56,12 +56,14 @@ def _active_mesh():
 
 def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD, *, depth_len,
                            segment_ids_BT, implementation, depth_q_BTHD=None, depth_start=None,
-                           depth_chunk: int = 1):
+                           depth_chunk: int = 1, return_depth: bool = False):
   """`moda_attention` (causal), wrapped in `shard_map` when a mesh with the model's axes is set.
 
   `depth_q_BTHD` (None: q) scores the depth keys; it shards like q. `depth_start` / `depth_chunk`:
   the bounded depth window and chunk-visible depth (the operator's arguments of the same names).
-  k = v = None: depth-only attention (the depth-attention mixer's depth read)."""
+  k = v = None: depth-only attention (the depth-attention mixer's depth read). `return_depth`:
+  returns (out, depth_k, depth_v), the depth buffers threaded through the call (the operator's
+  argument); needs depth buffers."""
   has_depth = depth_k_BTLKD is not None
   # The model's counts are arrays even when there is no depth buffer; the operator wants None then.
   arrays = dict(q=q_BTHD, k=k_BTKD, v=v_BTKD, depth_k=depth_k_BTLKD, depth_v=depth_v_BTLKD,
@@ -70,7 +72,7 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
                 depth_start=_scalar(depth_start) if has_depth and depth_start is not None else None,
                 segment_ids=segment_ids_BT)
   arrays = {name: a for name, a in arrays.items() if a is not None}  # None cannot pass shard_map
-  options = dict(implementation=implementation,
+  options = dict(implementation=implementation, return_depth=return_depth,
                  depth_chunk=None if depth_chunk == 1 or not has_depth else depth_chunk)
 
   def call(arrays):
@@ -94,12 +96,12 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
   num_kv_heads = (k_BTKD if k_BTKD is not None else depth_k_BTLKD).shape[-2]
   if heads and num_kv_heads % mesh.shape[heads]:
     heads = None
-  heads_spec = P(batch, None, heads, None)
-  specs = dict(q=heads_spec, k=heads_spec, v=heads_spec, depth_q=heads_spec,
-               depth_k=P(batch, None, None, heads, None), depth_v=P(batch, None, None, heads, None),
-               depth_len=P(), depth_start=P(), segment_ids=P(batch, None))
+  heads_spec, depth_spec = P(batch, None, heads, None), P(batch, None, None, heads, None)
+  specs = dict(q=heads_spec, k=heads_spec, v=heads_spec, depth_q=heads_spec, depth_k=depth_spec,
+               depth_v=depth_spec, depth_len=P(), depth_start=P(), segment_ids=P(batch, None))
+  out_specs = (heads_spec, depth_spec, depth_spec) if return_depth else heads_spec
   # check_vma=False: interpreted/Pallas kernel bodies do not carry varying-axis annotations.
-  return jax.shard_map(call, in_specs=({name: specs[name] for name in arrays},), out_specs=heads_spec,
+  return jax.shard_map(call, in_specs=({name: specs[name] for name in arrays},), out_specs=out_specs,
                        check_vma=False)(arrays)
 
 

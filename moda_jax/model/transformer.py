@@ -103,7 +103,7 @@ class Transformer(nn.Module):
     last_cache = None
     if cache is not None:
       last_cache = (cache.last_k_BSKD, cache.last_v_BSKD) + (() if ring is None else (ring,))
-    state, _, last_cache, last_probs = block_loop.block_fn(cfg, False)(
+    state, _, last_cache, last_probs, _ = block_loop.block_fn(cfg, False)(
         last, state, stream, positions, segment_ids, last_cache, return_probs)
     x_BTM = mixers.final_hidden(cfg, state)
     x_BTM = RMSNorm(cfg, name="final_norm")(x_BTM)
