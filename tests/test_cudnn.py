@@ -71,6 +71,10 @@ def fake_gpu(monkeypatch, hopper):
       ran.append(name)
       return jnp.zeros_like(inputs.q), jnp.zeros(inputs.q.shape[:3], jnp.float32)
     monkeypatch.setattr(module, "attention", spy)
+    if hasattr(module, "attention_with_depth"):  # the model threads its depth buffers (return_depth=True)
+      monkeypatch.setattr(module, "attention_with_depth",
+                          lambda inputs, spec, *, interpret=False, spy=spy: (*spy(inputs, spec, interpret=interpret),
+                                                                             inputs.depth_k, inputs.depth_v))
   return ran
 
 
