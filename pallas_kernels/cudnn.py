@@ -2,7 +2,7 @@
 
 The fastest attention kernel on NVIDIA GPUs for what it can express, and first in the GPU order, so that
 a call without depth (the OLMo2 baseline, a `depth_kv="none"` model) runs on it; everything else falls
-back to pallas_triton. It takes: no depth arrays, k and v given, causal or not, any G, any T, bfloat16
+back to pallas_triton. It takes: no depth arrays, k and v given, causal or not, any G, an even T, bfloat16
 or float16, D a multiple of 8 up to 128 (256 on Hopper and later), a CUDA GPU of compute capability
 8.0+, never interpret mode; and `segment_ids` under the conditions below. The lse it returns is
 cuDNN's softmax statistics as `jax.nn` hands them back (rounded to q's dtype): its gradient is not
@@ -22,8 +22,8 @@ padded prefix per row, not several documents; the packed (THD) layout behind
 segment id to be one contiguous run (ours may repeat anywhere in a row) and a static maximum number of
 segments per row M, with softmax statistics of [B * M, H, T] floats; neither can be known from traced
 segment ids. The mask is exact for any ids, with gradients, but costs O(B * T^2) memory and bandwidth:
-it is built only up to `_MAX_MASK_ENTRIES` entries (B * T * T, per device under shard_map) and needs an
-even T (cuDNN's bias backward); past either, segmented calls fall back to pallas_triton.
+it is built only up to `_MAX_MASK_ENTRIES` entries (B * T * T, per device under shard_map); past that,
+segmented calls fall back to pallas_triton.
 """
 
 from __future__ import annotations
@@ -57,11 +57,13 @@ def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> 
   head_dim = inputs.q.shape[-1]
   if head_dim % 8 or head_dim > 256:
     raise NotImplementedError(f"cudnn: head_dim={head_dim} is not supported (a multiple of 8, at most 256).")
+  batch, seq_len = inputs.q.shape[:2]
+  if seq_len % 2:
+    # Measured on the H200 (jax 0.11.2): with the lse returned, T = 513 and T = 1 fail in the backward
+    # ("Unsupported sequence length"); with segments the mask is a bias, whose backward needs an even T.
+    raise NotImplementedError(f"cudnn: odd T={seq_len}: cuDNN's attention backward needs an even sequence "
+                              "length here.")
   if spec.has_segments:
-    batch, seq_len = inputs.q.shape[:2]
-    if seq_len % 2:
-      raise NotImplementedError(f"cudnn: segment_ids with odd T={seq_len}: the segment mask is a bias, and "
-                                "cuDNN's bias backward needs an even sequence length.")
     if batch * seq_len * seq_len > _MAX_MASK_ENTRIES:
       raise NotImplementedError(
           f"cudnn: segment_ids at B={batch}, T={seq_len} need a dense [B, T, T] mask of "

@@ -87,7 +87,6 @@ def test_registered_and_first_on_gpu_only():
 @pytest.mark.parametrize("arrays, options", [
     (_structs(), {}),
     (_structs(dtype=jnp.float16, q_heads=2, kv_heads=2), dict(causal=False, scale=0.5)),
-    (_structs(seq_len=1, q_heads=8, kv_heads=1), {}),                       # odd T without segments
     (_structs(head_dim=256), {}),                                            # D 256 on Hopper
     (_structs(head_dim=40, segments=True, seq_len=130), dict(causal=False)),
     (_structs(batch=8, seq_len=4096, segments=True), {}),                    # the 700M training call
@@ -104,6 +103,7 @@ def test_takes_plain_attention_on_a_cuda_gpu(hopper, arrays, options):
     (_structs(head_dim=36), {}, "head_dim=36"),
     (_structs(head_dim=264), {}, "head_dim=264"),
     (_structs(seq_len=63, segments=True), {}, "odd T=63"),
+    (_structs(seq_len=1, q_heads=8, kv_heads=1), {}, "odd T=1"),           # fails on the H200 (backward)
     (_structs(batch=2, seq_len=16384, segments=True), {}, "dense"),
 ])
 def test_refuses_what_cudnn_cannot_do(hopper, arrays, options, match):
@@ -198,7 +198,7 @@ def test_model_records_the_kernels_it_is_traced_on(request, depth_kv, gpu, expec
     jax.eval_shape(lambda p, t: Transformer(cfg).apply({"params": p}, t, segment_ids=jnp.ones_like(t)), params,
                    tokens)
   assert used == expected
-  if gpu:
-    assert set(ran) == set.union(*expected.values())
+  if gpu:  # what was recorded ran (the blocks' one-token parameter-creating call, not recorded, may run another)
+    assert set.union(*expected.values()) <= set(ran)
   kind, (name,) = next(iter(expected.items()))
   assert kernel_call.describe_implementations(used) == f"attention kernels: {kind} -> {name}"

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from moda_jax.model import depth_stream
+from moda_jax.model import kernel_call
 from moda_jax.model import mixers
 from moda_jax.model.block import Block, remat_policy
 from moda_jax.model.config import ModelConfig
@@ -112,6 +113,7 @@ def over_layers(step: Callable, carry, layer_params: LayerParams, per_layer=None
 def init_block_params(config: ModelConfig, writes_depth: bool) -> Callable:
   """An initializer rng -> the (boxed) parameters of one block, from a one-token dummy call."""
 
+  @kernel_call.not_recorded()
   def init(rng):
     x_BTM = jnp.zeros((1, 1, config.d_model), jnp.dtype(config.dtype))
     positions_BT = jnp.zeros((1, 1), jnp.int32)

@@ -37,6 +37,18 @@ def recording_implementations():
     _RECORDINGS.remove(used)
 
 
+@contextlib.contextmanager
+def not_recorded():
+  """Attention calls traced inside are left out of `recording_implementations` (a one-token dummy call
+  that only creates parameters would otherwise show up as a kernel the run trains on)."""
+  saved = _RECORDINGS[:]
+  _RECORDINGS.clear()
+  try:
+    yield
+  finally:
+    _RECORDINGS[:] = saved
+
+
 def describe_implementations(used: dict[str, set[str]]) -> str:
   """One log line: "attention kernels: sequence -> cudnn; sequence+depth -> pallas_triton"."""
   return "attention kernels: " + "; ".join(f"{kind} -> {', '.join(sorted(names))}"

@@ -2,7 +2,7 @@
 
 Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_cudnn_gpu.py -q`.
 1. out, lse and the q / k / v gradients of `cudnn.attention` against the float64 oracle at the shared
-   dtype tolerances: causal or not, G in {1, 2, 3, 4, 8}, odd T, D 32 to 256, bf16 / f16, and segment
+   dtype tolerances: causal or not, G in {1, 2, 3, 4, 8}, even T, D 32 to 256, bf16 / f16, and segment
    ids packed, shuffled (ids recurring anywhere) and with a padding tail (segment 0), as the data
    pipeline packs rows.
 2. On this GPU `moda_attention(implementation=None)` runs cudnn for those calls (outputs and gradients
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a 
 # (name, batch, T, Hk, G, D, causal, segments, dtype)
 _CASES = [
     ("b2_t256_g4_d64", 2, 256, 2, 4, 64, True, None, "bfloat16"),
-    ("t513_odd_g2", 1, 513, 2, 2, 64, True, None, "bfloat16"),
-    ("t1_mha", 1, 1, 1, 1, 64, True, None, "bfloat16"),
+    ("t514_g2", 1, 514, 2, 2, 64, True, None, "bfloat16"),
     ("f16_noncausal_d128", 1, 300, 4, 2, 128, False, None, "float16"),
     ("d256_g8", 1, 128, 1, 8, 256, True, None, "bfloat16"),
     ("d40_g3", 2, 64, 2, 3, 40, True, None, "bfloat16"),
@@ -107,6 +106,8 @@ def test_calls_cudnn_cannot_take_resolve_to_pallas_triton():
   q, k, v, _, _ = _inputs("fallbacks", 1, 64, 2, 2, 64, None, "bfloat16")
   odd = jnp.zeros((1, 63), jnp.int32)
   assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63], segment_ids=odd) == "pallas_triton"
+  # Odd T: with the lse used, T = 513 and T = 1 failed in cuDNN's backward on the H200 (2026-12-01).
+  assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63]) == "pallas_triton"
   assert resolve_implementation(q, k, v, return_lse=True) == "pallas_triton"
   assert resolve_implementation(*(x.astype(jnp.float32) for x in (q, k, v))) == "pallas_triton"
   depth = jnp.zeros((1, 64, 3, 2, 64), jnp.bfloat16)
