@@ -41,6 +41,7 @@ logs). Tests and benchmarks that call one backend directly use `prepare` the sam
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -202,39 +203,23 @@ def _attend(backend, inputs: Inputs, spec: Spec, interpret: Any, return_depth: b
   return (*backend.attention(inputs, spec, interpret=interpret), inputs.depth_k, inputs.depth_v)
 
 
-def resolve_implementation(
-    q: jax.Array,
-    k: jax.Array | None,
-    v: jax.Array | None,
-    depth_k: jax.Array | None = None,
-    depth_v: jax.Array | None = None,
-    *,
-    depth_len: int | jax.Array | None = None,
-    causal: bool = True,
-    scale: float | None = None,
-    segment_ids: jax.Array | None = None,
-    return_lse: bool = False,
-    implementation: str | None = None,
-    interpret: Any = False,
-    depth_q: jax.Array | None = None,
-    depth_chunk: int | None = None,
-    depth_start: int | jax.Array | None = None,
-    return_depth: bool = False,
-) -> str:
-  """The name of the backend `moda_attention` runs for these arguments (same signature), computing nothing.
-
-  `return_depth` never changes the choice: a backend without an in-place depth cotangent returns the
-  depth inputs through the dispatcher instead.
+def resolve_implementation(*args, **kwargs) -> str:
+  """The name of the backend `moda_attention(*args, **kwargs)` runs (the very same arguments), computing
+  nothing.
 
   The same validation, order and fallback as `moda_attention`, with each backend's `check_supported`
-  in place of its `attention`; it raises what `moda_attention` would (ValueError for a bad argument,
-  NotImplementedError when no backend, or the named one, takes the call). Arrays may be tracers.
+  in place of its `attention`; it raises what `moda_attention` would (TypeError for an unknown argument,
+  ValueError for a bad one, NotImplementedError when no backend, or the named one, takes the call).
+  Arrays may be tracers. `return_depth` never changes the choice: a backend without an in-place depth
+  cotangent returns the depth inputs through the dispatcher instead.
   """
-  inputs, spec = prepare(q, k, v, depth_k, depth_v, depth_len=depth_len, causal=causal, scale=scale,
-                         segment_ids=segment_ids, depth_q=depth_q, depth_chunk=depth_chunk,
-                         depth_start=depth_start)
-  return_lse = validation.check_flag("return_lse", return_lse)
-  validation.check_flag("return_depth", return_depth)
+  call = inspect.signature(moda_attention).bind(*args, **kwargs)  # moda_attention's signature, once
+  call.apply_defaults()
+  arguments = dict(call.arguments)
+  implementation, interpret = arguments.pop("implementation"), arguments.pop("interpret")
+  return_lse = validation.check_flag("return_lse", arguments.pop("return_lse"))
+  validation.check_flag("return_depth", arguments.pop("return_depth"))
+  inputs, spec = prepare(**arguments)
   name, _ = _dispatch(implementation, interpret, return_lse,
                       lambda backend: backend.check_supported(inputs, spec, interpret))
   return name
