@@ -101,7 +101,7 @@ def backward(geo: Geometry, inputs: Inputs, out_BTHD, lse_BTH, d_out_BTHD, d_lse
     depth_arrays = (inputs.depth_k, inputs.depth_v)
     if depth_acc is None:
       depth_acc = tuple(jnp.zeros(a.shape, a.dtype) for a in depth_arrays)
-    depth_init = tuple(pad_tokens(acc, geo).astype(xla_depth.acc_dtype(geo, a.dtype))
+    depth_init = tuple(pad_tokens(_typed_in_context_mesh(acc), geo).astype(xla_depth.acc_dtype(geo, a.dtype))
                        for acc, a in zip(depth_acc, depth_arrays))
   xs = (jnp.arange(geo.num_blocks), q_NBKRD, depth_q_NBKRD, d_out_NBKRD, lse_NBKR, delta_NBKR)
   (dkv_acc, depth_acc), per_block = jax.lax.scan(query_block, (dkv_init, depth_init), xs)
@@ -128,3 +128,15 @@ def _add_block(acc_NBKSD, j, update_BKSD):
   """acc[j] += update, written as a dynamic slice + update so XLA keeps the carry in place."""
   block = jax.lax.dynamic_index_in_dim(acc_NBKSD, j, keepdims=False)
   return jax.lax.dynamic_update_index_in_dim(acc_NBKSD, block + update_BKSD, j, 0)
+
+
+def _typed_in_context_mesh(acc):
+  """The carry seed typed with the context's explicit mesh. Under explicit mesh axes the arrays this
+  backward creates (iotas, masks) and so its gradients carry the mesh, while the zero cotangent JAX makes
+  for an unused output (and an input traced without a sharding) carries none; the carry's in-place
+  updates need the two to agree."""
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+  if not explicit or not jax.typeof(acc).sharding.mesh.empty:
+    return acc
+  return jax.sharding.reshard(acc, jax.sharding.PartitionSpec())

@@ -184,7 +184,7 @@ _BAD_CONFIGS = [
     (dict(dtype="int8"), "dtype='int8'"), (dict(param_dtype="float64"), "param_dtype='float64'"),
     (dict(init_std=0.0), "init_std=0.0"),
     (dict(rope_theta=-1.0), "rope_theta=-1.0"), (dict(qk_norm=1), "qk_norm=1"),
-    (dict(attention_impl="cudnn"), "attention_impl='cudnn'"), (dict(vocab_size=2.5), "vocab_size=2.5"),
+    (dict(attention_impl="flash"), "attention_impl='flash'"), (dict(vocab_size=2.5), "vocab_size=2.5"),
 ]
 
 
