@@ -227,18 +227,11 @@ def dq_and_depth(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpre
     out_type.append(like(ops.depth_q))
   if ops.depth_k is not None:
     out_type += [like(ops.depth_k), like(ops.depth_v)]
-  kernel = plgpu.kernel(
+  kernel = mt.launch(
       functools.partial(_dq_kernel, present=tuple(x is not None for x in ops), geom=geom, spec=spec),
-      out_type=tuple(out_type),
-      scratch_types=[_dq_scratch(ops, geom, ops.q.dtype)],
-      grid=(ops.k.shape[2], geom.num_q_tiles, batch),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=geom.compute_wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-      kernel_name="moda_mosaic_backward_dq",
-  )
+      out_type=tuple(out_type), scratch=_dq_scratch(ops, geom, ops.q.dtype),
+      grid=(ops.k.shape[2], geom.num_q_tiles, batch), seq_axis="q_seq", geom=geom, interpret=interpret,
+      name="moda_mosaic_backward_dq")
   return kernel(*(x for x in ops if x is not None))
 
 

@@ -187,17 +187,10 @@ def dkv(ops, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
   num_kv_heads = ops.k.shape[2]
   segments = ops.segment_ids is not None
   like = jax.ShapeDtypeStruct(ops.k.shape, ops.k.dtype)
-  kernel = plgpu.kernel(
+  kernel = mt.launch(
       functools.partial(_kernel, segments=segments, geom=geom, spec=spec),
-      out_type=(like, like),
-      scratch_types=[_scratch(geom, ops.q.dtype, segments)],
-      grid=(num_kv_heads, pl.cdiv(seq_len, geom.compute_wgs * KEYS), batch),
-      grid_names=("heads", "kv_seq", "batch"),
-      num_threads=geom.compute_wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-      kernel_name="moda_mosaic_backward_dkv",
-  )
+      out_type=(like, like), scratch=_scratch(geom, ops.q.dtype, segments),
+      grid=(num_kv_heads, pl.cdiv(seq_len, geom.compute_wgs * KEYS), batch), seq_axis="kv_seq", geom=geom,
+      interpret=interpret, name="moda_mosaic_backward_dkv")
   arrays = [ops.q, ops.k, ops.v, ops.do, ops.lse, ops.delta] + ([ops.segment_ids, ops.row_segments] if segments else [])
   return kernel(*arrays)

@@ -208,17 +208,10 @@ def forward(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
   batch = ops.q.shape[0]
   num_kv_heads = ops.k.shape[2]
   present = tuple(x is not None for x in ops)
-  kernel = plgpu.kernel(
+  kernel = mt.launch(
       functools.partial(_kernel, present=present, geom=geom, spec=spec),
       out_type=(jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype),
                 jax.ShapeDtypeStruct((batch, num_kv_heads * geom.head_groups, geom.row_tiles, mt.ROWS), jnp.float32)),
-      scratch_types=[_scratch(ops, geom, ops.q.dtype)],
-      grid=(num_kv_heads * geom.head_groups, geom.num_q_tiles, batch),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=geom.compute_wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-      kernel_name="moda_mosaic_forward",
-  )
+      scratch=_scratch(ops, geom, ops.q.dtype), grid=(num_kv_heads * geom.head_groups, geom.num_q_tiles, batch),
+      seq_axis="q_seq", geom=geom, interpret=interpret, name="moda_mosaic_forward")
   return kernel(*(x for x in ops if x is not None))

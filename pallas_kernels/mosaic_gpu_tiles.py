@@ -325,3 +325,13 @@ def cta_bounds(cta_token, ops, spec, geom: Geometry):
     first_step, num_depth = depth_items(depth_start, depth_len, geom)
     depth = dict(depth_start=depth_start, depth_len=depth_len, first_step=first_step, num_depth=num_depth)
   return max_kv, depth
+
+
+def launch(body, *, out_type, scratch, grid, seq_axis: str, geom: Geometry, interpret, name: str):
+  """`plgpu.kernel` with the launch every pallas_mosaic_gpu kernel shares: grid axes ("heads", `seq_axis`,
+  "batch"), `geom.compute_wgs` compute warpgroups plus the memory warpgroup (thread axis "wg"), one
+  scratch tree, approximate exp."""
+  return plgpu.kernel(body, out_type=out_type, scratch_types=[scratch], grid=grid,
+                      grid_names=("heads", seq_axis, "batch"), num_threads=geom.compute_wgs + 1,
+                      thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=interpret, kernel_name=name)
