@@ -3,11 +3,12 @@
 Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent enters only there):
   * `_dq_kernel`, one program per query tile: recomputes p = exp2(logits - lse) over the same sequence blocks
     as the forward and stores dq; then its depth phase (scored with depth_q, whose tile replaces the dead q
-    and dq registers) writes d depth_q and adds the depth dk/dv of the tile's own tokens into the depth
-    cotangents it is given (zeros, or the cotangent a caller threads through `return_depth`), whose
-    buffers are its outputs (input_output_aliases): updated in place. A tile holds whole tokens (and whole
-    depth chunks), so every depth slot gets its gradient from exactly one program: a plain load-add-store.
-    Slots outside [depth_start, depth_len) are neither computed, read nor written. With
+    and dq registers) writes d depth_q and the depth dk/dv of the tile's own tokens. A tile holds whole
+    tokens (and whole depth chunks), so every depth slot gets its gradient from exactly one program. Given a
+    cotangent that a caller threads through `return_depth`, the kernel adds into it in place (its buffers
+    are the outputs, input_output_aliases; a load-add-store of the readable slots, the others untouched).
+    Without one (the depth outputs unused: a symbolic zero) it stores its gradient, and slots outside
+    [depth_start, depth_len) are only zero-filled: no cotangent-sized zeros are made, read or added. With
     `separate_depth_kernel` (and always for depth-only attention) the same kernel body runs as a sequence
     kernel and a depth kernel (the official kernel's split; keeps the depth phase's registers out of the
     T^2 loop); the two share no output, since d depth_q is its own array.
@@ -41,7 +42,7 @@ def _probs(logits, lse2, keep):
 def _dq_kernel(refs: tt.Operands, row_refs: tt.RowGrads, acc_refs: tt.Operands, out: tt.Operands, *,
                geom: tt.Geometry, spec: spec_lib.Spec):
   """Writes the sequence dq when `out.q` is given, the depth cotangents when `out.depth_q` is: d depth_q,
-  and acc_refs' depth_k / depth_v plus this call's into out's (the same buffers)."""
+  and the depth dk / dv (plus acc_refs', the same buffers as out's, when given)."""
   tile = pl.num_programs(0) - 1 - pl.program_id(0)
   first_token = tile * geom.tokens_per_tile
   rows = tt.tile_rows(first_token, geom)
@@ -81,15 +82,29 @@ def _dq_kernel(refs: tt.Operands, row_refs: tt.RowGrads, acc_refs: tt.Operands, 
     # its own tokens' slots only.
     for part_first_token, part_geom, (part_do, part_lse2, part_delta, part_chunk_seg) in tt.split_rows(
         first_token, (do, lse2, delta, chunk_seg), geom):
-      _depth_backward(refs, acc_refs, out, depth_start, depth_len, part_first_token, part_geom, part_do,
-                      part_lse2, part_delta, part_chunk_seg, spec)
+      # The same for every part: they share the geometry and the bounds.
+      first_written, end_written = _depth_backward(refs, acc_refs, out, depth_start, depth_len,
+                                                   part_first_token, part_geom, part_do, part_lse2,
+                                                   part_delta, part_chunk_seg, spec)
+    if acc_refs.depth_k is not None:  # the slots this call does not read keep the threaded cotangent
+      return
+    # Unwritten slots got no probability mass: their gradient is zero, stored without any math.
+    zeros = jnp.zeros((geom.tokens_per_tile, geom.head_dim), jnp.float32)
+
+    def zero_slot(slot, _):
+      tt.store_token_slot(out.depth_k, first_token, slot, zeros, geom)
+      tt.store_token_slot(out.depth_v, first_token, slot, zeros, geom)
+      return _
+
+    jax.lax.fori_loop(0, jnp.minimum(first_written, geom.num_slots), zero_slot, jnp.int32(0))
+    jax.lax.fori_loop(jnp.minimum(end_written, geom.num_slots), geom.num_slots, zero_slot, jnp.int32(0))
 
 
 def _depth_backward(refs: tt.Operands, acc_refs: tt.Operands, out: tt.Operands, depth_start, depth_len,
                     first_token, geom: tt.Geometry, do, lse2, delta, chunk_seg, spec: spec_lib.Spec):
-  """Writes d depth_q of the rows starting at `first_token` and adds the depth dk/dv of their tokens'
-  readable slots to the given cotangents, in the steps that hold readable ones (the other slots keep
-  theirs: nothing flows into them)."""
+  """Writes d depth_q of the rows starting at `first_token` and the depth dk/dv of their tokens' slots in
+  the steps that hold readable ones (added to acc_refs' when given); returns [first, end) of the slots
+  those steps cover."""
   rows = tt.tile_rows(first_token, geom)
   qk_scale = spec.scale * tt.LOG2E
   depth_q = tt.load_rows(refs.depth_q, rows, geom)
@@ -98,20 +113,26 @@ def _depth_backward(refs: tt.Operands, acc_refs: tt.Operands, out: tt.Operands, 
     cols = tt.depth_cols(first_token, step, depth_start, depth_len, geom)
     dk = tt.load_depth(refs.depth_k, cols, geom)
     dv = tt.load_depth(refs.depth_v, cols, geom)
+    # The threaded cotangent is loaded before the dots, so its latency hides behind them (nothing
+    # pipelines a load that feeds no dot).
+    acc_k, acc_v = ((None, None) if acc_refs.depth_k is None else
+                    (tt.load_depth(acc_refs.depth_k, cols, geom), tt.load_depth(acc_refs.depth_v, cols, geom)))
     k_seg = None if chunk_seg is None else tt.load_segments(refs.segment_ids, cols.token, geom, other=-2)
     keep = tt.depth_mask(spec, rows, cols, chunk_seg, k_seg)
     p = _probs(tt.dot(depth_q, dk, trans_b=True) * qk_scale, lse2, keep)
     ds = p * (tt.dot(do, dv, trans_b=True) - delta)
     # Every row that sees a column is in this part: the sums over rows are the slots' whole gradients.
     d_keys = tt.dot(ds.astype(depth_q.dtype), depth_q, trans_a=True) * spec.scale
-    tt.add_depth(acc_refs.depth_k, out.depth_k, cols, d_keys, geom)
-    tt.add_depth(acc_refs.depth_v, out.depth_v, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom)
+    tt.store_depth(out.depth_k, cols, d_keys, geom, acc=acc_k)
+    tt.store_depth(out.depth_v, cols, tt.dot(p.astype(do.dtype), do, trans_a=True), geom, acc=acc_v)
     return ddq + tt.dot(ds.astype(dk.dtype), dk)
 
   ddq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
   first_step, end_step = tt.depth_step_range(depth_start, depth_len, geom)
   ddq = jax.lax.fori_loop(first_step, end_step, depth_step, ddq)
   tt.store_rows(out.depth_q, rows, ddq * spec.scale, geom)
+  per = geom.slots_per_step
+  return first_step * per, jnp.maximum(first_step, end_step) * per
 
 
 def _dkv_kernel(refs: tt.Operands, row_refs: tt.RowGrads, out: tt.Operands, *, geom: tt.Geometry,
@@ -163,8 +184,8 @@ def _dkv_kernel(refs: tt.Operands, row_refs: tt.RowGrads, out: tt.Operands, *, g
 def backward(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec, *, block_sizes: BlockSizes,
              interpret, depth_acc=None) -> tt.Operands:
   """The cotangents of `operands` (None where absent or integer): dq is the sequence part, d depth_q the
-  depth part of the query gradient. `depth_acc` = (dk, dv) shaped like the depth operands (or None:
-  zeros) is what the depth cotangents are added into; its buffers become theirs."""
+  depth part of the query gradient. `depth_acc` = (dk, dv) shaped like the depth operands, or None (a
+  zero cotangent), is what the depth cotangents are added into; its buffers become theirs."""
   q_like = operands.depth_q if operands.q is None else operands.q
   batch, seq_len, num_kv_heads, group, head_dim = q_like.shape
   num_slots = 0 if operands.depth_k is None else operands.depth_k.shape[2]
@@ -184,13 +205,15 @@ def backward(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec, *, b
         ins = ins._replace(segment_ids=operands.segment_ids)
       outs = outs._replace(depth_q=like(operands.depth_q), depth_k=like(operands.depth_k),
                            depth_v=like(operands.depth_v))
-      acc_k, acc_v = depth_acc or (jnp.zeros_like(operands.depth_k), jnp.zeros_like(operands.depth_v))
-      acc = acc._replace(depth_k=acc_k.astype(operands.depth_k.dtype), depth_v=acc_v.astype(operands.depth_v.dtype))
+      if depth_acc is not None:
+        acc = acc._replace(**{name: x.astype(getattr(operands, name).dtype)
+                              for name, x in zip(("depth_k", "depth_v"), depth_acc)})
     blocks = block_sizes.dq
     # The depth cotangents are updated in place: each given buffer is its output's.
     first_acc = len(jax.tree.leaves((ins, rows)))
     out_names = [name for name, x in zip(tt.Operands._fields, outs) if x is not None]
-    aliases = {first_acc + i: out_names.index(name) for i, name in enumerate(("depth_k", "depth_v")) if depth}
+    aliases = {first_acc + i: out_names.index(name) for i, name in enumerate(("depth_k", "depth_v"))
+               if getattr(acc, name) is not None}
     return pl.pallas_call(
         functools.partial(_dq_kernel, geom=geom, spec=spec),
         grid=(geom.num_q_tiles, batch, num_kv_heads),

@@ -252,13 +252,29 @@ def load_depth(ref, cols: DepthCols, geom: Geometry):
   return plgpu.load(ref.at[cols.token[:, None], cols.slot[:, None], d], mask=cols.load[:, None], other=0.0)
 
 
-def add_depth(acc_ref, out_ref, cols: DepthCols, value, geom: Geometry):
-  """out[columns] = acc[columns] + value ([depth_cols, D], float32) at the loaded columns only (readable and
-  t < T; readable slots lie below L): every other slot keeps its value. acc and out alias one buffer."""
+def store_depth(ref, cols: DepthCols, value, geom: Geometry, acc=None):
+  """Stores [depth_cols, D] float32 `value` at the columns' (token, slot).
+
+  Without `acc`: at every column with t < T and slot < L (unreadable columns carry value's zeros; the
+  slot bound matters: slot L of token t is slot 0 of token t + 1 in memory). With `acc` (`load_depth` of
+  the cotangent being added into, the same buffer as `ref`): value + acc at the loaded columns only, so
+  every other slot keeps its value.
+  """
   d = jnp.arange(geom.head_dim)[None, :]
-  index = (cols.token[:, None], cols.slot[:, None], d)
-  total = plgpu.load(acc_ref.at[index], mask=cols.load[:, None], other=0.0).astype(jnp.float32) + value
-  plgpu.store(out_ref.at[index], total.astype(out_ref.dtype), mask=cols.load[:, None])
+  if acc is None:
+    keep = (cols.token < geom.seq_len) & (cols.slot < geom.num_slots)
+  else:
+    keep, value = cols.load, value + acc.astype(jnp.float32)
+  plgpu.store(ref.at[cols.token[:, None], cols.slot[:, None], d], value.astype(ref.dtype), mask=keep[:, None])
+
+
+def store_token_slot(ref, first_token, slot, value_ND, geom: Geometry):
+  """Stores [tokens_per_tile, D] at (first_token + n, slot) of a [T, L, D] ref, skipping t >= T, slot >= L."""
+  token = first_token + jnp.arange(geom.tokens_per_tile)
+  slot_N = jnp.full_like(token, slot)
+  d = jnp.arange(geom.head_dim)[None, :]
+  keep = (token < geom.seq_len) & (slot_N < geom.num_slots)
+  plgpu.store(ref.at[token[:, None], slot_N[:, None], d], value_ND.astype(ref.dtype), mask=keep[:, None])
 
 
 def never_visible(m):

@@ -17,7 +17,7 @@ from operator_cases import (Case, assert_close, call, impl_params, jitted, make_
                             rng_for)
 from pallas_kernels import moda_attention
 
-_CASES = (
+CASES = (
     Case("thread_g2_l5_window_segments_traced", batch=2, seq_len=19, q_heads=4, kv_heads=2, head_dim=64,
          slots=5, depth_len=4, depth_start=1, traced=True, garbage=True, segments="packed", kernel=True),
     Case("thread_bf16_depth_only_l16", seq_len=13, q_heads=2, slots=16, depth_len=9, garbage=True,
@@ -31,7 +31,7 @@ _CASES = (
 def _params():
   return [pytest.param(impl, case, id=f"{impl.name}-{case.name}", marks=impl_param.marks)
           for impl_param in impl_params(kernel=True) for impl in impl_param.values
-          for case in _CASES if case.kernel or impl.spread == "full"]
+          for case in CASES if case.kernel or impl.spread == "full"]
 
 
 @pytest.mark.parametrize("impl, case", _params())

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import test_moda_attention as suite
+import test_return_depth
 from operator_cases import CASES, Impl, assert_close
 from pallas_kernels import api, reference, triton, xla
 from pallas_kernels.block_sizes import BlockSizes
@@ -136,3 +137,9 @@ def test_variants_against_reference(name, sequence, depth_start, depth_len, dept
   unread[depth_start:depth_len] = False
   for grad in got[2][3:5]:
     assert not np.asarray(grad)[:, :, unread].astype(np.float32).any()
+
+
+@pytest.mark.parametrize("case", test_return_depth.CASES, ids=[c.name for c in test_return_depth.CASES])
+def test_threaded_depth_cotangent_on_gpu(case):
+  """The in-place add into a threaded depth cotangent (the aliased load-add-store), compiled."""
+  test_return_depth.test_threaded_cotangent_comes_back_with_the_calls_added(GPU, case)
