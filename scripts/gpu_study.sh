@@ -21,6 +21,13 @@
 # --max_minutes bounds the training phase: no run starts that the finished runs' wall time says cannot end in it.
 # After it: the depth attention share of the runs with checkpoints here (merged into depth_mass.json), the report.
 # STUDY_GRID / STUDY_RESULTS / STUDY_WORK / STUDY_SKIP_WHEELS=1 / JAX_PLATFORMS=cpu: another grid or a dry run.
+# The peers grid, post-norm entries, its baseline and MoDA rows copied from the Table 6 runs of the same
+# config (--reuse; their study.json says so):
+#   POST=none,moda_attn_ffn,denseformer,value_residual,hyper_connections,mhc,attention_residuals,depth_attention
+#   STUDY_GRID=configs/studies/peers_small.py STUDY_RESULTS=benchmarks/results/study_peers \
+#     STUDY_WORK=workdir_study/peers bash scripts/gpu_study.sh --order=entry --no_depth_mass \
+#     --reuse=benchmarks/results/study_table6 --only=$POST
+# then untar <files_at>/study_peers.tar.gz into benchmarks/results/study_peers.
 set -uo pipefail
 GRID=${STUDY_GRID:-configs/studies/table6_small.py}
 RESULTS=${STUDY_RESULTS:-benchmarks/results/study_table6}
@@ -33,7 +40,7 @@ for arg in "$@"; do
   case "$arg" in
     --max_minutes=*) max_minutes=${arg#*=} ;;
     --no_depth_mass) depth_mass=0 ;;
-    --jobs=*|--only=*|--max_runs=*|--order=*|--retry_failed) run_args+=("$arg") ;;
+    --jobs=*|--only=*|--max_runs=*|--order=*|--retry_failed|--reuse=*) run_args+=("$arg") ;;
     *) echo "gpu_study.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -84,7 +91,7 @@ report_args=()
 [[ $depth_mass == 1 ]] && report_args+=(--depth_mass --depth_mass_tokens=1024)
 python3 -m moda_jax.study report "$WORK" "${report_args[@]}" 2>&1 | tail -n 5 | tee -a "$OUT/study_run.log"
 # One file back: the finished runs' small files (no checkpoints, TensorBoard events, unfinished runs) + the report.
-python3 -m moda_jax.study pack "$WORK" --out="$OUT/study_table6.tar.gz"
+python3 -m moda_jax.study pack "$WORK" --out="$OUT/$(basename "$RESULTS").tar.gz"
 ls -l "$OUT"
 grep -A 8 '^| entry | overrides' "$WORK/report.md"
 echo "total: $(( $(date +%s) - start )) s"

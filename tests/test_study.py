@@ -12,6 +12,7 @@ import pytest
 from moda_jax.eval import evaluate
 from moda_jax.eval import study
 from moda_jax.eval import study_depth
+from moda_jax.eval import study_identity
 from moda_jax.eval import study_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,9 +51,9 @@ def test_config_differences_ignore_how_a_run_runs():
   stored = json.loads(json.dumps(c.to_dict()))
   stored["progress_bar"], stored["checkpoint_every"], stored["data"]["num_workers"] = True, 1, 3
   stored["removed_field"] = 1  # a field a newer code base no longer has
-  assert study.config_differences(stored, c) == []
+  assert study_identity.config_differences(stored, c) == []
   stored["learning_rate"], stored["model"]["num_layers"] = 1.0, 9
-  assert study.config_differences(stored, c) == ["learning_rate", "model.num_layers"]
+  assert study_identity.config_differences(stored, c) == ["learning_rate", "model.num_layers"]
 
 
 def _fake_run(directory, entry, seed, finals, steps=(5, 10), total=10, step_time=0.1, jobs=1):
@@ -71,6 +72,34 @@ def _fake_run(directory, entry, seed, finals, steps=(5, 10), total=10, step_time
     record.update({f"val_loss/{s}": finals[s] * scale for s in SOURCES})
     lines.append(json.dumps(record))
   (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_reuse_copies_in_only_a_finished_run_of_an_equal_config(tmp_path):
+  grid_path = _write_grid(tmp_path / "g.py", "  c = micro.get_config()\n  return {'base': c, 'entries': "
+                          "{'a': {}}, 'seeds': [0, 1], 'baseline': 'a'}\n")
+  grid = study.load_grid(grid_path)
+  other = tmp_path / "other"
+  finals = {"all": 2.0, **{s: 2.0 for s in SOURCES}}
+  # Sorted before the match: a run of another learning rate, and an unfinished one of the same config.
+  for name, seed, change, status in (("a_lr", 0, {"learning_rate": 9.0}, "done"), ("b", 0, {}, "done"),
+                                     ("a_unfinished", 1, {}, "interrupted")):
+    _fake_run(other, name, seed, finals)
+    config = {**json.loads(json.dumps(grid.config("a", seed).to_dict())), **change}
+    (other / name / f"seed{seed}" / "config.json").write_text(json.dumps(config))
+    (other / name / f"seed{seed}" / "study.json").write_text(json.dumps({"status": status, "wall_s": 3.0}))
+  assert study_identity.find_reusable(grid, "a", 0, [str(other)]) == str(other / "b" / "seed0")
+  assert study_identity.find_reusable(grid, "a", 1, [str(other)]) is None
+  out = tmp_path / "out"
+  # Seed 1 has no reusable run: it would train, so this call runs seed 0 only.
+  assert study.main(["run", grid_path, f"--out={out}", f"--reuse={other}", "--max_runs=1", "--only=a",
+                     "--max_minutes=0.001"]) == 0
+  record = json.loads((out / "a" / "seed0" / "study.json").read_text())
+  assert record["reused_from"] == str(other / "b" / "seed0") and record["entry"] == "a"
+  assert (out / "a" / "seed0" / "metrics.jsonl").read_text() == (other / "b" / "seed0" / "metrics.jsonl").read_text()
+  assert not (out / "a" / "seed1").exists()
+  study_report.write_report(str(out))
+  assert f"done (reused: {other / 'b' / 'seed0'})" in (out / "report.md").read_text()
+  assert study.main(["run", grid_path, f"--out={out}", f"--reuse={tmp_path / 'nope'}"]) == 2
 
 
 def test_report_statistics_match_numpy(tmp_path):

@@ -1,6 +1,7 @@
 """Ablation grids: run every (entry, seed) of a grid file, resumably, and report them.
 
   python -m moda_jax.study run GRID.py --out=DIR [--only=NAME,...] [--jobs=N] [--max_minutes=M] [--max_runs=N]
+                                              [--reuse=STUDY_DIR,...]
   python -m moda_jax.study report DIR [--depth_mass]
   python -m moda_jax.study pack DIR --out=FILE.tar.gz   # what the report needs, to commit elsewhere
 
@@ -16,7 +17,9 @@ Each run trains in its own subprocess (`python train.py`'s trainer) in DIR/<entr
 interrupted one resumes from its checkpoint (the trainer resumes exactly). A finished run's config must equal
 the grid's (fields of how it runs, not what it computes, excepted), so a changed grid never mixes results.
 `--max_minutes` starts no run that its predecessors' wall time says cannot finish in the budget, and at the
-budget asks the running ones to stop (SIGTERM: checkpoint, exit); rerunning continues.
+budget asks the running ones to stop (SIGTERM: checkpoint, exit); rerunning continues. `--reuse` copies in,
+instead of training, a finished run of another study whose config equals the pending run's by the same
+rule (e.g. the peers grid's baseline is the Table 6 grid's); its study.json names where it came from.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,13 +39,10 @@ import time
 import ml_collections
 
 from moda_jax.eval import study_report
+from moda_jax.eval.study_identity import STUDY_JSON, check_same_config, find_reusable
 from moda_jax.eval.study_report import read_json
 
 _PROCESS_START = time.time()  # a run's wall time includes its process' imports and data loading
-STUDY_JSON = "study.json"
-# Fields of how a run runs, not of what it computes: they may differ between a grid and a finished run.
-RUN_ONLY_FIELDS = ("progress_bar", "checkpoint_async", "checkpoint_every", "keep_checkpoints",
-                   "peak_flops_per_device", "data.num_workers", "mesh.data", "mesh.fsdp", "mesh.tensor")
 _RESEND_SIGTERM_S = 10     # a child may not have installed the trainer's handler yet: ask again
 _KILL_AFTER_S = 180        # a child that ignores SIGTERM this long is killed (resumes from its last checkpoint)
 
@@ -117,30 +118,13 @@ def _write_json(path: str, value) -> None:
   os.replace(path + ".tmp", path)  # a kill never leaves half a file
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  flat = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      flat.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      flat[prefix + k] = v
-  return flat
-
-
-def config_differences(stored: dict, wanted: ml_collections.ConfigDict) -> list[str]:
-  """Fields set in both `stored` (a run's config.json) and `wanted` that differ (RUN_ONLY_FIELDS excepted)."""
-  a, b = _flatten(stored), _flatten(json.loads(json.dumps(wanted.to_dict())))
-  return sorted(k for k in set(a) & set(b) if k not in RUN_ONLY_FIELDS and a[k] != b[k])
-
-
-def _check_same_config(grid: Grid, run_dir: str, entry: str, seed: int) -> None:
-  stored = read_json(os.path.join(run_dir, "config.json"))
-  if stored is None:
-    return
-  diff = config_differences(stored, grid.config(entry, seed))
-  if diff:
-    raise ValueError(f"{run_dir} was trained with another config than grid {grid.path} gives {entry!r} "
-                     f"(fields {diff}); use another --out, or delete the run directory to retrain it.")
+def _reuse(grid: Grid, entry: str, seed: int, source: str, run_dir: str) -> None:
+  """Copies the finished run `source` in as (entry, seed), its record saying where it came from."""
+  shutil.copytree(source, run_dir, dirs_exist_ok=True)
+  record_path = os.path.join(run_dir, STUDY_JSON)
+  record = read_json(record_path, {})
+  record.update(entry=entry, seed=seed, overrides=grid.entries[entry], reused_from=source)
+  _write_json(record_path, record)
 
 
 def run_one(grid_path: str, out: str, entry: str, seed: int, progress_bar: bool, jobs: int = 1) -> int:
@@ -306,10 +290,18 @@ def run_grid(grid_path: str, out: str, args) -> int:
   runs = [(e, s) for s in grid.seeds for e in grid.entries if not only or e in only]
   if args.order == "entry":
     runs.sort(key=lambda r: list(grid.entries).index(r[0]))
+  reuse = [d for d in (args.reuse or "").split(",") if d]
+  missing = [d for d in reuse if not os.path.isdir(d)]
+  if missing:
+    raise ValueError(f"--reuse={args.reuse!r}: {missing} are not directories (expected study directories).")
   pending = []
   for entry, seed in runs:
     run_dir = grid.run_dir(out, entry, seed)
-    _check_same_config(grid, run_dir, entry, seed)
+    check_same_config(grid, run_dir, entry, seed)
+    source = None if os.path.exists(run_dir) else find_reusable(grid, entry, seed, reuse)
+    if source is not None:
+      _reuse(grid, entry, seed, source, run_dir)
+      _print(f"reuse {entry}/seed{seed}: {source} has its config")
     status = read_json(os.path.join(run_dir, STUDY_JSON), {}).get("status")
     if status == "done" or (status == "failed" and not args.retry_failed):
       _print(f"skip {entry}/seed{seed}: {status}")
@@ -343,6 +335,9 @@ def main(argv=None) -> int:
   run.add_argument("--max_minutes", type=float, default=0, help="time budget of this call (0: none)")
   run.add_argument("--max_runs", type=int, default=0, help="start at most this many runs (0: all)")
   run.add_argument("--retry_failed", action="store_true", help="train runs that failed before again")
+  run.add_argument("--reuse", default="",
+                   help="comma-separated study directories whose finished runs of an equal config are copied "
+                        "in instead of trained")
   run.add_argument("--order", choices=("seed", "entry"), default="seed",
                    help="seed: every entry's seed 0, then seed 1, ...; entry: an entry's seeds together")
   run.add_argument("--progress_bar", action="store_true", help="trainer progress bars (in each train.log)")

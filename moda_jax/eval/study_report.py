@@ -251,6 +251,8 @@ def runs_table(study: Study) -> list[str]:
   for entry in study.entries:
     for seed, run in sorted(study.runs[entry].items()):
       status = run.record.get("status", "done" if run.finished else "incomplete")
+      if run.record.get("reused_from"):  # the same config's run, trained for another study
+        status += f" (reused: {run.record['reused_from']})"
       loss = run.final.get("val_loss")
       lines.append(f"| {entry} | {seed} | {status} | {run.last_step}/{run.total_steps} | "
                    f"{'–' if loss is None else f'{loss:.4f}'} | {run.record.get('wall_s', math.nan):.0f} | "

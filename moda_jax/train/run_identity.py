@@ -40,7 +40,9 @@ def _flatten(tree, prefix: str = "") -> dict:
   return flat
 
 
-def _as_flat(config) -> dict:
+def flat_config(config) -> dict:
+  """{"model.num_layers": 24, ...}: a ConfigDict or its JSON dict, flattened to dotted names (tuples as the
+  lists JSON reads back)."""
   return _flatten(config.to_dict() if hasattr(config, "to_dict") else config)
 
 
@@ -64,13 +66,13 @@ def _changes(old: dict, new: dict, names) -> list[str]:
 
 def identity_differences(saved_config, config) -> list[str]:
   """'field old -> new' for each identity field that differs (empty: the run may resume)."""
-  old, new = _identity(_as_flat(saved_config)), _identity(_as_flat(config))
+  old, new = _identity(flat_config(saved_config)), _identity(flat_config(config))
   return _changes(old, new, new)
 
 
 def setting_changes(saved_config, config) -> list[str]:
   """'field old -> new' for the other settings that differ (the run resumes with these)."""
-  old, new = _as_flat(saved_config), _as_flat(config)
+  old, new = flat_config(saved_config), flat_config(config)
   identity_names = set(_model_identity_fields())
   return _changes(old, new, [n for n in sorted(set(old) | set(new)) if n not in identity_names])
 
