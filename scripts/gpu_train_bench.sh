@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Training throughput of the 700M-shaped MoDA model and its OLMo2 baseline on one GPU (issues 5, 18).
 # Run from the repo root on the GPU machine (device tool; carry .whl). Writes metrics to $OUT.
-# Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both] [FLAGS... [:: FLAGS...]...]
+# Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both|w384] [FLAGS... [:: FLAGS...]...]
+#   w384: instead of the 700M pair, the width-384 24-layer post-norm pair of the Table 6 study (baseline,
+#   then MoDA attn_ffn) at the study's batch 32 x 1024 and 16K vocabulary, each config's own remat.
 #   FLAGS: train.py flags for both models, after the defaults below (so they override them), e.g.
 #     --config.model.remat=save_qkv_attention_out --config.loss_chunk_len=0
 #   "::" separates settings that run one after the other in the same call (each model once per setting).
@@ -58,9 +60,19 @@ for arg in "$@"; do
 done
 settings+=("$current")
 
+w384=(--config.batch_size=32 --config.grad_accum_steps=1 --config.model.vocab_size=16384
+      --config.total_steps="$steps" --config.warmup_steps=5 --config.log_every=10 --config.eval_every=0
+      --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False)
+
 for i in "${!settings[@]}"; do
   mapfile -t extra < <(printf '%s' "${settings[$i]}")
   suffix=$([[ ${#settings[@]} -gt 1 ]] && echo "_$i" || echo "")
+  if [[ $models == w384 ]]; then
+    common=("${w384[@]}")
+    run "w384_none$suffix" configs/width384.py:layers=24,norm=post,depth_kv=none "${common[@]}" "${extra[@]}"
+    run "w384_attn_ffn$suffix" configs/width384.py:layers=24,norm=post,depth_kv=attn_ffn "${common[@]}" "${extra[@]}"
+    continue
+  fi
   [[ $models == baseline ]] || run "moda_700m$suffix" configs/moda_700m.py "${common[@]}" "${extra[@]}"
   [[ $models == moda ]] || run "baseline_700m$suffix" configs/baseline_700m.py "${common[@]}" "${extra[@]}"
 done
