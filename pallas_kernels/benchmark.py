@@ -8,7 +8,10 @@ Every implementation that runs here is timed on every shape where it fits; cuDNN
 without depth. Every other row calls `moda_attention` with its implementation named (never None, which on
 GPU now picks the `cudnn` backend for calls without depth): `<impl>_nodepth` is `<impl>` without depth,
 so `cudnn_nodepth` is the operator's cuDNN backend (`pallas_kernels/cudnn.py`). `--quick` adds the model's
-call (`pallas_triton_depth_q`: a depth_q of its own). `--ablate` times the kernels without depth, JAX's
+call (`pallas_triton_depth_q`: a depth_q of its own) and the model's layer loop (`pallas_triton_threaded`:
+`STACK_LAYERS` calls in a scan carrying the depth buffers through `return_depth`, so each backward adds into
+the carried cotangent in place; `pallas_triton_stacked`: the same scan with the buffers closed over, each
+call's depth gradient added by XLA), timed per call. `--ablate` times the kernels without depth, JAX's
 Mosaic GPU attention forward and each kernel option flipped (`_TOGGLES`); `--tune` times tile variants.
 `--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas backends without depth
 (`*_nodepth`) to every shape. `--segments N` passes every `moda_attention` row segment_ids of N equal
