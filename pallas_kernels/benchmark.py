@@ -12,7 +12,7 @@ call (`pallas_triton_depth_q`: a depth_q of its own) and the model's layer loop 
 `STACK_LAYERS` calls in a scan carrying the depth buffers through `return_depth`, so each backward adds into
 the carried cotangent in place; `pallas_triton_stacked`: the same scan with the buffers closed over, each
 call's depth gradient added by XLA), timed per call. `--ablate` times the kernels without depth, JAX's
-Mosaic GPU attention forward and each kernel option flipped (`_TOGGLES`); `--tune` times tile variants.
+Mosaic GPU attention forward and each kernel option flipped (`benchmark_modes`); `--tune` times tile variants.
 `--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas backends without depth
 (`*_nodepth`) to every shape. `--segments N` passes every `moda_attention` row segment_ids of N equal
 documents per row (the `cudnn` row stays without: the unsegmented speed of light) and adds
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import moda_attention
-from pallas_kernels.block_sizes import BlockSizes, KernelBlocks, dkv_per_query_head, next_pow2
+from pallas_kernels.block_sizes import BlockSizes
 
 PEAK_FLOPS = 790e12
 PEAK_BYTES = 4.3e12
@@ -247,112 +247,6 @@ def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fw
   return row
 
 
-def _variants(specs):
-  return [KernelBlocks(bq, bk, dc, w, st) for bq, bk, dc, w, st in specs]
-
-
-# Forward / backward tiles to compare (block_q, block_k, depth_cols, num_warps, num_stages).
-_FWD_VARIANTS = _variants([(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
-                           (64, 32, 64, 4, 3)])
-_BWD_VARIANTS = _variants([(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (32, 64, 32, 4, 2)])
-
-
-def tune(iters: int) -> list[dict]:
-  """Times tile variants on shapes that bound the design (long sequence G8, short G8, G=2 training)."""
-  rows = []
-  shapes = [Shape("table2_T16K_G8_L64", 1, 16384, 8, 64), Shape("table2_T4K_G8_L64", 1, 4096, 8, 64),
-            Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
-  for shape in shapes:
-    base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
-    for kind, variants, mode in (("fwd", _FWD_VARIANTS, "fwd"), ("bwd", _BWD_VARIANTS, "fwd_bwd")):
-      for blocks in variants:
-        sizes = (dataclasses.replace(base, fwd=blocks) if kind == "fwd"
-                 else dataclasses.replace(base, dq=blocks, dkv=blocks))
-        row = measure(shape, "pallas_triton", iters=iters, block_sizes=sizes, modes=(mode,))
-        rows.append(dict(row, tune=kind, blocks=dataclasses.asdict(blocks)))
-        print(f"tune {kind} {shape.name} {tuple(dataclasses.astuple(blocks))}: "
-              f"{row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
-  return rows
-
-
-# (kernel, field, mode) of each kernel option that `--ablate` times flipped against the defaults.
-_TOGGLES = (("dq", "separate_depth_kernel", "fwd_bwd"), ("dkv", "per_query_head", "fwd_bwd"),
-            ("fwd", "depth_rows", "fwd"), ("dq", "depth_rows", "fwd_bwd"))
-
-
-def _flipped(blocks: KernelBlocks, field: str, shape: Shape) -> KernelBlocks:
-  """The option off if on and on if off; depth parts turn on at their smallest size; per-query-head
-  dk/dv the other way than its default decides for this shape."""
-  value = getattr(blocks, field)
-  if field == "depth_rows":
-    return dataclasses.replace(blocks, depth_rows=0 if value else max(16, next_pow2(shape.group)))
-  if field == "per_query_head":
-    programs = math.ceil(shape.seq_len / blocks.block_k) * shape.batch * shape.kv_heads
-    return dataclasses.replace(blocks, per_query_head=not dkv_per_query_head(blocks, shape.group, programs))
-  return dataclasses.replace(blocks, **{field: not value})
-
-
-def _mgpu_forward(shape: Shape, iters: int) -> list[dict]:
-  """JAX's own Pallas Mosaic GPU flash attention (sequence only; its causal backward is not implemented):
-  what a wgmma/TMA kernel reaches on this shape, against the Triton lowering of ours. float16 (its
-  shared-memory staging is float16 only): the same tensor-core rate as bfloat16."""
-  from jax.experimental.pallas.ops.gpu import attention_mgpu
-  (q, k, v, _, _), _ = make_inputs(shape, depth=False)
-  q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
-  rows = []
-  for block_kv in (64, 128):
-    config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
-    row = dict(shape=shape.name, impl=f"jax_mgpu_kv{block_kv}", **dataclasses.asdict(shape))
-    try:
-      ms = time_ms(jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, config)), q, k, v, warmup=2,
-                   iters=iters)
-      f = flops(shape, False, False)
-      row.update(fwd_ms=ms, fwd_tflops=f / ms / 1e9, fwd_gbps=bytes_moved(shape, False, False) / ms / 1e6,
-                 fwd_roofline_fraction=f / PEAK_FLOPS * 1e3 / ms)
-    except Exception as e:  # noqa: BLE001  (reported, not fatal: this is a probe of another kernel)
-      row["fwd_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    rows.append(row)
-  return rows
-
-
-def family(iters: int) -> list[dict]:
-  """The MoDA family at Table 2's T4K shape: chunk-visible depth at the official chunk C = 64 / G and
-  depth-only attention, on pallas_triton and on the xla fallback, beside plain MoDA and cuDNN."""
-  shape = Shape("table2_T4K_G8_L64", 1, 4096, 8, 64)
-  chunk = 64 // shape.group
-  variants = {"plain": {}, f"chunk{chunk}": dict(depth_chunk=chunk), "depth_only": dict(depth_only=True)}
-  rows = [measure(shape, "cudnn", iters=iters)]
-  for name, options in variants.items():
-    for impl in ("pallas_triton", "xla"):
-      rows.append(dict(measure(shape, impl, iters=iters, variant=options), impl=f"{impl}_{name}"))
-      print(json.dumps(rows[-1]), flush=True)
-  return rows
-
-
-def ablate(iters: int) -> list[dict]:
-  """Where the time goes: cuDNN, the kernels without depth, JAX's Mosaic GPU forward, the defaults, and
-  each optional kernel feature flipped (`_TOGGLES`)."""
-  rows = []
-  shapes = [Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table2_T64K_G8_L64", 1, 65536, 8, 64),
-            Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72), Shape("train_B8_T4K_G2_L72_D128", 8, 4096, 2, 72, 128)]
-  for shape in shapes:
-    for impl in ("cudnn", "pallas_triton_nodepth", "pallas_triton"):
-      rows.append(measure(shape, impl, iters=iters))
-      print(json.dumps(rows[-1]), flush=True)
-    if shape.head_dim == 64:
-      rows += _mgpu_forward(shape, iters)
-      print(json.dumps(rows[-2:]), flush=True)
-    base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
-    for kernel, field, mode in _TOGGLES:
-      flipped = _flipped(getattr(base, kernel), field, shape)
-      row = measure(shape, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, **{kernel: flipped}),
-                    modes=(mode,))
-      toggled = f"{kernel}.{field}={getattr(flipped, field)}"
-      rows.append(dict(row, tune=kernel, toggled=toggled, blocks=dataclasses.asdict(flipped)))
-      print(f"ablate {toggled} {shape.name} {mode}: {row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
-  return rows
-
-
 def print_table(rows: list[dict]) -> None:
   cudnn = {(r["shape"], m): r.get(f"{m}_ms") for r in rows if r["impl"] == "cudnn" for m in ("fwd", "fwd_bwd")}
   print(f"{'shape':28s} {'impl':25s} {'mode':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'/cuDNN':>7s} {'roofl':>6s}")
@@ -389,7 +283,9 @@ def main() -> None:
   args = parser.parse_args()
   iters = args.iters or (5 if args.quick else 10)
   special = args.tune or args.ablate or args.family
-  rows = tune(iters) if args.tune else ablate(iters) if args.ablate else family(iters) if args.family else []
+  from pallas_kernels import benchmark_modes as modes  # they build on this module's measure
+  rows = (modes.tune(iters) if args.tune else modes.ablate(iters) if args.ablate
+          else modes.family(iters) if args.family else [])
   for shape in ([] if special else quick_shapes() if args.quick else paper_shapes()):
     for impl in ["cudnn"] + implementations_for(shape, args.quick, args.mosaic, args.segments):
       if args.impls and impl not in args.impls.split(","):
