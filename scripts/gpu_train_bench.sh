@@ -10,6 +10,13 @@
 #   Without FLAGS: the defaults (remat=full, each config's own loss_chunk_len), as before.
 #   BENCH_RUN_TIMEOUT (seconds, default 280) bounds each run, compilation included.
 # Each run prints its peak memory and last metrics line; $OUT/summary.tsv has one row per run.
+# One-step profile (issue 18: top ops and categories by device time; scripts/profile_train_step.py), after the
+# .whl install below (same PYTHONPATH), one model per call; prints the tables, writes them to --out:
+#   f="--config.batch_size=8 --config.grad_accum_steps=1 --config.model.remat=save_dots_and_attention"
+#   python3 scripts/profile_train_step.py --config=configs/baseline_700m.py --workdir=/dev/shm/prof_base $f \
+#     --out=$OUT/profile_baseline_700m
+#   python3 scripts/profile_train_step.py --config=configs/moda_700m.py --workdir=/dev/shm/prof_moda $f \
+#     --out=$OUT/profile_moda_700m
 set -uo pipefail
 steps=${1:-30}
 models=${2:-both}
