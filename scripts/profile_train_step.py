@@ -3,7 +3,7 @@
   python scripts/profile_train_step.py --config=configs/moda_700m.py --workdir=/dev/shm/prof_moda \
       [--steps=3] [--warmup=2] [--top=25] [--out=DIR] [--exact_names] [--config.<field>=... as train.py]
 
-The state, the jitted step and the data pipeline are the trainer's (`trainer._checked_run`: the same
+The state, the jitted step and the data pipeline are the trainer's (`trainer.prepare_run`: the same
 checks, the same shardings, the same `step_fn`); nothing is saved. After `--warmup` steps (the first
 compiles), `--steps` steps are timed untraced, then `--steps` more run inside
 `jax.profiler.trace(create_perfetto_trace=True)`. The trace (large; not for committing) stays under
@@ -203,7 +203,7 @@ def profile(config, workdir: str, *, steps: int, warmup: int = 2, out: str | Non
     if value < lowest:
       raise cli_errors.UserError(f"--{name}={value}: expected an integer >= {lowest}")
   out = out or workdir
-  run, _ = trainer._checked_run(config, workdir, None, restart=False)  # pylint: disable=protected-access
+  run, _ = trainer.prepare_run(config, workdir, None, restart=False)
   try:
     train_iter = iter(run.pipelines.train)
     take = lambda n: [sharding.global_batch(next(train_iter), run.mesh) for _ in range(n)]

@@ -111,8 +111,9 @@ def _record_data_stats(run: _Run, writer: metrics.MetricsWriter) -> None:
   writer.message(f"data: {len(docs)} training documents; unigram entropy {entropy:.4f} nats/token")
 
 
-def _checked_run(config, workdir: str, devices, restart: bool) -> tuple[_Run, str | None]:
-  """The run, after every check of its inputs; also the line to tell the user about the workdir."""
+def prepare_run(config, workdir: str, devices, restart: bool) -> tuple[_Run, str | None]:
+  """The run, after every check of its inputs; also the line to tell the user about the workdir. Public for
+  tools that drive the trainer's own state, step and data (scripts/profile_train_step.py)."""
   with cli_errors.checking_inputs():
     model_cfg, mesh = run_settings.check(config, devices)
     run_settings.make_workdir(workdir)
@@ -137,7 +138,7 @@ def train_and_evaluate(config, workdir: str, devices=None, *, restart: bool = Fa
   `workdir` (checkpoints and logs) and start over; without it, a workdir holding another model's run
   raises `cli_errors.UserError` before any work.
   """
-  run, note = _checked_run(config, workdir, devices, restart)
+  run, note = prepare_run(config, workdir, devices, restart)
   train_iter = iter(run.pipelines.train)
   latest = run.ckpt.latest_step()
   if latest is None:
