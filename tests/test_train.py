@@ -6,6 +6,7 @@ All runs share one config, so after the first run the others hit the persistent 
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -32,10 +33,14 @@ def full_run(tmp_path_factory, cache_dir):
   proc = subprocess.run(train_command(workdir), env=train_env(cache_dir), capture_output=True,
                         text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  (workdir / "stdout.txt").write_text(proc.stdout)
   return workdir
 
 
 def test_run_writes_logs_checkpoints_and_config(full_run):
+  startup = re.findall(r"^startup: inputs and data ([0-9.]+) s, state ([0-9.]+) s, first step \(compiling\) "
+                       r"([0-9.]+) s$", pathlib.Path(full_run, "stdout.txt").read_text(), re.M)
+  assert len(startup) == 1 and float(startup[0][2]) > 0, startup
   records = read_metrics(full_run)
   assert sorted(records) == list(range(2, 25, 2))
   for r in records.values():

@@ -15,6 +15,7 @@ file or a bad field is the user's one-line error, while a failure after it keeps
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,9 @@ def train_and_evaluate(config, workdir: str, devices=None, *, restart: bool = Fa
   `workdir` (checkpoints and logs) and start over; without it, a workdir holding another model's run
   raises `cli_errors.UserError` before any work.
   """
+  started = time.perf_counter()
   run, note = prepare_run(config, workdir, devices, restart)
+  inputs_ready = time.perf_counter()  # the data pipelines exist (documents read, pretokenized)
   train_iter = iter(run.pipelines.train)
   latest = run.ckpt.latest_step()
   if latest is None:
@@ -148,6 +151,7 @@ def train_and_evaluate(config, workdir: str, devices=None, *, restart: bool = Fa
     target = checkpoint.abstract_with_shardings(run.abstract, run.shardings)
     state = run.ckpt.restore(latest, target, train_iter)
   step = int(jax.device_get(state.step))
+  startup = (inputs_ready - started, time.perf_counter() - inputs_ready)  # (inputs and data, state)
   if jax.process_index() == 0:
     checkpoint.write_config_json(workdir, config)
   writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0, start_step=step,
@@ -158,7 +162,7 @@ def train_and_evaluate(config, workdir: str, devices=None, *, restart: bool = Fa
   stop = interrupts.StopRequest()
   stop.install()
   try:
-    return _loop(run, state, step, train_iter, writer, stop)
+    return _loop(run, state, step, train_iter, writer, stop, startup)
   finally:
     run.ckpt.wait()
     run.ckpt.close()
@@ -175,9 +179,10 @@ def _check_finite(run: _Run, step: int, scalars: dict[str, float]) -> None:
         f"{run.ckpt.latest_step()}) is kept in {run.ckpt.directory}.")
 
 
-def _loop(run: _Run, state, step: int, train_iter, writer,
-          stop: interrupts.StopRequest) -> dict[str, float]:
+def _loop(run: _Run, state, step: int, train_iter, writer, stop: interrupts.StopRequest,
+          startup: tuple[float, float]) -> dict[str, float]:
   cfg = run.config
+  loop_started = time.perf_counter()
   rates = run.throughput()
   first_step = step
   deferred = None  # (step, device metrics) not yet checked for finiteness
@@ -191,7 +196,11 @@ def _loop(run: _Run, state, step: int, train_iter, writer,
       writer.message(kernel_call.describe_implementations(attention_impls))
     step += 1
     if step == first_step + 1:
-      rates.reset(step)  # the first call compiles: keep that out of the step-time figures
+      # The first call compiles: keep that out of the step-time figures, and say where start-up went.
+      jax.block_until_ready(device_metrics)
+      writer.message(f"startup: inputs and data {startup[0]:.1f} s, state {startup[1]:.1f} s, "
+                     f"first step (compiling) {time.perf_counter() - loop_started:.1f} s")
+      rates.reset(step)
     if deferred is not None:  # the previous step finished while this one was being dispatched
       _check_finite(run, deferred[0], jax.device_get(deferred[1]))
       deferred = None
