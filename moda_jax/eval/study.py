@@ -39,8 +39,8 @@ import time
 import ml_collections
 
 from moda_jax.eval import study_report
-from moda_jax.eval.study_identity import STUDY_JSON, check_same_config, find_reusable
-from moda_jax.eval.study_report import read_json
+from moda_jax.eval.study_identity import check_same_config, find_reusable
+from moda_jax.eval.study_report import STUDY_JSON, read_json
 
 _PROCESS_START = time.time()  # a run's wall time includes its process' imports and data loading
 _RESEND_SIGTERM_S = 10     # a child may not have installed the trainer's handler yet: ask again

@@ -13,10 +13,10 @@ import os
 
 import ml_collections
 
-from moda_jax.eval.study_report import read_json
+from moda_jax.eval.study_report import STUDY_JSON, read_json
+from moda_jax.train.checkpoint import CONFIG_JSON
 from moda_jax.train.run_identity import flat_config
 
-STUDY_JSON = "study.json"
 # Fields of how a run runs, not of what it computes: they may differ between a grid and a finished run.
 RUN_ONLY_FIELDS = ("progress_bar", "checkpoint_async", "checkpoint_every", "keep_checkpoints",
                    "peak_flops_per_device", "data.num_workers", "mesh.data", "mesh.fsdp", "mesh.tensor")
@@ -30,7 +30,7 @@ def config_differences(stored: dict, wanted: ml_collections.ConfigDict) -> list[
 
 def check_same_config(grid, run_dir: str, entry: str, seed: int) -> None:
   """Raises ValueError if `run_dir` holds a run of another config than `grid` gives (entry, seed)."""
-  stored = read_json(os.path.join(run_dir, "config.json"))
+  stored = read_json(os.path.join(run_dir, CONFIG_JSON))
   if stored is None:
     return
   diff = config_differences(stored, grid.config(entry, seed))
@@ -45,7 +45,7 @@ def find_reusable(grid, entry: str, seed: int, studies) -> str | None:
   wanted = grid.config(entry, seed)
   for directory in studies:
     for candidate in sorted(glob.glob(os.path.join(directory, "*", f"seed{seed}"))):
-      stored = read_json(os.path.join(candidate, "config.json"))
+      stored = read_json(os.path.join(candidate, CONFIG_JSON))
       done = read_json(os.path.join(candidate, STUDY_JSON), {}).get("status") == "done"
       if done and stored is not None and not config_differences(stored, wanted):
         return candidate

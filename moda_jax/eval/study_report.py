@@ -24,6 +24,7 @@ from moda_jax.eval import study_plots
 from moda_jax.train import metrics
 
 REPORT_MD = "report.md"
+STUDY_JSON = "study.json"  # the grid manifest in a study directory, a run's record in a run directory
 DEPTH_MASS_JSON = "depth_mass.json"
 
 
@@ -131,7 +132,7 @@ def load_study(directory: str, baseline: str | None = None) -> Study:
   """Every run under DIR/<entry>/seed<k>/ with a metrics.jsonl, in the grid's entry order."""
   if not os.path.isdir(directory):
     raise ValueError(f"study directory {directory!r} does not exist.")
-  manifest = read_json(os.path.join(directory, "study.json"), {})
+  manifest = read_json(os.path.join(directory, STUDY_JSON), {})
   found = sorted(e for e in os.listdir(directory) if os.path.isdir(os.path.join(directory, e)))
   entries = [e for e in manifest.get("entries", {})] + [e for e in found if e not in manifest.get("entries", {})]
   runs: dict[str, dict[int, Run]] = {}
@@ -146,7 +147,7 @@ def load_study(directory: str, baseline: str | None = None) -> Study:
         continue
       runs.setdefault(entry, {})[int(name[4:])] = Run(
           entry, int(name[4:]), run_dir, read_json(os.path.join(run_dir, "config.json"), {}),
-          read_json(os.path.join(run_dir, "study.json"), {}), read_metrics(run_dir))
+          read_json(os.path.join(run_dir, STUDY_JSON), {}), read_metrics(run_dir))
   entries = [e for e in entries if e in runs]
   if not entries:
     raise ValueError(f"{directory!r} holds no runs (expected <entry>/seed<k>/metrics.jsonl).")
@@ -199,7 +200,7 @@ def entry_summary(study: Study, entry: str) -> dict:
 
 
 def _overrides(study: Study, entry: str) -> str:
-  manifest = read_json(os.path.join(study.directory, "study.json"), {})
+  manifest = read_json(os.path.join(study.directory, STUDY_JSON), {})
   overrides = manifest.get("entries", {}).get(entry)
   if overrides is None:
     return ""
@@ -274,7 +275,7 @@ def depth_table(depth: dict) -> list[str]:
   return lines
 
 
-RUN_FILES = ("metrics.jsonl", "config.json", "study.json", "data_stats.json", "train.log")
+RUN_FILES = ("metrics.jsonl", "config.json", STUDY_JSON, "data_stats.json", "train.log")
 
 
 def pack(directory: str, path: str) -> list[str]:
@@ -283,7 +284,7 @@ def pack(directory: str, path: str) -> list[str]:
   import tarfile  # pylint: disable=g-import-not-at-top
 
   study = load_study(directory)
-  members = [n for n in ("study.json", DEPTH_MASS_JSON, REPORT_MD) if os.path.exists(os.path.join(directory, n))]
+  members = [n for n in (STUDY_JSON, DEPTH_MASS_JSON, REPORT_MD) if os.path.exists(os.path.join(directory, n))]
   members += sorted(n for n in os.listdir(directory) if n.endswith(".png"))
   for entry in study.entries:
     for run in study.finished(entry).values():
@@ -308,7 +309,7 @@ def write_report(directory: str, baseline: str | None = None, depth_mass: bool =
   depth = study_depth.summarize(read_json(depth_path, {}))
   pngs = study_plots.plot_study(study, depth, directory)
   lines = [f"# Study report: {os.path.basename(os.path.abspath(directory))}", ""]
-  grid = read_json(os.path.join(directory, "study.json"), {}).get("grid")
+  grid = read_json(os.path.join(directory, STUDY_JSON), {}).get("grid")
   if grid:
     lines += [f"Grid `{grid}`; rebuild with `python -m moda_jax.study report {directory}`.", ""]
   lines += ["Final validation loss: mean ± sample std over the finished seeds; Δ: per-seed difference to the "
