@@ -12,8 +12,9 @@ compiles), `--steps` steps are timed untraced, then `--steps` more run inside
 What is counted (`op_events`): on GPU/TPU the kernels on the device processes' stream threads
 ("/device:GPU:0" / "Stream #..."), never host threads; the derived "XLA Ops"/"XLA Modules" lines repeat
 the stream's time and are used only where a device has no stream line (TPU). On CPU there is no device
-process: the XLA ops are the host-thread events that carry an `hlo_op` argument. Time is self time (an
-op nested in another on its thread, e.g. a while loop's body on CPU, is not counted twice), averaged
+process: the XLA ops are the host-thread events that carry an `hlo_op` argument. A device kernel counts its
+full duration (kernels do not nest; overlapping ones on a line are not children); a CPU op its self
+time (an op nested in another on its thread, e.g. a while loop's body, is not counted twice), averaged
 over devices and divided by --steps; "% step" is of the traced wall time per step, so ops on
 concurrent streams (or CPU threads) can add up to more than 100%; "busy" (the union of the ops'
 intervals per device) cannot. Names lose numeric suffixes
@@ -110,14 +111,16 @@ def op_events(events: list[dict]) -> tuple[str, list[tuple[str, dict, float]]]:
       ops_line = {t for t in tids if threads[(pid, t)] == "XLA Ops"}
       lines[pid] = streams or ops_line or {t for t in tids if threads[(pid, t)] not in _DERIVED_LINES}
     selected = [e for e in complete if e["pid"] in devices and e.get("tid") in lines[e["pid"]]]
-    source, device_of = "device stream kernels", lambda e: procs[e["pid"]]
-  else:
-    selected = [e for e in complete if "hlo_op" in (e.get("args") or {})]
-    source, device_of = "XLA ops on host threads (CPU)", lambda e: str(e["args"].get("device_ordinal", "0"))
+    # Kernels never nest, but on the H200 consecutive kernels of one stream line overlap in the trace
+    # (launch overlap, concurrent streams merged into one line): self time would subtract a kernel from
+    # the one it overlaps (measured: -76 ms "self time" for cuDNN's dO.O kernel). Full durations.
+    return "device stream kernels", [(procs[e["pid"]], e, e["dur"]) for e in selected]
+  selected = [e for e in complete if "hlo_op" in (e.get("args") or {})]
   by_thread: dict = {}
   for e in selected:
     by_thread.setdefault((e["pid"], e.get("tid")), []).append(e)
-  return source, [(device_of(e), e, t) for ops in by_thread.values() for e, t in _self_times(ops)]
+  return "XLA ops on host threads (CPU)", [(str(e["args"].get("device_ordinal", "0")), e, t)
+                                           for ops in by_thread.values() for e, t in _self_times(ops)]
 
 
 def summarize(events: list[dict], *, steps: int, step_time_ms: float, exact_names: bool = False) -> dict:

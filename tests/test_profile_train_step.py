@@ -65,6 +65,18 @@ def test_device_streams_are_counted_and_host_and_derived_lines_are_not():
   assert exact["loop_add_fusion_7"]["ms_per_step"] == pytest.approx(0.025)
 
 
+def test_overlapping_kernels_on_one_stream_each_count_their_full_duration():
+  # As in the H200's traces: a kernel starting before the previous one on its line ends is not nested
+  # in it (self time would give the first 100 - 80 = 20 us, or less than zero).
+  events = [_meta(1, process="/device:GPU:0"), _meta(1, 10, thread="Stream #13(Compute)"),
+            _op(1, 10, "cudnn_flash_bprop", 0, 100), _op(1, 10, "compute_dot_do_o", 20, 80),
+            _op(1, 10, "loop_add_fusion", 90, 30)]
+  s = prof.summarize(events, steps=1, step_time_ms=0.12)
+  assert {r["op"]: r["ms_per_step"] for r in s["ops"]} == pytest.approx(
+      {"cudnn_flash_bprop": 0.1, "compute_dot_do_o": 0.08, "loop_add_fusion": 0.03})
+  assert s["busy_ms_per_step"] == pytest.approx(0.12)
+
+
 def test_cpu_ops_are_hlo_events_on_host_threads_counted_by_self_time_per_device():
   events = [_meta(5, process="/host:CPU"), _meta(5, 1, thread="tf_XLAEigen/1"), _meta(5, 2, thread="tf_XLAEigen/2"),
             _op(5, 1, "ThunkExecutor::Execute", 0, 1000),  # no hlo_op: runtime, not an op
