@@ -1,29 +1,28 @@
 """`implementation="cudnn"`: cuDNN flash attention, `jax.nn.dot_product_attention(implementation="cudnn")`.
 
 The fastest attention kernel on NVIDIA GPUs for what it can express, and first in the GPU order, so that
-a call without depth (the OLMo2 baseline, a `depth_kv="none"` model) runs on it; everything else falls
-back to pallas_triton. It takes: no depth arrays, k and v given, causal or not, any G, an even T, bfloat16
-or float16, D a multiple of 8 up to 128 (256 on Hopper and later), a CUDA GPU of compute capability
-8.0+, never interpret mode; and `segment_ids` under the conditions below. The lse it returns is
-cuDNN's softmax statistics as `jax.nn` hands them back (rounded to q's dtype): its gradient is not
-implemented (`DIFFERENTIABLE_LSE = False`: the dispatcher gives `return_lse=True` calls to another
-backend; a direct caller that differentiates it gets NotImplementedError, never a silent zero).
+a call without depth and without segments runs on it; everything else falls back to pallas_triton. It
+takes: no depth arrays, no `segment_ids`, k and v given, causal or not, any G, an even T, bfloat16 or
+float16, D a multiple of 8 up to 128 (256 on Hopper and later), a CUDA GPU of compute capability 8.0+,
+never interpret mode. The lse it returns is cuDNN's softmax statistics as `jax.nn` hands them back
+(rounded to q's dtype): its gradient is not implemented (`DIFFERENTIABLE_LSE = False`: the dispatcher
+gives `return_lse=True` calls to another backend; a direct caller that differentiates it gets
+NotImplementedError, never a silent zero).
 
-What a query sees is `spec.sequence_visible`: without segments that is cuDNN's own causal mask
-(s <= t, top-left aligned: T query and T key tokens), or none. With segments the spec's rule itself,
-evaluated on [B, 1, T, T] token and segment iotas, is passed as the boolean `mask` (jax turns it into an
-additive bias in q's dtype), and `is_causal` still lets cuDNN skip the tiles above the diagonal. Every
-token sees itself (padding, segment 0, is one more segment, as in the spec), so no row is fully masked.
+What a query sees is `spec.sequence_visible` without segments: cuDNN's own causal mask (s <= t,
+top-left aligned: T query and T key tokens), or none.
 
-Why a dense mask for segments: cuDNN has no segment-id mask. Its other ways to express packed documents
-do not fit `moda_attention`'s contract: `query_seq_lengths` / `key_value_seq_lengths` describe one
-padded prefix per row, not several documents; the packed (THD) layout behind
+Why no segments (packed documents, as the training data comes): cuDNN has no segment-id mask. A dense
+[B, 1, T, T] boolean mask built from the spec's rule (jax turns it into an additive bias) is exact, and
+this backend took segments that way until it was measured on the H200 (BENCHMARKS.md §0c): at the 700M
+training shape B8 T4K G2 it was slower than pallas_triton's segment-aware kernel (4.52 vs 3.59 ms
+fwd+bwd) and the OLMo2 baseline's step 13% slower (0.545 vs 0.481 s), also because jax's cuDNN
+residuals carry no checkpoint name, so a remat policy cannot keep them and the forward runs again. Its
+other ways to express packed documents do not fit `moda_attention`'s contract: `query_seq_lengths` /
+`key_value_seq_lengths` describe one padded prefix per row, and the packed (THD) layout behind
 `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(q_offsets=, kv_offsets=)` needs every
 segment id to be one contiguous run (ours may repeat anywhere in a row) and a static maximum number of
-segments per row M, with softmax statistics of [B * M, H, T] floats; neither can be known from traced
-segment ids. The mask is exact for any ids, with gradients, but costs O(B * T^2) memory and bandwidth:
-it is built only up to `_MAX_MASK_ENTRIES` entries (B * T * T, per device under shard_map); past that,
-segmented calls fall back to pallas_triton.
+segments per row.
 """
 
 from __future__ import annotations
@@ -36,9 +35,6 @@ from pallas_kernels import spec as spec_lib
 
 DIFFERENTIABLE_LSE = False
 
-# B * T * T boolean mask entries (the bias jax builds from them is 2 bytes each in bf16): 2^28 is B = 8
-# at T = 4096 twice over, or B = 1 at T = 16384.
-_MAX_MASK_ENTRIES = 2 ** 28
 _DTYPES = (jnp.bfloat16, jnp.float16)
 _MIN_COMPUTE_CAPABILITY = (8, 0)  # cuDNN flash attention: Ampere and later
 _HOPPER = (9, 0)  # head dims up to 256 from Hopper on, 128 before
@@ -57,17 +53,15 @@ def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> 
   head_dim = inputs.q.shape[-1]
   if head_dim % 8 or head_dim > 256:
     raise NotImplementedError(f"cudnn: head_dim={head_dim} is not supported (a multiple of 8, at most 256).")
-  batch, seq_len = inputs.q.shape[:2]
+  if spec.has_segments:
+    raise NotImplementedError("cudnn: segment_ids (packed documents) are not expressible in cuDNN attention "
+                              "(no segment-id mask; a dense mask measured slower than pallas_triton).")
+  seq_len = inputs.q.shape[1]
   if seq_len % 2:
     # Measured on the H200 (jax 0.11.2): with the lse returned, T = 513 and T = 1 fail in the backward
-    # ("Unsupported sequence length"); with segments the mask is a bias, whose backward needs an even T.
+    # ("Unsupported sequence length").
     raise NotImplementedError(f"cudnn: odd T={seq_len}: cuDNN's attention backward needs an even sequence "
                               "length here.")
-  if spec.has_segments:
-    if batch * seq_len * seq_len > _MAX_MASK_ENTRIES:
-      raise NotImplementedError(
-          f"cudnn: segment_ids at B={batch}, T={seq_len} need a dense [B, T, T] mask of "
-          f"{batch * seq_len * seq_len} entries, over the {_MAX_MASK_ENTRIES} this backend builds.")
   capability = _compute_capability()
   if capability < _MIN_COMPUTE_CAPABILITY:
     raise NotImplementedError(f"cudnn: compute capability {capability} is below the {_MIN_COMPUTE_CAPABILITY} "
@@ -83,15 +77,8 @@ def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False):
   The lse has no gradient (module docstring): differentiating it raises NotImplementedError.
   """
   check_supported(inputs, spec, interpret)
-  mask_B1TS = None
-  if spec.has_segments:
-    tokens = jnp.arange(spec.seq_len, dtype=jnp.int32)
-    segments_BT = inputs.segment_ids
-    mask_BTS = spec_lib.sequence_visible(spec, tokens[None, :, None], tokens[None, None, :],
-                                         segments_BT[:, :, None], segments_BT[:, None, :])
-    mask_B1TS = mask_BTS[:, None]  # one mask for every head
   out_BTHD, lse_BTH = jax.nn.dot_product_attention(
-      inputs.q, inputs.k, inputs.v, mask=mask_B1TS, scale=spec.scale, is_causal=spec.causal,
+      inputs.q, inputs.k, inputs.v, scale=spec.scale, is_causal=spec.causal,
       implementation="cudnn", return_residual=True)
   return out_BTHD, _lse_without_gradient(lse_BTH.astype(jnp.float32))
 

@@ -88,8 +88,8 @@ def test_registered_and_first_on_gpu_only():
     (_structs(), {}),
     (_structs(dtype=jnp.float16, q_heads=2, kv_heads=2), dict(causal=False, scale=0.5)),
     (_structs(head_dim=256), {}),                                            # D 256 on Hopper
-    (_structs(head_dim=40, segments=True, seq_len=130), dict(causal=False)),
-    (_structs(batch=8, seq_len=4096, segments=True), {}),                    # the 700M training call
+    (_structs(head_dim=40, seq_len=130), dict(causal=False)),
+    (_structs(batch=8, seq_len=4096, q_heads=16, kv_heads=8), {}),          # the 700M shape, unpacked
 ])
 def test_takes_plain_attention_on_a_cuda_gpu(hopper, arrays, options):
   _check(arrays, **options)
@@ -102,9 +102,10 @@ def test_takes_plain_attention_on_a_cuda_gpu(hopper, arrays, options):
     (_structs(dtype=jnp.float32), {}, "float32"),
     (_structs(head_dim=36), {}, "head_dim=36"),
     (_structs(head_dim=264), {}, "head_dim=264"),
-    (_structs(seq_len=63, segments=True), {}, "odd T=63"),
+    (_structs(seq_len=63), {}, "odd T=63"),
     (_structs(seq_len=1, q_heads=8, kv_heads=1), {}, "odd T=1"),           # fails on the H200 (backward)
-    (_structs(batch=2, seq_len=16384, segments=True), {}, "dense"),
+    (_structs(segments=True), {}, "segment_ids"),                            # packed documents
+    (_structs(batch=8, seq_len=4096, segments=True), dict(causal=False), "segment_ids"),
 ])
 def test_refuses_what_cudnn_cannot_do(hopper, arrays, options, match):
   with pytest.raises(NotImplementedError, match=match):
@@ -132,7 +133,8 @@ def test_refuses_interpret_mode_old_gpus_and_no_gpu(monkeypatch):
 # (arrays, options, the backend that must run on a GPU)
 _GPU_CALLS = [
     (_structs(), {}, "cudnn"),
-    (_structs(segments=True), dict(causal=False), "cudnn"),
+    (_structs(), dict(causal=False), "cudnn"),
+    (_structs(segments=True), {}, "pallas_triton"),        # cuDNN has no segment-id mask
     (_structs(slots=4), {}, "pallas_triton"),
     (_structs(slots=4, depth_only=True), {}, "pallas_triton"),
     (_structs(dtype=jnp.float32), {}, "pallas_triton"),
@@ -183,19 +185,21 @@ def test_lse_gradient_raises_unless_unused():
   assert jnp.allclose(jax.jit(jax.grad(lambda x: jax.checkpoint(unused)(x)))(x), jnp.cos(x))
 
 
-@pytest.mark.parametrize("depth_kv, gpu, expected", [
-    pytest.param("none", False, {"sequence": {"xla"}}, marks=_ON_CPU),
-    pytest.param("attn_ffn", False, {"sequence+depth": {"xla"}}, marks=_ON_CPU),
-    ("none", True, {"sequence": {"cudnn"}}),
-    ("attn_ffn", True, {"sequence+depth": {"pallas_triton"}}),
+@pytest.mark.parametrize("depth_kv, gpu, packed, expected", [
+    pytest.param("none", False, True, {"sequence": {"xla"}}, marks=_ON_CPU),
+    pytest.param("attn_ffn", False, True, {"sequence+depth": {"xla"}}, marks=_ON_CPU),
+    ("none", True, False, {"sequence": {"cudnn"}}),
+    ("none", True, True, {"sequence": {"pallas_triton"}}),  # packed documents: segment_ids
+    ("attn_ffn", True, True, {"sequence+depth": {"pallas_triton"}}),
 ])
-def test_model_records_the_kernels_it_is_traced_on(request, depth_kv, gpu, expected):
+def test_model_records_the_kernels_it_is_traced_on(request, depth_kv, gpu, packed, expected):
   ran = request.getfixturevalue("fake_gpu") if gpu else None
   cfg = config(depth_kv=depth_kv, attention_impl=None, dtype="bfloat16", head_dim=16)
   tokens = jax.ShapeDtypeStruct((2, 12), jnp.int32)
   params = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"]
+  segments = lambda t: jnp.ones_like(t) if packed else None
   with kernel_call.recording_implementations() as used:
-    jax.eval_shape(lambda p, t: Transformer(cfg).apply({"params": p}, t, segment_ids=jnp.ones_like(t)), params,
+    jax.eval_shape(lambda p, t: Transformer(cfg).apply({"params": p}, t, segment_ids=segments(t)), params,
                    tokens)
   assert used == expected
   if gpu:  # what was recorded ran (the blocks' one-token parameter-creating call, not recorded, may run another)

@@ -2,12 +2,11 @@
 
 Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_cudnn_gpu.py -q`.
 1. out, lse and the q / k / v gradients of `cudnn.attention` against the float64 oracle at the shared
-   dtype tolerances: causal or not, G in {1, 2, 3, 4, 8}, even T, D 32 to 256, bf16 / f16, and segment
-   ids packed, shuffled (ids recurring anywhere) and with a padding tail (segment 0), as the data
-   pipeline packs rows.
+   dtype tolerances: causal or not, G in {1, 2, 3, 4, 8}, even T, D 32 to 256, bf16 / f16.
 2. On this GPU `moda_attention(implementation=None)` runs cudnn for those calls (outputs and gradients
    within the same tolerances), `resolve_implementation` says so, and the calls cudnn cannot take
-   resolve to pallas_triton; the model's shard_map path runs it too.
+   (segment_ids included: packed documents) resolve to pallas_triton; the model's shard_map path runs
+   it too.
 3. A cotangent on cudnn's lse raises NotImplementedError (jax's cuDNN attention has no lse gradient).
 """
 
@@ -17,46 +16,31 @@ import numpy as np
 import pytest
 
 import oracle
-from operator_cases import assert_close, assert_lse_close, rng_for, segment_ids
+from operator_cases import assert_close, assert_lse_close, rng_for
 from moda_jax.model import kernel_call
 from moda_jax.train import sharding
 from pallas_kernels import api, cudnn, moda_attention, resolve_implementation
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run scripts/gpu_check.sh)")
 
-# (name, batch, T, Hk, G, D, causal, segments, dtype)
+# (name, batch, T, Hk, G, D, causal, dtype)
 _CASES = [
-    ("b2_t256_g4_d64", 2, 256, 2, 4, 64, True, None, "bfloat16"),
-    ("t514_g2", 1, 514, 2, 2, 64, True, None, "bfloat16"),
-    ("f16_noncausal_d128", 1, 300, 4, 2, 128, False, None, "float16"),
-    ("d256_g8", 1, 128, 1, 8, 256, True, None, "bfloat16"),
-    ("d40_g3", 2, 64, 2, 3, 40, True, None, "bfloat16"),
-    ("packed_b2_t1024", 2, 1024, 4, 2, 64, True, "packed", "bfloat16"),
-    ("shuffled_noncausal", 1, 200, 2, 4, 64, False, "shuffled", "bfloat16"),
-    ("shuffled_causal_f16_d32", 2, 130, 1, 2, 32, True, "shuffled", "float16"),
-    ("padded_tail_b2_t512", 2, 512, 8, 2, 64, True, "padded", "bfloat16"),
+    ("b2_t256_g4_d64", 2, 256, 2, 4, 64, True, "bfloat16"),
+    ("t514_g2", 1, 514, 2, 2, 64, True, "bfloat16"),
+    ("f16_noncausal_d128", 1, 300, 4, 2, 128, False, "float16"),
+    ("d256_g8", 1, 128, 1, 8, 256, True, "bfloat16"),
+    ("d40_g3", 2, 64, 2, 3, 40, True, "bfloat16"),
+    ("noncausal_f16_d32", 2, 130, 1, 2, 32, False, "float16"),
+    ("b2_t512_g2", 2, 512, 8, 2, 64, True, "bfloat16"),
 ]
 
 
-def _segments(rng, batch, seq_len, kind):
-  if kind != "padded":
-    return segment_ids(rng, batch, seq_len, kind)
-  # As the pipeline packs: documents 1, 2, ... of random lengths, then padding (segment 0) to the end.
-  ids = np.zeros((batch, seq_len), np.int32)
-  for row in ids:
-    ends = np.cumsum(rng.integers(16, seq_len // 3, size=8))
-    used = int(rng.integers(seq_len // 2, seq_len))
-    row[:used] = 1 + np.searchsorted(ends, np.arange(used), side="right")
-  return ids
-
-
-def _inputs(name, batch, seq_len, kv_heads, group, head_dim, segments, dtype):
+def _inputs(name, batch, seq_len, kv_heads, group, head_dim, dtype):
   rng = rng_for(name)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
   q = normal(batch, seq_len, kv_heads * group, head_dim)
   k, v = normal(batch, seq_len, kv_heads, head_dim), normal(batch, seq_len, kv_heads, head_dim)
-  seg = None if segments is None else jnp.asarray(_segments(rng, batch, seq_len, segments))
-  return q, k, v, seg, normal(*q.shape)
+  return q, k, v, normal(*q.shape)
 
 
 def _forward_and_grads(attend, q, k, v, d_out):
@@ -68,10 +52,10 @@ def _forward_and_grads(attend, q, k, v, d_out):
   return run(q, k, v, d_out)
 
 
-def _assert_matches_oracle(case, q, k, v, seg, d_out, out, grads, lse=None):
-  name, _, _, _, _, _, causal, _, dtype = case
-  expected_out, expected_lse = oracle.forward(q, k, v, causal=causal, segment_ids=seg)
-  expected = oracle.backward(q, k, v, d_out=d_out, d_lse=np.zeros(q.shape[:3]), causal=causal, segment_ids=seg)
+def _assert_matches_oracle(case, q, k, v, d_out, out, grads, lse=None):
+  name, _, _, _, _, _, causal, dtype = case
+  expected_out, expected_lse = oracle.forward(q, k, v, causal=causal)
+  expected = oracle.backward(q, k, v, d_out=d_out, d_lse=np.zeros(q.shape[:3]), causal=causal)
   assert_close("out", out, expected_out, dtype)
   if lse is not None:
     assert_lse_close(lse, expected_lse, dtype)  # jax hands cuDNN's statistics back in q's dtype
@@ -81,31 +65,31 @@ def _assert_matches_oracle(case, q, k, v, seg, d_out, out, grads, lse=None):
 
 @pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
 def test_cudnn_backend_matches_oracle(case):
-  name, batch, seq_len, kv_heads, group, head_dim, causal, segments, dtype = case
-  q, k, v, seg, d_out = _inputs(name, batch, seq_len, kv_heads, group, head_dim, segments, dtype)
+  name, batch, seq_len, kv_heads, group, head_dim, causal, dtype = case
+  q, k, v, d_out = _inputs(name, batch, seq_len, kv_heads, group, head_dim, dtype)
 
   def attend(q, k, v):
-    inputs, spec = api.prepare(q, k, v, causal=causal, segment_ids=seg)
+    inputs, spec = api.prepare(q, k, v, causal=causal)
     return cudnn.attention(inputs, spec)
 
   out, lse, grads = _forward_and_grads(attend, q, k, v, d_out)
-  _assert_matches_oracle(case, q, k, v, seg, d_out, out, grads, lse)
+  _assert_matches_oracle(case, q, k, v, d_out, out, grads, lse)
 
 
 @pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
 def test_default_dispatch_runs_cudnn(case):
-  name, batch, seq_len, kv_heads, group, head_dim, causal, segments, dtype = case
-  q, k, v, seg, d_out = _inputs(name, batch, seq_len, kv_heads, group, head_dim, segments, dtype)
-  assert resolve_implementation(q, k, v, causal=causal, segment_ids=seg) == "cudnn"
-  attend = lambda q, k, v: (moda_attention(q, k, v, causal=causal, segment_ids=seg), None)
+  name, batch, seq_len, kv_heads, group, head_dim, causal, dtype = case
+  q, k, v, d_out = _inputs(name, batch, seq_len, kv_heads, group, head_dim, dtype)
+  assert resolve_implementation(q, k, v, causal=causal) == "cudnn"
+  attend = lambda q, k, v: (moda_attention(q, k, v, causal=causal), None)
   out, _, grads = _forward_and_grads(attend, q, k, v, d_out)
-  _assert_matches_oracle(case, q, k, v, seg, d_out, out, grads)
+  _assert_matches_oracle(case, q, k, v, d_out, out, grads)
 
 
 def test_calls_cudnn_cannot_take_resolve_to_pallas_triton():
-  q, k, v, _, _ = _inputs("fallbacks", 1, 64, 2, 2, 64, None, "bfloat16")
-  odd = jnp.zeros((1, 63), jnp.int32)
-  assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63], segment_ids=odd) == "pallas_triton"
+  q, k, v, _ = _inputs("fallbacks", 1, 64, 2, 2, 64, "bfloat16")
+  packed = jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), 16)[None]  # 4 documents of 16 tokens
+  assert resolve_implementation(q, k, v, segment_ids=packed) == "pallas_triton"
   # Odd T: with the lse used, T = 513 and T = 1 failed in cuDNN's backward on the H200 (2026-12-01).
   assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63]) == "pallas_triton"
   assert resolve_implementation(q, k, v, return_lse=True) == "pallas_triton"
@@ -115,7 +99,7 @@ def test_calls_cudnn_cannot_take_resolve_to_pallas_triton():
 
 
 def test_lse_cotangent_raises():
-  q, k, v, _, _ = _inputs("lse_grad", 1, 64, 1, 2, 64, None, "bfloat16")
+  q, k, v, _ = _inputs("lse_grad", 1, 64, 1, 2, 64, "bfloat16")
   lse_sum = lambda q: jnp.sum(cudnn.attention(*api.prepare(q, k, v))[1])
   with pytest.raises(NotImplementedError, match="lse has no gradient"):
     jax.grad(lse_sum)(q)
@@ -123,12 +107,12 @@ def test_lse_cotangent_raises():
 
 def test_model_kernel_call_runs_cudnn_under_shard_map():
   case = _CASES[-1]
-  name, batch, seq_len, kv_heads, group, head_dim, causal, segments, dtype = case
-  q, k, v, seg, d_out = _inputs(name, batch, seq_len, kv_heads, group, head_dim, segments, dtype)
+  name, batch, seq_len, kv_heads, group, head_dim, causal, dtype = case
+  q, k, v, d_out = _inputs(name, batch, seq_len, kv_heads, group, head_dim, dtype)
   mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
   attend = lambda q, k, v: (kernel_call.sharded_moda_attention(
-      q, k, v, None, None, depth_len=0, segment_ids_BT=seg, implementation=None), None)
+      q, k, v, None, None, depth_len=0, segment_ids_BT=None, implementation=None), None)
   with jax.set_mesh(mesh), kernel_call.recording_implementations() as used:
     out, _, grads = _forward_and_grads(attend, q, k, v, d_out)
   assert used == {"sequence": {"cudnn"}}
-  _assert_matches_oracle(case, q, k, v, seg, d_out, out, grads)
+  _assert_matches_oracle(case, q, k, v, d_out, out, grads)
