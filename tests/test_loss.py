@@ -8,11 +8,13 @@ memory, which must drop by more than one float32 copy of the logits where they d
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import model_cases as cases
+from operator_cases import assert_close
 from configs import micro
 from moda_jax import Transformer
 from moda_jax.cli_errors import UserError
@@ -150,6 +152,47 @@ def test_first_train_steps_are_unchanged():
     for key in ("loss", "z_loss", "grad_norm", "tokens"):
       np.testing.assert_allclose(got[key], want[key], rtol=_F32_RTOL)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), got_params, want_params)
+
+
+def _dot_operand_dtypes(fn, *args):
+  """The input dtypes of every dot_general in fn's jaxpr (nested jaxprs included)."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("vocab_first", [True, False], ids=["tied", "untied"])
+def test_bf16_logits_backward_runs_bf16_matmuls_and_matches_the_float64_oracle(vocab_first):
+  # Autodiff of a float32-output einsum would run the backward matmuls on a float32 cotangent (TF32
+  # GEMMs on the GPU); the backward must contract in the compute dtype, like every other layer.
+  hidden, targets, mask = _random_case(3)
+  table = np.random.default_rng(4).standard_normal((_V, _M) if vocab_first else (_M, _V)).astype(np.float32)
+  hidden_bf16 = jnp.asarray(hidden, jnp.bfloat16)
+
+  def ce(h, t):
+    return loss.logit_sums(Unembedding(t, vocab_first).logits(h), targets, mask)[0]
+
+  assert _dot_operand_dtypes(jax.grad(ce, argnums=(0, 1)), hidden_bf16, table) == [("bfloat16", "bfloat16")] * 3
+  d_hidden, d_table = jax.grad(ce, argnums=(0, 1))(hidden_bf16, table)
+  assert (d_hidden.dtype, d_table.dtype) == (jnp.bfloat16, jnp.float32)
+  # The oracle sees the inputs as the model does: both rounded to bf16.
+  rounded = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+  _, _, want_d_hidden, want_d_table = _oracle(rounded(hidden), rounded(table), vocab_first, targets, mask, 0.0)
+  assert_close("d_hidden", d_hidden, want_d_hidden, "bfloat16")
+  assert_close("d_table", d_table, want_d_table, "bfloat16")
+  # float32 compute: autodiff of the plain einsum (another float32 evaluation order).
+  spec = "...m,vm->...v" if vocab_first else "...m,mv->...v"
+  plain = lambda h, t: loss.logit_sums(jnp.einsum(spec, h, t), targets, mask)[0]
+  for got, want in zip(jax.grad(ce, argnums=(0, 1))(hidden, table), jax.grad(plain, argnums=(0, 1))(hidden, table)):
+    np.testing.assert_allclose(got, want, rtol=_F32_RTOL, atol=_F32_ATOL)
 
 
 def test_return_hidden_gives_the_logits_exactly():
