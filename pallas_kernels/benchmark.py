@@ -8,10 +8,9 @@ Every implementation that runs here is timed on every shape where it fits; cuDNN
 without depth. Every other row calls `moda_attention` with its implementation named (never None, which on
 GPU now picks the `cudnn` backend for calls without depth): `<impl>_nodepth` is `<impl>` without depth,
 so `cudnn_nodepth` is the operator's cuDNN backend (`pallas_kernels/cudnn.py`). `--quick` adds the model's
-call (`pallas_triton_depth_q`: a depth_q of its own) and the model's layer loop (`pallas_triton_threaded`:
-`STACK_LAYERS` calls in a scan carrying the depth buffers through `return_depth`, so each backward adds into
-the carried cotangent in place; `pallas_triton_stacked`: the same scan with the buffers closed over, each
-call's depth gradient added by XLA), timed per call. `--ablate` times the kernels without depth, JAX's
+call (`pallas_triton_depth_q`: a depth_q of its own). The threaded depth cotangent of the model's depth
+stack (`return_depth`) is timed in the model's own step (`scripts/profile_train_step.py`): a scan of calls
+here would save its carried depth buffers once per call (BENCHMARKS.md §0c). `--ablate` times the kernels without depth, JAX's
 Mosaic GPU attention forward and each kernel option flipped (`benchmark_modes`); `--tune` times tile variants.
 `--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas backends without depth
 (`*_nodepth`) to every shape. `--segments N` passes every `moda_attention` row segment_ids of N equal
@@ -88,7 +87,7 @@ def flops(shape: Shape, depth: bool, backward: bool, variant: dict | None = None
   return shape.batch * shape.q_heads * per_head * (3.5 if backward else 1.0)
 
 
-def bytes_moved(shape: Shape, depth: bool, backward: bool, depth_q: bool = False, threaded: bool = False) -> float:
+def bytes_moved(shape: Shape, depth: bool, backward: bool, depth_q: bool = False) -> float:
   b, t, d = shape.batch, shape.seq_len, shape.head_dim
   q = b * t * shape.q_heads * d * 2
   kv = 2 * b * t * shape.kv_heads * d * 2
@@ -96,10 +95,8 @@ def bytes_moved(shape: Shape, depth: bool, backward: bool, depth_q: bool = False
   dq_in = q if depth_q else 0  # a separate depth_q: read forward and backward, its grad written
   lse = b * t * shape.q_heads * 4
   fwd = q + dq_in + kv + dep + q + lse
-  # Backward reads q, k, v, depth, o, do, lse (and a threaded depth cotangent) and writes dq, dk, dv and
-  # the depth grads.
-  threaded_in = dep if threaded else 0
-  return fwd + (3 * q + 2 * dq_in + kv + dep + threaded_in + lse) + (q + kv + dep) if backward else fwd
+  # Backward reads q, k, v, depth, o, do, lse and writes dq, dk, dv and the depth grads.
+  return fwd + (3 * q + 2 * dq_in + kv + dep + lse) + (q + kv + dep) if backward else fwd
 
 
 def make_inputs(shape: Shape, depth: bool, seed: int = 0, depth_q: bool = False):
@@ -141,8 +138,6 @@ def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None
   elif impl.endswith("_nodepth"):  # the sequence phase alone: what the depth phase adds is the rest
     base = impl[:-len("_nodepth")]
     attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, causal=True, implementation=base, **seg(q))
-  elif impl.endswith(("_threaded", "_stacked")):
-    attend = _stack(impl.rsplit("_", 1)[0], threaded=impl.endswith("_threaded"), seg=seg)
   elif impl == "pallas_triton_depth_q":  # the model's call: depth scored with a depth_q of its own
     attend = lambda q, k, v, dk, dv, dq: moda_attention(q, k, v, dk, dv, depth_q=dq, causal=True,
                                                         implementation="pallas_triton", **seg(q))
@@ -161,25 +156,6 @@ def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None
     return out, pullback(jnp.broadcast_to(do, out.shape))
 
   return forward, forward_backward
-
-
-STACK_LAYERS = 4
-
-
-def _stack(base: str, *, threaded: bool, seg):
-  """`STACK_LAYERS` calls in a `lax.scan`, the model's layer loop, each reading the same depth buffers:
-  `threaded` carries them through `return_depth` (each backward adds into the carried cotangent in place,
-  as the model's depth stack does); otherwise they are closed over and the scan's backward adds each
-  call's full-size depth gradient. `measure` reports the time per call."""
-  def attend(q, k, v, dk, dv):
-    def layer(depth, _):
-      if not threaded:
-        return depth, moda_attention(q, k, v, *depth, causal=True, implementation=base, **seg(q))
-      out, *depth = moda_attention(q, k, v, *depth, causal=True, implementation=base, return_depth=True,
-                                   **seg(q))
-      return tuple(depth), out
-    return jax.lax.scan(layer, (dk, dv), length=STACK_LAYERS)[1]
-  return attend
 
 
 def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 25.0) -> float:
@@ -205,8 +181,7 @@ def time_ms(fn, *args, warmup: int, iters: int, min_sample_ms: float = 25.0) -> 
 
 
 def implementations_for(shape: Shape, quick: bool, mosaic: bool = False, segments: int = 0) -> list[str]:
-  impls = (["pallas_triton", "pallas_triton_stacked", "pallas_triton_threaded", "pallas_triton_depth_q"] if quick
-           else ["pallas_triton"])
+  impls = ["pallas_triton", "pallas_triton_depth_q"] if quick else ["pallas_triton"]
   if mosaic:
     impls += ["pallas_mosaic_gpu", "pallas_triton_nodepth", "pallas_mosaic_gpu_nodepth"]
   if segments:  # the baseline model's call (no depth, packed documents) on cuDNN and on its fallback
@@ -237,9 +212,7 @@ def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fw
       row[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
       continue
     f = flops(shape, depth, mode == "fwd_bwd", variant)
-    by = bytes_moved(shape, depth, mode == "fwd_bwd", depth_q, threaded=impl.endswith("_threaded"))
-    if impl.endswith(("_threaded", "_stacked")):
-      ms /= STACK_LAYERS
+    by = bytes_moved(shape, depth, mode == "fwd_bwd", depth_q)
     row[f"{mode}_ms"] = ms
     row[f"{mode}_tflops"] = f / ms / 1e9
     row[f"{mode}_gbps"] = by / ms / 1e6
