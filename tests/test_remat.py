@@ -6,6 +6,7 @@ matmuls are the attention kernel's and the unbatched ones the projections, so a 
 kernel's residuals leaves exactly the backward kernel's batched matmuls, as without remat.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -79,3 +80,23 @@ def test_save_qkv_skips_exactly_the_three_qkv_matmuls():
 def test_options_are_ordered_from_most_to_least_recomputed():
   work = [sum(_backward_dots(remat).values()) for remat in REMAT_OPTIONS]
   assert work == sorted(work, reverse=True), dict(zip(REMAT_OPTIONS, work))
+
+
+@functools.cache
+def _model_grad_dots(remat: str, naive: bool) -> dict[str, int]:
+  """Matmuls in the jaxpr of a MoDA model's gradient, through the linear-memory stack or (`naive`)
+  plain autodiff of the same block loop."""
+  cfg = cases.config(depth_kv="attn_ffn", attention_impl="xla", remat=remat, num_layers=4)
+  params = cases.random_params(cfg)
+  with cases.naive_depth_memory() if naive else contextlib.nullcontext():
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(cases.loss, cfg)))(params, cases.TOKENS)
+  return _count_dots(jaxpr.jaxpr, {"batched": 0, "unbatched": 0})
+
+
+@pytest.mark.parametrize("remat", ["none", "save_dots_and_attention", "full"])
+def test_linear_memory_stack_recomputes_what_plain_autodiff_under_the_policy_does(remat):
+  # The stack keeps each writer block's policy residuals (never the depth buffers): under any policy
+  # its backward re-does exactly the matmuls that plain autodiff of the same blocks re-does.
+  assert _model_grad_dots(remat, naive=False) == _model_grad_dots(remat, naive=True)
+  if remat != "full":
+    assert sum(_model_grad_dots(remat, False).values()) < sum(_model_grad_dots("full", False).values())

@@ -37,10 +37,10 @@ class ModelConfig:
     qk_norm: per-head RMSNorm on q and k (and, at read time, on depth keys).
     rope_theta: rotary base. tie_embeddings: logits use the input embedding.
     scan_layers: blocks as `nn.scan` (params with a leading "layers" axis) or a Python loop.
-    remat: what each block keeps for the backward pass (the rest is recomputed there). With depth on,
-      the depth-writing blocks are recomputed once in the backward pass whatever this says (that is
-      how the linear-memory stack's custom_vjp stays linear in depth); remat then governs the last
-      block, and every block of `depth_kv="none"` models. Options, least memory first; the memory is
+    remat: what each block keeps for the backward pass (the rest is recomputed there), in every
+      block, the linear-memory stack's depth writers included (it saves a writer's policy residuals
+      but never the depth buffers it read, so memory stays linear in depth). Options, least memory
+      first; the memory is
       an estimate per block at the 700M shape (B8 x T4096 = 32K tokens, M 1024, 16 q / 8 kv heads of
       64, SwiGLU 4096, bf16: one [tokens, 1024] activation is 64 MiB):
         "full": only the block input (64 MiB); the whole block, attention kernel included, runs twice.

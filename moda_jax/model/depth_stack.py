@@ -19,18 +19,24 @@ final = concat(slots_0 ... slots_{N-1})". Its reverse pass, layer by layer from 
   * when layer i is reached, every reader of its slots (layers j > i, and the outside) has already
     added its contribution, so the carried cotangent at slots [i * S, (i + 1) * S) is complete:
     it is the cotangent of layer i's written slots;
-  * re-running layer i from its saved input x_i against `final` (masked to i * S) and pulling
-    back (cotangent of x_{i+1}, cotangent of slots_i, the carry) gives the cotangents of p_i, x_i and
-    the new carry: the layer threads the buffers through its attention operator (`read`, see
-    `block_loop`), whose backward adds the cotangent of the slots it read into the carry in place,
-    over the visible slots only (no zero-filled full-size gradient per layer, no separate add).
-    Contributions a layer adds at slots >= i * S (zero for a correct kernel) are harmless anyway:
-    those slots' writers were already processed.
+  * pulling layer i back against `final` (masked to i * S) with (cotangent of x_{i+1}, cotangent of
+    slots_i, the carry) gives the cotangents of p_i, x_i and the new carry: the layer threads the
+    buffers through its attention operator (`read`, see `block_loop`), whose backward adds the
+    cotangent of the slots it read into the carry in place, over the visible slots only (no
+    zero-filled full-size gradient per layer, no separate add). Contributions a layer adds at slots
+    >= i * S (zero for a correct kernel) are harmless anyway: those slots' writers were already
+    processed.
 
-Residuals: the final buffers, each layer's input x_i [N, B, T, M] and the params: O(N). The
-backward holds the final buffers, the carried buffer cotangents and one layer's activations: two
-buffer pairs plus a layer (tests/test_model_memory.py). Each layer's forward runs twice (like full
-remat), which is why `remat` has no further effect on this stack.
+Residuals. The forward takes each layer's pullback (`jax.vjp` of the block, checkpointed with the
+config's remat policy) and keeps only what the policy saved: the leaves that are the layer's own
+inputs (its params, its input x_i, the buffers it read and returned, positions, segment ids) are
+dropped and supplied again in the backward, the buffers as the final ones (`_split_residuals`,
+`_join_residuals`). So the stack holds the final buffers, each layer's x_i and its policy residuals:
+O(N), like a plain remat'd model, never a buffer pair per layer. With remat="full" nothing but the
+inputs is saved and each layer's forward runs again in the backward; with "save_dots_and_attention"
+only its elementwise work does (no attention forward kernel, no projection rerun). The backward holds
+the final buffers, the carried buffer cotangents and one layer's activations: about two buffer pairs
+above the baseline at any remat (tests/test_model_memory.py).
 
 The stack is a pure function of the layer parameters so that it can be written with
 `jax.custom_vjp` directly; the model passes `block_loop.block_fn(...)` as `layer_fn`, and both passes
@@ -85,40 +91,59 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
                      f"{config.num_layers - 1} for the outputs buffer of depth_mixer="
                      f"{config.depth_mixer!r}.")
 
-  def forward(params, x_BTM, positions_BT, segment_ids_BT):
-    """(x_out, final buffers, each layer's input with a leading axis N)."""
-    write_step = block_loop.writer_step(layer_fn, positions_BT, segment_ids_BT)
+  def layer(p, x_BTM, arrays, layer_index, positions_BT, segment_ids_BT):
+    """One writer block against `arrays` (masked to what it reads): (x_out, written, read buffers)."""
+    x_out, written, _, _, read = layer_fn(p, x_BTM, depth_stream.view(config, arrays, layer_index),
+                                          positions_BT, segment_ids_BT, None, False)
+    return x_out, written, depth_stream.buffers(read)
 
-    def step(carry, p, per_layer, layer):
-      new_carry, _ = write_step(carry, p, per_layer, layer)
-      return new_carry, carry[0]
-    (x_BTM, stream), inputs_NBTM = block_loop.over_layers(
+  # What the forward's pullbacks hold that the backward supplies itself (module docstring:
+  # "Residuals"): filled while tracing the forward, read while tracing the backward.
+  layout = {}
+
+  def forward(params, x_BTM, positions_BT, segment_ids_BT, save_residuals: bool):
+    """(x_out, final buffers, (each layer's input, its pullback's own residuals) with a leading axis N)."""
+    ints = (positions_BT, segment_ids_BT)
+
+    def step(carry, p, per_layer, layer_index):
+      del per_layer
+      x_in, stream = carry
+      arrays = depth_stream.buffers(stream)
+      if not save_residuals:
+        x_out, written, read = layer(p, x_in, arrays, layer_index, *ints)
+        return (x_out, _write(read, written, layer_index)), (x_in, [])
+      (x_out, written, read), pullback = jax.vjp(lambda p, x, a: layer(p, x, a, layer_index, *ints),
+                                                 p, x_in, arrays)
+      own = _split_residuals(pullback, (p, x_in, arrays, read, ints), layout, layer_index)
+      return (x_out, _write(read, written, layer_index)), (x_in, own)
+
+    (x_BTM, stream), per_layer = block_loop.over_layers(
         step, (x_BTM, depth_stream.start(config, x_BTM)), params)
-    return x_BTM, depth_stream.buffers(stream), inputs_NBTM
+    return x_BTM, depth_stream.buffers(stream), per_layer
+
+  def _write(read, written, layer_index):
+    return depth_stream.write_block(depth_stream.view(config, read, layer_index), written)
 
   # Positions and segment ids are arguments (not closed over) so the custom_vjp sees every input.
   @jax.custom_vjp
   def stack(params, x_BTM, positions_BT, segment_ids_BT):
-    return forward(params, x_BTM, positions_BT, segment_ids_BT)[:2]
+    return forward(params, x_BTM, positions_BT, segment_ids_BT, save_residuals=False)[:2]
 
   def stack_fwd(params, x_BTM, positions_BT, segment_ids_BT):
-    x_out, arrays, inputs_NBTM = forward(params, x_BTM, positions_BT, segment_ids_BT)
-    residuals = (params, inputs_NBTM, arrays, positions_BT, segment_ids_BT)
-    return (x_out, arrays), residuals
+    x_out, arrays, per_layer = forward(params, x_BTM, positions_BT, segment_ids_BT, save_residuals=True)
+    return (x_out, arrays), (params, per_layer, arrays, positions_BT, segment_ids_BT)
 
   def stack_bwd(residuals, cotangents):
-    params, inputs_NBTM, arrays, positions_BT, segment_ids_BT = residuals
+    params, per_layer, arrays, positions_BT, segment_ids_BT = residuals
 
-    def layer_bwd(carry, p, x_in_BTM, layer):
+    def layer_bwd(carry, p, saved, layer_index):
       g_x_BTM, g_arrays = carry
-
-      def rerun(p, x, arrays):
-        x_out, written, _, _, read = layer_fn(p, x, depth_stream.view(config, arrays, layer), positions_BT,
-                                              segment_ids_BT)
-        return x_out, written, depth_stream.buffers(read)
-      _, pullback = jax.vjp(rerun, p, x_in_BTM, arrays)
+      x_in_BTM, own = saved
+      # The buffers as this layer saw them equal the final ones wherever it reads (module docstring).
+      pullback = _join_residuals(own, (p, x_in_BTM, arrays, arrays, (positions_BT, segment_ids_BT)), layout,
+                                 layer_index)
       # Complete here: every reader of this layer's slots lies above it and was pulled back already.
-      g_written = depth_stream.written_part(config, g_arrays, layer)
+      g_written = depth_stream.written_part(config, g_arrays, layer_index)
       # Read the written slots' cotangent out before the pullback updates the carry in place (XLA
       # would otherwise read it from the carry late, and copy the whole carry to do so).
       g_written, g_arrays = jax.lax.optimization_barrier((g_written, g_arrays))
@@ -127,10 +152,10 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
       g_p, g_x_in, g_arrays = pullback((g_x_BTM, g_written, g_arrays))
       return (g_x_in, g_arrays), g_p
 
-    (g_x, g_arrays), g_params = block_loop.over_layers(layer_bwd, cotangents, params, inputs_NBTM,
+    (g_x, g_arrays), g_params = block_loop.over_layers(layer_bwd, cotangents, params, per_layer,
                                                        reverse=True)
     # The stream's entry write (the embedding in output slot 0; nothing without an outputs buffer).
-    x_first = jax.tree.map(lambda a: a[0], inputs_NBTM)
+    x_first = jax.tree.map(lambda a: a[0], per_layer[0])
     _, start_pullback = jax.vjp(lambda x: depth_stream.buffers(depth_stream.start(config, x)), x_first)
     g_x = jax.tree.map(jnp.add, g_x, start_pullback(g_arrays)[0])
     if isinstance(params, (list, tuple)):
@@ -141,3 +166,30 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
   stack.defvjp(stack_fwd, stack_bwd)
   x_BTM, arrays = stack(layer_params, x_BTM, positions_BT, segment_ids_BT)
   return x_BTM, depth_stream.view(config, arrays, num_layers)
+
+
+def _layout_key(layer_index):
+  """One pullback structure per traced loop body; one per layer when the layers are unrolled."""
+  return layer_index if isinstance(layer_index, int) else "scanned"
+
+
+def _split_residuals(pullback, inputs, layout: dict, layer_index) -> list:
+  """The leaves of a layer's pullback that are not among `inputs` (its params, input, the buffers it
+  read and the buffers it returned), recording in `layout` where the others come from.
+
+  The inputs are the backward's own (the stacked params, the saved layer inputs, the final buffers),
+  so they are not saved again; in particular the depth buffers, saved per layer, would make memory
+  quadratic in depth. The rest is what the remat policy keeps (nothing but the inputs for "full").
+  """
+  leaves, treedef = jax.tree.flatten(pullback)
+  where = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(inputs))}
+  sources = [where.get(id(leaf)) for leaf in leaves]
+  layout[_layout_key(layer_index)] = (treedef, sources)
+  return [leaf for leaf, source in zip(leaves, sources) if source is None]
+
+
+def _join_residuals(own: list, inputs, layout: dict, layer_index):
+  """The pullback `_split_residuals` took apart, with `inputs` (same structure) in the recorded places."""
+  treedef, sources = layout[_layout_key(layer_index)]
+  supplied, own = jax.tree.leaves(inputs), iter(own)
+  return jax.tree.unflatten(treedef, [next(own) if source is None else supplied[source] for source in sources])

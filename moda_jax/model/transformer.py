@@ -94,7 +94,7 @@ class Transformer(nn.Module):
         block_caches, block_probs = outs
         probs = [] if block_probs is None else list(block_probs)
     elif cfg.uses_linear_stack:
-      state, stream = linear_memory_stack(block_loop.block_fn(cfg, True, remat=False), writers, state,
+      state, stream = linear_memory_stack(block_loop.block_fn(cfg, True), writers, state,
                                           positions, segment_ids, config=cfg)
     else:
       step = block_loop.writer_step(block_loop.block_fn(cfg, True), positions, segment_ids)
