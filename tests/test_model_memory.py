@@ -34,11 +34,11 @@ def _train_step_bytes(cfg: ModelConfig, naive: bool = False) -> tuple[int, int]:
   return cases.train_step_bytes(cfg, _BATCH, _SEQ, naive)
 
 
-def _depth_parts(remat: str) -> list[tuple]:
-  """(layers, attn_ffn bytes, none bytes, depth part, buffer pair) at each of `_LAYERS`, both models
-  under `remat`."""
+def _depth_parts(remat: str, depths=_LAYERS) -> list[tuple]:
+  """(layers, attn_ffn bytes, none bytes, depth part, buffer pair) at each depth, both models under
+  `remat`."""
   rows = []
-  for layers in _LAYERS:
+  for layers in depths:
     moda, moda_params = _train_step_bytes(_config(layers, remat=remat))
     base, base_params = _train_step_bytes(_config(layers, depth_kv="none", remat=remat))
     pair = _pair_bytes(_config(layers))
@@ -74,8 +74,8 @@ def test_stack_saving_policy_residuals_stays_linear_in_depth(remat):
   # The stack keeps what the policy saves of each writer block but never the buffers it read: the
   # depth part stays a constant number of buffer pairs. Measured 2.33 / 2.23 / 2.19
   # (save_dots_and_attention) and 3.64 / 3.53 / 3.48 (none) at 8 / 16 / 32 layers; a buffer pair per
-  # layer would add 8, 16, 32.
-  ratios = [depth_part / pair for _, _, _, depth_part, pair in _depth_parts(remat)]
+  # layer would add 8, 16, 32. Two depths suffice here (the full table: the test above).
+  ratios = [depth_part / pair for _, _, _, depth_part, pair in _depth_parts(remat, (_LAYERS[0], _LAYERS[-1]))]
   assert max(ratios) <= {"save_dots_and_attention": 2.5, "none": 3.8}[remat], ratios
   assert ratios[-1] <= 1.05 * ratios[0], ratios
 
@@ -87,3 +87,27 @@ def test_naive_scan_memory_is_quadratic_in_depth():
   print(f"\nnaive scan bytes at {_LAYERS[:2]} layers: {naive}; linear: {linear}")
   assert naive[1] / naive[0] > 2.5
   assert naive[1] > 2 * linear[1]
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu"])
+def test_no_backend_makes_the_stack_save_a_depth_buffer_per_layer(impl, monkeypatch):
+  # The stack drops the pullback leaves that *are* the buffers; a backend whose forward saved a copy
+  # of them (a cast, a padded or head-major layout) would make memory quadratic on its platform only.
+  # Traced (not compiled) with remat="none", which saves the most, the kernels in interpret mode.
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from moda_jax.model import depth_stack, kernel_call  # pylint: disable=g-import-not-at-top
+  import pallas_kernels  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(kernel_call, "moda_attention", functools.partial(pallas_kernels.moda_attention, interpret=True))
+  saved = []
+  split = depth_stack._split_residuals
+  monkeypatch.setattr(depth_stack, "_split_residuals", lambda *a: saved.append(split(*a)) or saved[-1])
+  cfg = cases.config(depth_kv="attn_ffn", attention_impl=impl, remat="none", num_layers=3, dtype="bfloat16",
+                     d_model=64, num_heads=2, num_kv_heads=2, head_dim=64)  # D 64: every backend takes it
+  jax.make_jaxpr(jax.grad(functools.partial(cases.loss, cfg)))(cases.random_params(cfg), cases.TOKENS)
+  buffer_size = cases.TOKENS.size * cfg.num_depth_slots * cfg.num_kv_heads * cfg.head_dim
+  assert saved and saved[0], "the stack saved no residual at all: remat='none' should keep activations"
+  assert [leaf.shape for leaf in saved[0] if leaf.size >= buffer_size] == []
