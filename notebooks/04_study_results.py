@@ -85,6 +85,8 @@ else:
 os.chdir(REPO)  # run configs name their data and tokenizer relative to the repository root
 report_path = study_report.write_report(study_dir, depth_mass=not committed, depth_mass_tokens=32)
 report = open(report_path).read()
+if committed:  # the report names the copy it was built in; a reader rebuilds it from the committed runs
+  report = report.replace(study_dir, os.path.relpath(RESULTS, REPO))
 display(Markdown(report.split("## Plots")[0]))
 
 # %% [markdown]

@@ -180,16 +180,16 @@ def markdown(summary: dict, top: int, title: str = "") -> str:
   return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def _timed(run, state, batches, sharding, kernel_call):
+def _timed(run, state, batches):
   """Runs one step per batch as the trainer's loop does (dispatch, no per-step sync); the state, the
   wall seconds, and the attention kernels the step was traced with (if it was traced here)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  start = time.perf_counter()
-  with sharding.activation_context(run.mesh), kernel_call.recording_implementations() as impls:
-    for batch in batches:
-      state, metrics = run.step_fn(state, batch)
-    jax.block_until_ready((state, metrics))
+  start, impls = time.perf_counter(), {}
+  for batch in batches:
+    state, metrics, traced = run.dispatch_step(state, batch)
+    impls = impls or traced
+  jax.block_until_ready((state, metrics))
   return state, time.perf_counter() - start, impls
 
 
@@ -212,12 +212,12 @@ def profile(config, workdir: str, *, steps: int, warmup: int = 2, out: str | Non
     take = lambda n: [sharding.global_batch(next(train_iter), run.mesh) for _ in range(n)]
     with sharding.activation_context(run.mesh, constrain_activations=False):
       state = run.init_fn()
-    state, _, impls = _timed(run, state, take(warmup), sharding, kernel_call)  # compiles
-    state, untraced_s, _ = _timed(run, state, take(steps), sharding, kernel_call)
+    state, _, impls = _timed(run, state, take(warmup))  # compiles
+    state, untraced_s, _ = _timed(run, state, take(steps))
     trace_dir = os.path.join(workdir, "profile_trace")
     batches = take(steps)  # assembled before the trace: the table is the step, not the input pipeline
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      state, traced_s, _ = _timed(run, state, batches, sharding, kernel_call)
+      state, traced_s, _ = _timed(run, state, batches)
   finally:
     run.ckpt.close()
   path = max(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")),

@@ -72,5 +72,9 @@ def test_naive_outputs_buffer_is_quadratic(mixer):
   naive = [_mixer_part(n, mixer, naive=True) for n in (8, 16)]
   linear = [_mixer_part(n, mixer) for n in (8, 16)]
   print(f"\n{mixer} naive scan bytes at 8 / 16 layers: {naive}; linear: {linear}")
-  assert naive[1] / naive[0] > 2.5
-  assert naive[1] > 5 * linear[1]
+  # Doubling the depth: a quadratic term makes the naive bytes grow towards 4x, the stack's ~2x.
+  # Measured (both with the blocks checkpointed as the config says): denseformer naive 3.8x and 4.8x
+  # the stack's at 16 layers.
+  assert naive[1] / naive[0] > 3.0
+  assert naive[1] / naive[0] > 1.5 * linear[1] / linear[0]
+  assert naive[1] > 4 * linear[1]

@@ -90,6 +90,13 @@ class _Run:
         losses[f"val_loss/{name}"] = set_ce / max(set_tokens, 1.0)
     return {"val_loss": ce_sum / max(tokens, 1.0), **losses}
 
+  def dispatch_step(self, state, batch):
+    """One training step, dispatched and not waited for: (state, device metrics, the attention kernels
+    the step was traced on, empty unless this call traced it)."""
+    with sharding.activation_context(self.mesh), kernel_call.recording_implementations() as attention_impls:
+      state, device_metrics = self.step_fn(state, batch)
+    return state, device_metrics, attention_impls
+
   def throughput(self) -> metrics.Throughput:
     cfg = self.config
     peak = cfg.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0].device_kind)
@@ -190,8 +197,7 @@ def _loop(run: _Run, state, step: int, train_iter, writer, stop: interrupts.Stop
   while step < cfg.total_steps:
     batch = sharding.global_batch(next(train_iter), run.mesh)
     # The first call traces the step: say which attention kernels it was built on (again on a retrace).
-    with sharding.activation_context(run.mesh), kernel_call.recording_implementations() as attention_impls:
-      state, device_metrics = run.step_fn(state, batch)
+    state, device_metrics, attention_impls = run.dispatch_step(state, batch)
     if attention_impls:
       writer.message(kernel_call.describe_implementations(attention_impls))
     step += 1
