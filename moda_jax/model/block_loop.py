@@ -46,8 +46,8 @@ def num_layers(layer_params: LayerParams) -> int:
   return leaves[0].shape[0] if leaves else 0
 
 
-def block_fn(config: ModelConfig, writes_depth: bool, *, remat: bool = True) -> Callable:
-  """One block as a pure function (see the module docstring); `remat` applies `config.remat`."""
+def block_fn(config: ModelConfig, writes_depth: bool) -> Callable:
+  """One block as a pure function (see the module docstring), checkpointed as `config.remat` says."""
   block = Block(config, writes_depth=writes_depth)
 
   def apply(params, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache=None, return_probs=False):
@@ -57,7 +57,7 @@ def block_fn(config: ModelConfig, writes_depth: bool, *, remat: bool = True) -> 
     return block.apply({"params": params}, x_BTM, stream, positions_BT, segment_ids_BT, kv_cache,
                        return_probs)
 
-  if not remat or config.remat == "none":
+  if config.remat == "none":
     return apply
   # prevent_cse=False: under scan, CSE across iterations cannot undo the rematerialization.
   return jax.checkpoint(apply, policy=remat_policy(config.remat), prevent_cse=False,
