@@ -22,6 +22,7 @@ import numpy as np
 
 from moda_jax.eval import study_plots
 from moda_jax.train import metrics
+from moda_jax.train.checkpoint import CONFIG_JSON
 
 REPORT_MD = "report.md"
 STUDY_JSON = "study.json"  # the grid manifest in a study directory, a run's record in a run directory
@@ -146,7 +147,7 @@ def load_study(directory: str, baseline: str | None = None) -> Study:
               and os.path.exists(os.path.join(run_dir, "metrics.jsonl"))):
         continue
       runs.setdefault(entry, {})[int(name[4:])] = Run(
-          entry, int(name[4:]), run_dir, read_json(os.path.join(run_dir, "config.json"), {}),
+          entry, int(name[4:]), run_dir, read_json(os.path.join(run_dir, CONFIG_JSON), {}),
           read_json(os.path.join(run_dir, STUDY_JSON), {}), read_metrics(run_dir))
   entries = [e for e in entries if e in runs]
   if not entries:
@@ -275,7 +276,7 @@ def depth_table(depth: dict) -> list[str]:
   return lines
 
 
-RUN_FILES = ("metrics.jsonl", "config.json", STUDY_JSON, "data_stats.json", "train.log")
+RUN_FILES = ("metrics.jsonl", CONFIG_JSON, STUDY_JSON, "data_stats.json", "train.log")
 
 
 def pack(directory: str, path: str) -> list[str]:
