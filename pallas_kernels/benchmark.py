@@ -10,11 +10,11 @@ GPU now picks the `cudnn` backend for calls without depth): `<impl>_nodepth` is 
 so `cudnn_nodepth` is the operator's cuDNN backend (`pallas_kernels/cudnn.py`). `--quick` adds the model's
 call (`pallas_triton_depth_q`: a depth_q of its own). The threaded depth cotangent of the model's depth
 stack (`return_depth`) is timed in the model's own step (`scripts/profile_train_step.py`): a scan of calls
-here would save its carried depth buffers once per call (BENCHMARKS.md §0c). `--ablate` times the kernels without depth, JAX's
-Mosaic GPU attention forward and each kernel option flipped (`benchmark_modes`); `--tune` times tile variants.
-`--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas backends without depth
-(`*_nodepth`) to every shape. `--segments N` passes every `moda_attention` row segment_ids of N equal
-documents per row (the `cudnn` row stays without: the unsegmented speed of light) and adds
+here would save its carried depth buffers once per call (BENCHMARKS.md §0c). `--ablate` times the kernels
+without depth, JAX's Mosaic GPU attention forward and each kernel option flipped (`benchmark_modes`);
+`--tune` times tile variants. `--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas
+backends without depth (`*_nodepth`) to every shape. `--segments N` passes every `moda_attention` row
+segment_ids of N equal documents per row (the `cudnn` row stays without: the unsegmented speed of light) and adds
 `cudnn_nodepth` and `pallas_triton_nodepth`: the baseline model's call on its two candidate backends.
 `--impls` keeps only the named implementations. Each time is the median of `--iters` samples
 (`time_ms`) after warm-up.

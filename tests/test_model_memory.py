@@ -4,15 +4,19 @@ Measures `jax.jit(grad).lower(...).compile().memory_analysis()` (temp + argument
 default `depth_kv="attn_ffn"` (linear-memory custom_vjp stack), the `none` baseline, and the naive
 scan (plain autodiff, which saves one depth buffer pair per layer) for contrast. Both models use
 the same remat policy ("full" for the issue's bound; the stack saves each writer block's policy
-residuals, so other policies are checked too), so the difference is the depth stream's. Run with `-s` to see the table.
+residuals, so other policies are checked too), so the difference is the depth stream's. Run with
+`-s` to see the table.
 """
 
+import functools
 
-
+import jax
 import pytest
 
 import model_cases as cases
+import pallas_kernels
 from moda_jax import ModelConfig
+from moda_jax.model import depth_stack, kernel_call
 
 _BATCH, _SEQ = 2, 128
 _LAYERS = (8, 16, 32)
@@ -94,13 +98,6 @@ def test_no_backend_makes_the_stack_save_a_depth_buffer_per_layer(impl, monkeypa
   # The stack drops the pullback leaves that *are* the buffers; a backend whose forward saved a copy
   # of them (a cast, a padded or head-major layout) would make memory quadratic on its platform only.
   # Traced (not compiled) with remat="none", which saves the most, the kernels in interpret mode.
-  import functools  # pylint: disable=g-import-not-at-top
-
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from moda_jax.model import depth_stack, kernel_call  # pylint: disable=g-import-not-at-top
-  import pallas_kernels  # pylint: disable=g-import-not-at-top
-
   monkeypatch.setattr(kernel_call, "moda_attention", functools.partial(pallas_kernels.moda_attention, interpret=True))
   saved = []
   split = depth_stack._split_residuals

@@ -163,7 +163,7 @@ class Unembedding:
 
 # Why a custom_vjp: autodiff of an einsum with float32 output hands its two backward matmuls a float32
 # cotangent, and XLA runs them as float32 (TF32) GEMMs with the bf16 operand upcast. At the 700M shape
-# they were 45 ms of a 0.48 s step on the H200, 3x the bf16 forward matmul (BENCHMARKS.md §0c). The
+# they were 45 ms of a 0.48 s step on the H200, 2-3x the bf16 forward matmul (BENCHMARKS.md §0c). The
 # backward here is the same einsum's VJP with the cotangent in the compute dtype: bf16 GEMMs that
 # accumulate in float32, as everywhere else in the model. The forward is unchanged (float32 logits).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
