@@ -49,7 +49,7 @@ through a mask, exactly like the depth K/V slots.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,16 @@ from moda_jax.model.config import ModelConfig
 #   -> (x_BTM, (k_BTSKD, v_BTSKD), kv_cache, probs, read):
 # a `block_loop.block_fn`; the stack reads the first two results and `read`, the stream it read.
 LayerFn = Callable[..., tuple]
+
+
+class _Supplied(NamedTuple):
+  """A layer's inputs that its pullback may hold and the backward supplies again (module docstring:
+  "Residuals"); one structure for `_split_residuals` (forward) and `_join_residuals` (backward)."""
+  params: Any
+  x_BTM: Any
+  buffers_read: Any
+  buffers_returned: Any
+  positions_and_segments: tuple
 
 
 def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_BTM,
@@ -114,7 +124,7 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
         return (x_out, _write(read, written, layer_index)), (x_in, [])
       (x_out, written, read), pullback = jax.vjp(lambda p, x, a: layer(p, x, a, layer_index, *ints),
                                                  p, x_in, arrays)
-      own = _split_residuals(pullback, (p, x_in, arrays, read, ints), layout, layer_index)
+      own = _split_residuals(pullback, _Supplied(p, x_in, arrays, read, ints), layout, layer_index)
       return (x_out, _write(read, written, layer_index)), (x_in, own)
 
     (x_BTM, stream), per_layer = block_loop.over_layers(
@@ -140,8 +150,8 @@ def linear_memory_stack(layer_fn: LayerFn, layer_params: Any | Sequence[Any], x_
       g_x_BTM, g_arrays = carry
       x_in_BTM, own = saved
       # The buffers as this layer saw them equal the final ones wherever it reads (module docstring).
-      pullback = _join_residuals(own, (p, x_in_BTM, arrays, arrays, (positions_BT, segment_ids_BT)), layout,
-                                 layer_index)
+      supplied = _Supplied(p, x_in_BTM, arrays, arrays, (positions_BT, segment_ids_BT))
+      pullback = _join_residuals(own, supplied, layout, layer_index)
       # Complete here: every reader of this layer's slots lies above it and was pulled back already.
       g_written = depth_stream.written_part(config, g_arrays, layer_index)
       # Read the written slots' cotangent out before the pullback updates the carry in place (XLA
@@ -173,7 +183,7 @@ def _layout_key(layer_index):
   return layer_index if isinstance(layer_index, int) else "scanned"
 
 
-def _split_residuals(pullback, inputs, layout: dict, layer_index) -> list:
+def _split_residuals(pullback, inputs: _Supplied, layout: dict, layer_index) -> list:
   """The leaves of a layer's pullback that are not among `inputs` (its params, input, the buffers it
   read and the buffers it returned), recording in `layout` where the others come from.
 
@@ -188,7 +198,7 @@ def _split_residuals(pullback, inputs, layout: dict, layer_index) -> list:
   return [leaf for leaf, source in zip(leaves, sources) if source is None]
 
 
-def _join_residuals(own: list, inputs, layout: dict, layer_index):
+def _join_residuals(own: list, inputs: _Supplied, layout: dict, layer_index):
   """The pullback `_split_residuals` took apart, with `inputs` (same structure) in the recorded places."""
   treedef, sources = layout[_layout_key(layer_index)]
   supplied, own = jax.tree.leaves(inputs), iter(own)
