@@ -3,11 +3,14 @@
 # Run from the repo root on the GPU machine (device tool; carry .whl). Writes metrics to $OUT.
 # Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both|w384] [FLAGS... [:: FLAGS...]...]
 #   w384: instead of the 700M pair, the width-384 24-layer post-norm pair of the Table 6 study (baseline,
-#   then MoDA attn_ffn) at the study's batch 32 x 1024 and 16K vocabulary, each config's own remat.
+#   then MoDA attn_ffn) at the study's batch 32 x 1024 and 16K vocabulary.
 #   FLAGS: train.py flags for both models, after the defaults below (so they override them), e.g.
-#     --config.model.remat=save_qkv_attention_out --config.loss_chunk_len=0
+#     --config.model.remat=full --config.loss_chunk_len=0
 #   "::" separates settings that run one after the other in the same call (each model once per setting).
-#   Without FLAGS: the defaults (remat=full, each config's own loss_chunk_len), as before.
+#   Without FLAGS: both models at their best measured settings (BENCHMARKS.md §0d): remat
+#   save_dots_and_attention at both shapes (the fastest policy of each model in the sweeps there; the
+#   width-384 study configs themselves keep remat=none, which does not change their losses), each
+#   config's own loss_chunk_len.
 #   BENCH_RUN_TIMEOUT (seconds, default 280) bounds each run, compilation included.
 # Each run prints its peak memory and last metrics line; $OUT/summary.tsv has one row per run.
 # One-step profile (issue 18: top ops and categories by device time; scripts/profile_train_step.py), after the
@@ -58,7 +61,7 @@ EOF
 common=(--config.batch_size=8 --config.grad_accum_steps=1 --config.total_steps="$steps"
         --config.warmup_steps=5 --config.log_every=10 --config.eval_every=0
         --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False
-        --config.model.remat=full)
+        --config.model.remat=save_dots_and_attention)
 
 settings=()  # one string per setting, its flags separated by newlines
 current=""
@@ -69,7 +72,8 @@ settings+=("$current")
 
 w384=(--config.batch_size=32 --config.grad_accum_steps=1 --config.model.vocab_size=16384
       --config.total_steps="$steps" --config.warmup_steps=5 --config.log_every=10 --config.eval_every=0
-      --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False)
+      --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False
+      --config.model.remat=save_dots_and_attention)
 
 for i in "${!settings[@]}"; do
   mapfile -t extra < <(printf '%s' "${settings[$i]}")
