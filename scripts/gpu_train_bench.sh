@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Training throughput of the 700M-shaped MoDA model and its OLMo2 baseline on one GPU (issues 5, 18).
 # Run from the repo root on the GPU machine (device tool; carry .whl). Writes metrics to $OUT.
-# Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both|w384] [FLAGS... [:: FLAGS...]...]
+# Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both|w384|peers] [FLAGS... [:: FLAGS...]...]
 #   w384: instead of the 700M pair, the width-384 24-layer post-norm pair of the Table 6 study (baseline,
 #   then MoDA attn_ffn) at the study's batch 32 x 1024 and 16K vocabulary.
+#   peers: the same shape for every post-norm entry of configs/studies/peers_small.py (its overrides as flags):
+#   the peers table's cost column with every entry in one call, at one remat policy.
 #   FLAGS: train.py flags for both models, after the defaults below (so they override them), e.g.
 #     --config.model.remat=full --config.loss_chunk_len=0
 #   "::" separates settings that run one after the other in the same call (each model once per setting).
@@ -75,6 +77,13 @@ w384=(--config.batch_size=32 --config.grad_accum_steps=1 --config.model.vocab_si
       --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False
       --config.model.remat=save_dots_and_attention)
 
+# "name --config.k=v ..." per post-norm entry of the peers grid (the study's own overrides).
+peer_entries='
+from configs.studies import peers_small
+for name, overrides in peers_small.get_grid()["entries"].items():
+  if not name.endswith("_pre"):
+    print(name, " ".join(f"--config.{key}={value}" for key, value in overrides.items()))'
+
 for i in "${!settings[@]}"; do
   mapfile -t extra < <(printf '%s' "${settings[$i]}")
   suffix=$([[ ${#settings[@]} -gt 1 ]] && echo "_$i" || echo "")
@@ -82,6 +91,14 @@ for i in "${!settings[@]}"; do
     common=("${w384[@]}")
     run "w384_none$suffix" configs/width384.py:layers=24,norm=post,depth_kv=none "${common[@]}" "${extra[@]}"
     run "w384_attn_ffn$suffix" configs/width384.py:layers=24,norm=post,depth_kv=attn_ffn "${common[@]}" "${extra[@]}"
+    continue
+  fi
+  if [[ $models == peers ]]; then
+    common=("${w384[@]}")
+    while read -r entry overrides; do
+      read -ra entry_flags <<< "$overrides"
+      run "w384_$entry$suffix" configs/width384.py:layers=24 "${common[@]}" "${entry_flags[@]}" "${extra[@]}" < /dev/null
+    done < <(python3 -c "$peer_entries")
     continue
   fi
   [[ $models == baseline ]] || run "moda_700m$suffix" configs/moda_700m.py "${common[@]}" "${extra[@]}"
