@@ -1,37 +1,41 @@
-"""`implementation="cudnn"`: cuDNN flash attention, `jax.nn.dot_product_attention(implementation="cudnn")`.
+"""`implementation="cudnn"`: cuDNN flash attention (the kernel behind `jax.nn.dot_product_attention`'s "cudnn").
 
 The fastest attention kernel on NVIDIA GPUs for what it can express, and first in the GPU order, so that
-a call without depth and without segments runs on it; everything else falls back to pallas_triton. It
-takes: no depth arrays, no `segment_ids`, k and v given, causal or not, any G, an even T, bfloat16 or
-float16, D a multiple of 8 up to 128 (256 on Hopper and later), a CUDA GPU of compute capability 8.0+,
-never interpret mode. The lse it returns is cuDNN's softmax statistics as `jax.nn` hands them back
-(rounded to q's dtype): its gradient is not implemented (`DIFFERENTIABLE_LSE = False`: the dispatcher
-gives `return_lse=True` calls to another backend; a direct caller that differentiates it gets
-NotImplementedError, never a silent zero).
+a call without depth runs on it; everything else falls back to pallas_triton. It takes: no depth arrays,
+k and v given, causal or not, any G, an even T, bfloat16 or float16, D a multiple of 8 up to 128 (256 on
+Hopper and later), a CUDA GPU of compute capability 8.0+ (9.0+ with `segment_ids`), never interpret mode.
+The lse it returns is cuDNN's softmax statistics: its gradient is not implemented (cuDNN's backward takes
+no lse cotangent; `DIFFERENTIABLE_LSE = False`: the dispatcher gives `return_lse=True` calls to another
+backend; a direct caller that differentiates it gets NotImplementedError, never a silent zero).
 
-What a query sees is `spec.sequence_visible` without segments: cuDNN's own causal mask (s <= t,
-top-left aligned: T query and T key tokens), or none.
+What a query sees is `spec.sequence_visible`: cuDNN's own causal mask (s <= t, top-left aligned: T query
+and T key tokens), or none; with `segment_ids`, cuDNN's packed (THD) layout, each row given as runs of
+one id (`cudnn_packed`). That is exact when every id of a row is one contiguous run and a row has at
+most `cudnn_packed.MAX_SEGMENTS` runs, as the training pipeline packs; a traced test picks, per call,
+cuDNN where it holds and pallas_triton's segment-aware kernel where not (`lax.cond`: both are compiled,
+one runs). Packed rows need Hopper. (A dense [B, 1, T, T] mask bias, this backend's first way to take
+segments, measured slower than pallas_triton, BENCHMARKS.md §0c.)
 
-Why no segments (packed documents, as the training data comes): cuDNN has no segment-id mask. A dense
-[B, 1, T, T] boolean mask built from the spec's rule (jax turns it into an additive bias) is exact, and
-this backend took segments that way until it was measured on the H200 (BENCHMARKS.md §0c): at the 700M
-training shape B8 T4K G2 it was slower than pallas_triton's segment-aware kernel (4.52 vs 3.59 ms
-fwd+bwd) and the OLMo2 baseline's step 13% slower (0.545 vs 0.481 s), also because jax's cuDNN
-residuals carry no checkpoint name, so a remat policy cannot keep them and the forward runs again. Its
-other ways to express packed documents do not fit `moda_attention`'s contract: `query_seq_lengths` /
-`key_value_seq_lengths` describe one padded prefix per row, and the packed (THD) layout behind
-`jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(q_offsets=, kv_offsets=)` needs every
-segment id to be one contiguous run (ours may repeat anywhere in a row) and a static maximum number of
-segments per row.
+Why not `jax.nn.dot_product_attention`: jax keeps cuDNN's residuals (its output and softmax statistics)
+inside its own custom_vjp, where no remat policy can name them, so under `save_dots_and_attention` the
+forward ran twice per step (71 forward calls for 36 layers, §0c). This backend binds the same cuDNN
+forward and backward (jax's private `fused_attention_stablehlo` rules, pinned with jax 0.11.2; a CPU
+test checks their signatures) in a custom_vjp of its own that names them (`residuals.named`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn import fused_attention_stablehlo as _fa
 from jax.custom_derivatives import SymbolicZero
 
+from pallas_kernels import cudnn_packed
+from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
+from pallas_kernels import triton
 
 DIFFERENTIABLE_LSE = False
 
@@ -53,9 +57,6 @@ def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> 
   head_dim = inputs.q.shape[-1]
   if head_dim % 8 or head_dim > 256:
     raise NotImplementedError(f"cudnn: head_dim={head_dim} is not supported (a multiple of 8, at most 256).")
-  if spec.has_segments:
-    raise NotImplementedError("cudnn: segment_ids (packed documents) are not expressible in cuDNN attention "
-                              "(no segment-id mask; a dense mask measured slower than pallas_triton).")
   seq_len = inputs.q.shape[1]
   if seq_len % 2:
     # Measured on the H200 (jax 0.11.2): with the lse returned, T = 513 and T = 1 fail in the backward
@@ -69,6 +70,12 @@ def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> 
   if head_dim > 128 and capability < _HOPPER:
     raise NotImplementedError(f"cudnn: head_dim={head_dim} > 128 needs Hopper or later (compute capability "
                               f"{_HOPPER}), not {capability}.")
+  if spec.has_segments:
+    if capability < _HOPPER:
+      raise NotImplementedError(f"cudnn: segment_ids need cuDNN's packed layout, Hopper or later (compute "
+                                f"capability {_HOPPER}), not {capability}.")
+    # Rows whose ids are not single runs go to pallas_triton inside the call (module docstring).
+    triton.check_supported(inputs, spec, interpret)
 
 
 def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False):
@@ -77,10 +84,74 @@ def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False):
   The lse has no gradient (module docstring): differentiating it raises NotImplementedError.
   """
   check_supported(inputs, spec, interpret)
-  out_BTHD, lse_BTH = jax.nn.dot_product_attention(
-      inputs.q, inputs.k, inputs.v, scale=spec.scale, is_causal=spec.causal,
-      implementation="cudnn", return_residual=True)
-  return out_BTHD, _lse_without_gradient(lse_BTH.astype(jnp.float32))
+  q, k, v = inputs.q, inputs.k, inputs.v
+  if not spec.has_segments:
+    out_BTHD, stats_BHT = _flash(q, k, v, None, spec.scale, spec.causal)
+    return out_BTHD, _lse_without_gradient(jnp.swapaxes(stats_BHT, 1, 2))
+  packing = cudnn_packed.describe(inputs.segment_ids)
+
+  def on_cudnn():
+    out_BTHD, stats_SHT = _flash(q, k, v, packing, spec.scale, spec.causal)
+    return out_BTHD, cudnn_packed.lse_from_stats(stats_SHT, packing)
+
+  def on_triton():
+    return triton.attention(inputs, spec, interpret=False)
+
+  out_BTHD, lse_BTH = jax.lax.cond(packing.fits, on_cudnn, on_triton)
+  return out_BTHD, _lse_without_gradient(lse_BTH)
+
+
+# The statics of jax's cuDNN rules that this backend does not vary.
+_SEED, _DROPOUT, _NO_BIAS = 42, 0.0, (False, False)  # (has_bias, has_dbias)
+_LAYOUT = _fa.AttentionLayout.BTNH.value
+
+
+def _mask_type(causal: bool, packed: bool):
+  if packed:
+    return _fa.MaskType.PADDING_CAUSAL if causal else _fa.MaskType.PADDING
+  return _fa.MaskType.CAUSAL if causal else _fa.MaskType.NO_MASK
+
+
+def _cudnn_version() -> int:
+  return _fa.check_cudnn_version()
+
+
+def _rule_arrays(q_BTHD, packing: cudnn_packed.Packing | None):
+  """(bias, q_seqlen, kv_seqlen, q_offsets, kv_offsets, page_table_k, page_table_v) as jax's rules take
+  them: empty arrays for what is not used."""
+  unused = jnp.zeros(0, q_BTHD.dtype)
+  if packing is None:
+    return (unused,) * 7
+  return (unused, packing.seqlen_BM, packing.seqlen_BM, packing.offsets_BM1, packing.offsets_BM1,
+          unused, unused)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q_BTHD, k_BTKD, v_BTKD, packing, scale: float, causal: bool):
+  """cuDNN's forward: (out [B, T, Hq, D], softmax statistics [B * M, Hq, T] float32; M = 1 unpacked)."""
+  return _flash_fwd(q_BTHD, k_BTKD, v_BTKD, packing, scale, causal)[0]
+
+
+def _flash_fwd(q_BTHD, k_BTKD, v_BTKD, packing, scale, causal):
+  outputs, _ = _fa._dot_product_attention_fwd_rule(
+      q_BTHD, k_BTKD, v_BTKD, *_rule_arrays(q_BTHD, packing), scale, _SEED, _DROPOUT, _NO_BIAS,
+      _mask_type(causal, packing is not None), _LAYOUT, None, _cudnn_version(), True)
+  out_BTHD, stats = residuals.named(*outputs)
+  return (out_BTHD, stats), (q_BTHD, k_BTKD, v_BTKD, packing, out_BTHD, stats)
+
+
+def _flash_bwd(scale, causal, saved, cotangents):
+  q_BTHD, k_BTKD, v_BTKD, packing, out_BTHD, stats = saved
+  d_out_BTHD, _ = cotangents  # the statistics' cotangent: none reaches here (`_lse_without_gradient`)
+  res = (q_BTHD, k_BTKD, v_BTKD, *_rule_arrays(q_BTHD, packing), stats, out_BTHD)
+  # The rule's 8th static is jax's cudnn_version slot, named is_training there and unused.
+  dq, dk, dv, *_ = _fa._dot_product_attention_bwd_rule(
+      scale, _SEED, _DROPOUT, _NO_BIAS, _mask_type(causal, packing is not None), _LAYOUT, None,
+      _cudnn_version(), False, res, d_out_BTHD)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _compute_capability() -> tuple[int, int]:

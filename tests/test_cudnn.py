@@ -90,6 +90,8 @@ def test_registered_and_first_on_gpu_only():
     (_structs(head_dim=256), {}),                                            # D 256 on Hopper
     (_structs(head_dim=40, seq_len=130), dict(causal=False)),
     (_structs(batch=8, seq_len=4096, q_heads=16, kv_heads=8), {}),          # the 700M shape, unpacked
+    (_structs(segments=True), {}),                                           # packed documents (Hopper)
+    (_structs(batch=8, seq_len=4096, segments=True), dict(causal=False)),
 ])
 def test_takes_plain_attention_on_a_cuda_gpu(hopper, arrays, options):
   _check(arrays, **options)
@@ -104,8 +106,6 @@ def test_takes_plain_attention_on_a_cuda_gpu(hopper, arrays, options):
     (_structs(head_dim=264), {}, "head_dim=264"),
     (_structs(seq_len=63), {}, "odd T=63"),
     (_structs(seq_len=1, q_heads=8, kv_heads=1), {}, "odd T=1"),           # fails on the H200 (backward)
-    (_structs(segments=True), {}, "segment_ids"),                            # packed documents
-    (_structs(batch=8, seq_len=4096, segments=True), dict(causal=False), "segment_ids"),
 ])
 def test_refuses_what_cudnn_cannot_do(hopper, arrays, options, match):
   with pytest.raises(NotImplementedError, match=match):
@@ -125,6 +125,8 @@ def test_refuses_interpret_mode_old_gpus_and_no_gpu(monkeypatch):
   _check(_structs(head_dim=128))
   with pytest.raises(NotImplementedError, match="Hopper"):
     _check(_structs(head_dim=192))
+  with pytest.raises(NotImplementedError, match="segment_ids need cuDNN's packed layout, Hopper"):
+    _check(_structs(segments=True))
   monkeypatch.setattr(cudnn, "_compute_capability", lambda: (7, 5))
   with pytest.raises(NotImplementedError, match="compute capability"):
     _check(_structs())
@@ -134,7 +136,7 @@ def test_refuses_interpret_mode_old_gpus_and_no_gpu(monkeypatch):
 _GPU_CALLS = [
     (_structs(), {}, "cudnn"),
     (_structs(), dict(causal=False), "cudnn"),
-    (_structs(segments=True), {}, "pallas_triton"),        # cuDNN has no segment-id mask
+    (_structs(segments=True), {}, "cudnn"),                # packed layout (pallas_triton inside for other ids)
     (_structs(slots=4), {}, "pallas_triton"),
     (_structs(slots=4, depth_only=True), {}, "pallas_triton"),
     (_structs(dtype=jnp.float32), {}, "pallas_triton"),
@@ -189,7 +191,7 @@ def test_lse_gradient_raises_unless_unused():
     pytest.param("none", False, True, {"sequence": {"xla"}}, marks=_ON_CPU),
     pytest.param("attn_ffn", False, True, {"sequence+depth": {"xla"}}, marks=_ON_CPU),
     ("none", True, False, {"sequence": {"cudnn"}}),
-    ("none", True, True, {"sequence": {"pallas_triton"}}),  # packed documents: segment_ids
+    ("none", True, True, {"sequence": {"cudnn"}}),          # packed documents: segment_ids
     ("attn_ffn", True, True, {"sequence+depth": {"pallas_triton"}}),
 ])
 def test_model_records_the_kernels_it_is_traced_on(request, depth_kv, gpu, packed, expected):

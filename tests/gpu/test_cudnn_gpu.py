@@ -5,9 +5,11 @@ Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_
    dtype tolerances: causal or not, G in {1, 2, 3, 4, 8}, even T, D 32 to 256, bf16 / f16.
 2. On this GPU `moda_attention(implementation=None)` runs cudnn for those calls (outputs and gradients
    within the same tolerances), `resolve_implementation` says so, and the calls cudnn cannot take
-   (segment_ids included: packed documents) resolve to pallas_triton; the model's shard_map path runs
-   it too.
-3. A cotangent on cudnn's lse raises NotImplementedError (jax's cuDNN attention has no lse gradient).
+   resolve to pallas_triton; the model's shard_map path runs it too.
+3. A cotangent on cudnn's lse raises NotImplementedError (cuDNN's backward takes no lse cotangent).
+4. Packed documents (`segment_ids`, cuDNN's packed layout): out, lse and gradients against the oracle
+   for rows of single runs (documents then padding), and for rows the packed layout cannot mean (an id
+   in two runs, more runs than `cudnn_packed.MAX_SEGMENTS`), which take pallas_triton inside the call.
 """
 
 import jax
@@ -19,7 +21,7 @@ import oracle
 from operator_cases import assert_close, assert_lse_close, rng_for
 from moda_jax.model import kernel_call
 from moda_jax.train import sharding
-from pallas_kernels import api, cudnn, moda_attention, resolve_implementation
+from pallas_kernels import api, cudnn, cudnn_packed, moda_attention, resolve_implementation
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run scripts/gpu_check.sh)")
 
@@ -52,13 +54,14 @@ def _forward_and_grads(attend, q, k, v, d_out):
   return run(q, k, v, d_out)
 
 
-def _assert_matches_oracle(case, q, k, v, d_out, out, grads, lse=None):
+def _assert_matches_oracle(case, q, k, v, d_out, out, grads, lse=None, segment_ids=None):
   name, _, _, _, _, _, causal, dtype = case
-  expected_out, expected_lse = oracle.forward(q, k, v, causal=causal)
-  expected = oracle.backward(q, k, v, d_out=d_out, d_lse=np.zeros(q.shape[:3]), causal=causal)
+  expected_out, expected_lse = oracle.forward(q, k, v, causal=causal, segment_ids=segment_ids)
+  expected = oracle.backward(q, k, v, d_out=d_out, d_lse=np.zeros(q.shape[:3]), causal=causal,
+                             segment_ids=segment_ids)
   assert_close("out", out, expected_out, dtype)
   if lse is not None:
-    assert_lse_close(lse, expected_lse, dtype)  # jax hands cuDNN's statistics back in q's dtype
+    assert_lse_close(lse, expected_lse, dtype)
   for grad_name, got, want in zip(("dq", "dk", "dv"), grads, (expected.q, expected.k, expected.v)):
     assert_close(grad_name, got, want, dtype)
 
@@ -88,8 +91,6 @@ def test_default_dispatch_runs_cudnn(case):
 
 def test_calls_cudnn_cannot_take_resolve_to_pallas_triton():
   q, k, v, _ = _inputs("fallbacks", 1, 64, 2, 2, 64, "bfloat16")
-  packed = jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), 16)[None]  # 4 documents of 16 tokens
-  assert resolve_implementation(q, k, v, segment_ids=packed) == "pallas_triton"
   # Odd T: with the lse used, T = 513 and T = 1 failed in cuDNN's backward on the H200 (2026-12-01).
   assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63]) == "pallas_triton"
   assert resolve_implementation(q, k, v, return_lse=True) == "pallas_triton"
@@ -116,3 +117,37 @@ def test_model_kernel_call_runs_cudnn_under_shard_map():
     out, _, grads = _forward_and_grads(attend, q, k, v, d_out)
   assert used == {"sequence": {"cudnn"}}
   _assert_matches_oracle(case, q, k, v, d_out, out, grads)
+
+
+def _rows(kind, batch, seq_len):
+  """Segment ids [B, T]: documents then padding (single runs), an id in two runs, or too many runs."""
+  t = np.arange(seq_len)
+  if kind == "documents":
+    ends = [seq_len // 3, seq_len // 2 + 5, seq_len - 17]  # three documents, then a padding run of 0
+    row = np.searchsorted(ends, t, side="right") + 1
+    row[t >= ends[-1]] = 0
+    halves = np.where(t < seq_len // 2, 1, 2)  # a second row with other boundaries, no padding
+    rows = np.stack([row, halves] + [np.full(seq_len, 1)] * (batch - 2))
+  elif kind == "id_in_two_runs":
+    rows = np.tile(np.where((t // 16) % 2 == 0, 1, 2), (batch, 1))
+  else:  # more runs than the packed layout has room for
+    rows = np.tile(t // max(1, seq_len // (2 * cudnn_packed.MAX_SEGMENTS)), (batch, 1))
+  return jnp.asarray(rows, jnp.int32)
+
+
+@pytest.mark.parametrize("kind", ["documents", "id_in_two_runs", "too_many_runs"])
+@pytest.mark.parametrize("case", [_CASES[0], _CASES[2], _CASES[-1]], ids=[_CASES[i][0] for i in (0, 2, -1)])
+def test_packed_documents_match_oracle(case, kind):
+  name, batch, seq_len, kv_heads, group, head_dim, causal, dtype = case
+  batch = max(batch, 2)
+  q, k, v, d_out = _inputs(name + kind, batch, seq_len, kv_heads, group, head_dim, dtype)
+  segment_ids = _rows(kind, batch, seq_len)
+  assert bool(cudnn_packed.describe(segment_ids).fits) == (kind == "documents")
+  assert resolve_implementation(q, k, v, causal=causal, segment_ids=segment_ids) == "cudnn"
+
+  def attend(q, k, v):
+    inputs, spec = api.prepare(q, k, v, causal=causal, segment_ids=segment_ids)
+    return cudnn.attention(inputs, spec)
+
+  out, lse, grads = _forward_and_grads(attend, q, k, v, d_out)
+  _assert_matches_oracle(case, q, k, v, d_out, out, grads, lse, segment_ids=np.asarray(segment_ids))
