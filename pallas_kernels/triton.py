@@ -16,8 +16,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from pallas_kernels import cotangents as cotangents_lib
 from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton_bwd, triton_fwd
@@ -120,8 +120,7 @@ def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: BlockSizes, i
 
 
 def _moda_fwd(operands, spec, block_sizes, interpret):
-  # symbolic_zeros: every operand leaf comes wrapped with its `perturbed` bit, which this rule ignores.
-  operands = jax.tree.map(lambda x: x.value, operands, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+  operands = cotangents_lib.primals(operands)  # symbolic_zeros: the `perturbed` bits are not used here
   out, lse, *depth = _moda(operands, spec, block_sizes, interpret)
   out, lse = residuals.named(out, lse)
   return (out, lse, *depth), (operands, out, lse)
@@ -129,27 +128,12 @@ def _moda_fwd(operands, spec, block_sizes, interpret):
 
 def _moda_bwd(spec, block_sizes, interpret, saved, cotangents):
   operands, out, lse = saved
-  d_out, d_lse, *depth_acc = (_dense(ct) for ct in cotangents)
-  d_out = jnp.zeros_like(out) if d_out is None else d_out
-  d_lse = 0.0 if d_lse is None else d_lse
-  # d lse / d logit = p, so an lse cotangent shifts every ds = p * (dp - delta) like a -dlse in delta.
-  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1) - d_lse
-  rows = tt.RowGrads(do=d_out.astype(out.dtype), lse=lse, delta=delta)
-  # Depth outputs nobody reads (the plain call) send symbolic zeros: the kernel then stores its depth
-  # gradient instead of adding it into a zero-filled buffer it would have to read.
-  if not spec.has_depth or all(ct is None for ct in depth_acc):
-    depth_acc = None
-  else:
-    like = (operands.depth_k, operands.depth_v)
-    depth_acc = tuple(jnp.zeros_like(x) if ct is None else ct for ct, x in zip(depth_acc, like))
+  depth_arrays = (operands.depth_k, operands.depth_v) if spec.has_depth else None
+  d_out, d_lse, depth_acc = cotangents_lib.split(cotangents, out, depth_arrays)
+  rows = tt.RowGrads(do=d_out.astype(out.dtype), lse=lse, delta=cotangents_lib.delta(out, d_out, d_lse))
   grads = triton_bwd.backward(operands, rows, spec, block_sizes=block_sizes, interpret=interpret,
                               depth_acc=depth_acc)
   return (grads,)
-
-
-def _dense(cotangent):
-  """None for a symbolic zero, else the cotangent."""
-  return None if isinstance(cotangent, SymbolicZero) else cotangent
 
 
 _moda.defvjp(_moda_fwd, _moda_bwd, symbolic_zeros=True)
