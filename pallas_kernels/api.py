@@ -171,8 +171,8 @@ def moda_attention(
       through a stack of calls (the model's layers) threads them through this one: the cotangent
       flowing back along the returned buffers then comes back as theirs with this call's depth
       cotangent added in place, over the visible slots only, where the backend supports it
-      (pallas_triton, xla), instead of a zero-filled [B, T, L, Hk, D] gradient added to it. Needs
-      depth_k / depth_v.
+      (pallas_triton, pallas_mosaic_gpu, xla), instead of a zero-filled [B, T, L, Hk, D] gradient
+      added to it. Needs depth_k / depth_v.
 
   Returns:
     out [B, T, Hq, D] in q's dtype, or (out, lse) when return_lse; with return_depth, followed by

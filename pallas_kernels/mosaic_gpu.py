@@ -9,9 +9,20 @@ multiple of 8 is padded here, a copy of every input). lse, delta and the rows' s
 tiles inside (`mosaic_gpu_tiles.to_row_tiles`: one aligned TMA box per warpgroup; re-laid here: small).
 The backward is deterministic (no atomics; every sum in registers in a fixed order).
 
+`attention_with_depth` (what `moda_attention(..., return_depth=True)` and the model's depth stack call)
+also returns depth_k / depth_v unchanged, and its backward takes their cotangents as the buffers the dq
+kernel adds its depth dk / dv into, in place: they are Refs of the kernel call, which makes them
+input_output_aliases of it. Per depth item the kernel reads the carried tiles of the item's readable
+slots (a slot of a partial item outside [depth_start, depth_len) reads a readable one of the item, never
+stored) and writes the sums there; unread slots are neither read nor written and keep the carried
+values. When nobody reads the returned depth arrays (a plain call: symbolic zeros, `cotangents.split`)
+the kernel stores its gradient instead and zero-fills the unread slots, so no cotangent-sized zeros are
+made, read or added. With T not a multiple of 8 the carried cotangents are padded like the inputs (a
+copy each way).
+
 With G > 8 (a kv head's query heads spread over several programs) the backward is pallas_triton's
-(`triton_bwd.backward` on this forward's residuals): the depth dk / dv would otherwise be summed across
-programs.
+(`triton_bwd.backward` on this forward's residuals, threading the depth cotangents the same way): the
+depth dk / dv would otherwise be summed across programs.
 
 Supported: float16 / bfloat16, head dims 64 and 128, any G, causal or not, segments, depth_q, L = 0 or
 more with traced depth_start / depth_len. NotImplementedError (the dispatcher falls back) for float32,
@@ -28,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import cotangents as cotangents_lib
 from pallas_kernels import mosaic_gpu_bwd, mosaic_gpu_fwd
 from pallas_kernels import mosaic_gpu_tiles as mt
 from pallas_kernels import residuals
@@ -43,6 +55,17 @@ def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
 
   `interpret`: False, True (GPU interpret mode with default `plgpu.InterpretGPUParams`) or an
   `InterpretGPUParams`. `block_sizes` overrides the default tiles (tests and benchmarks).
+  """
+  return attention_with_depth(inputs, spec, interpret=interpret, block_sizes=block_sizes)[:2]
+
+
+def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False,
+                         block_sizes: mt.BlockSizes | None = None):
+  """`attention` returning (out, lse, depth_k, depth_v): the depth arrays unchanged (None without depth).
+
+  Their cotangents are the buffers the dq kernel adds its depth dk / dv into (`mosaic_gpu_bwd`), so a
+  caller that threads its depth buffers through the call gets their cotangent back with this call's
+  added in place.
   """
   check_supported(inputs, spec, interpret)
   block_sizes = block_sizes or mt.BlockSizes.get_default(inputs.q.shape[-1])
@@ -93,14 +116,17 @@ def interpret_params(interpret):
   raise ValueError(f"interpret={interpret!r}: pallas_mosaic_gpu expects a bool or a plgpu.InterpretGPUParams.")
 
 
+def _pad_tokens(x):
+  """x [B, T, ...] with T padded to a multiple of 8 (a tiled TMA box needs whole 8-row tiles): a copy
+  when T is not one. The padded tokens are masked by spec.seq_len like any key >= T, and their rows
+  sliced off."""
+  pad = -x.shape[1] % 8
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
 def _padded(operands: tt.Operands) -> tt.Operands:
-  """Operands with T padded to a multiple of 8 (a tiled TMA box needs whole 8-row tiles); the padded
-  tokens are masked by spec.seq_len like any key >= T, and their rows sliced off."""
-  pad = -operands.q.shape[1] % 8
-  if not pad:
-    return operands
-  pad_tokens = lambda x: x if x is None or x.ndim < 2 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  return tt.Operands(*(pad_tokens(x) if name != "depth_bounds" else x
+  """Operands with T padded by `_pad_tokens` (the depth bounds as they are)."""
+  return tt.Operands(*(x if x is None or name == "depth_bounds" else _pad_tokens(x)
                        for name, x in zip(tt.Operands._fields, operands)))
 
 
@@ -128,43 +154,45 @@ def forward(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSiz
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _moda(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret):
-  return forward(operands, spec, block_sizes, interpret)[:2]
+  return (*forward(operands, spec, block_sizes, interpret)[:2], operands.depth_k, operands.depth_v)
 
 
 def _moda_fwd(operands, spec, block_sizes, interpret):
+  operands = cotangents_lib.primals(operands)  # symbolic_zeros: the `perturbed` bits are not used here
   out, lse, lse_rows = residuals.named(*forward(operands, spec, block_sizes, interpret))
-  return (out, lse), (operands, out, lse, lse_rows)
+  return (out, lse, operands.depth_k, operands.depth_v), (operands, out, lse, lse_rows)
 
 
 def _moda_bwd(spec, block_sizes, interpret, saved, cotangents):
   operands, out, lse, lse_rows = saved
-  d_out, d_lse = cotangents
-  batch, seq_len, num_q_heads, head_dim = operands.q.shape
-  group = num_q_heads // operands.k.shape[2]
-  # d lse / d logit = p, so an lse cotangent shifts every ds = p * (dp - delta) like a -dlse in delta.
-  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1) - d_lse
+  depth_arrays = (operands.depth_k, operands.depth_v) if spec.has_depth else None
+  d_out, d_lse, depth_acc = cotangents_lib.split(cotangents, out, depth_arrays)
+  delta = cotangents_lib.delta(out, d_out, d_lse)
   d_out = d_out.astype(out.dtype)
-  if group > mt.MAX_HEADS_PER_TILE:
-    return (_triton_backward(operands, out, lse, d_out, delta, spec, interpret),)
+  seq_len, num_q_heads = operands.q.shape[1:3]
+  if num_q_heads // operands.k.shape[2] > mt.MAX_HEADS_PER_TILE:
+    return (_triton_backward(operands, out, lse, d_out, delta, spec, interpret, depth_acc=depth_acc),)
   ops = backward_operands(operands, lse_rows, d_out, delta, block_sizes, interpret)
-  grads = mosaic_gpu_bwd.backward(ops, spec, block_sizes, interpret)
+  if depth_acc is not None:  # padded like the depth arrays
+    depth_acc = tuple(_pad_tokens(acc) for acc in depth_acc)
+  grads = mosaic_gpu_bwd.backward(ops, spec, block_sizes, interpret, depth_acc=depth_acc)
   dq, d_depth_q, dk, dv, d_depth_k, d_depth_v = (None if g is None else g[:, :seq_len] for g in grads)
-  del batch, head_dim
   return (tt.Operands(q=dq, k=dk, v=dv, depth_q=d_depth_q, depth_k=d_depth_k, depth_v=d_depth_v),)
 
 
 def backward_operands(operands: tt.Operands, lse_rows, d_out, delta, block_sizes: mt.BlockSizes, interpret):
   """The backward kernels' `mosaic_gpu_bwd.Operands` (T padded to 8, the rows' vectors in row tiles) from
   the unpadded operands, the forward's lse row tiles, do [B, T, Hq, D] and delta [B, T, Hq] (G <= 8)."""
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, -x.shape[1] % 8)] + [(0, 0)] * (x.ndim - 2))
   geom, num_tiles = _geometry(operands, block_sizes.dq, interpret), lse_rows.shape[2]  # tokens, Gp: any kernel's
-  return mosaic_gpu_bwd.Operands(*_padded(operands), do=pad(d_out), lse=lse_rows,
+  return mosaic_gpu_bwd.Operands(*_padded(operands), do=_pad_tokens(d_out), lse=lse_rows,
                                  delta=mt.to_row_tiles(delta, num_tiles, geom),
                                  row_segments=_row_segments(operands.segment_ids, num_tiles, geom))
 
 
-def _triton_backward(operands: tt.Operands, out, lse, d_out, delta, spec, interpret) -> tt.Operands:
-  """pallas_triton's backward kernels on this forward's residuals (views per kv head, no copies)."""
+def _triton_backward(operands: tt.Operands, out, lse, d_out, delta, spec, interpret, *,
+                     depth_acc=None) -> tt.Operands:
+  """pallas_triton's backward kernels on this forward's residuals (views per kv head, no copies); they add
+  the depth dk / dv into `depth_acc` when given, as the dq kernel here does."""
   batch, seq_len, num_q_heads, head_dim = operands.q.shape
   num_kv_heads = operands.k.shape[2]
   group = num_q_heads // num_kv_heads
@@ -175,7 +203,8 @@ def _triton_backward(operands: tt.Operands, out, lse, d_out, delta, spec, interp
     triton_operands = triton_operands._replace(depth_q=q if operands.depth_q is None else per_kv_head(operands.depth_q))
   rows = tt.RowGrads(do=per_kv_head(d_out), lse=lse.reshape(q.shape[:-1]), delta=delta.reshape(q.shape[:-1]))
   block_sizes = TritonBlockSizes.get_default(head_dim, group, operands.q.dtype)
-  grads = triton_bwd.backward(triton_operands, rows, spec, block_sizes=block_sizes, interpret=interpret is not None)
+  grads = triton_bwd.backward(triton_operands, rows, spec, block_sizes=block_sizes, interpret=interpret is not None,
+                              depth_acc=depth_acc)
   to_q_layout = lambda x: x.reshape(operands.q.shape)
   dq, d_depth_q = to_q_layout(grads.q), None
   if spec.has_depth:
@@ -186,4 +215,4 @@ def _triton_backward(operands: tt.Operands, out, lse, d_out, delta, spec, interp
   return tt.Operands(q=dq, k=grads.k, v=grads.v, depth_q=d_depth_q, depth_k=grads.depth_k, depth_v=grads.depth_v)
 
 
-_moda.defvjp(_moda_fwd, _moda_bwd)
+_moda.defvjp(_moda_fwd, _moda_bwd, symbolic_zeros=True)

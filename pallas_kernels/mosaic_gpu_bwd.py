@@ -8,7 +8,10 @@ no atomics, every sum in registers in a fixed order (bitwise-deterministic):
     depth part of dq (or of d depth_q) and write the depth dk = ds^T depth_q and dv = p^T do of the
     item's columns (each depth slot is seen by the rows of its own token only, all in this warpgroup,
     so it is written once, never summed). Slots outside [depth_start, depth_len) are not computed,
-    only zero-filled.
+    only zero-filled. Given the depth cotangents a caller threads through `return_depth` (`dq_and_depth`'s
+    `depth_acc`), the kernel instead adds into them in place: each item's compute warpgroup TMA-loads the
+    carried tiles of its columns into the staging tiles of its dk / dv (issued before the item's matmuls,
+    so the loads hide behind them), adds in float32 and stores the sums; unread slots are left alone.
   * the dk/dv kernel (`mosaic_gpu_bwd_dkv`), one CTA per key tile, streaming the query row tiles.
 G > 8 (several head groups per kv head) would need depth dk/dv summed across programs: the caller
 uses pallas_triton's backward there.
@@ -49,12 +52,15 @@ class Operands(NamedTuple):
   row_segments: Any = None
 
 
-def _dq_kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
+def _dq_kernel(*refs, present, threaded: bool, geom: mt.Geometry, spec: spec_lib.Spec):
   it = iter(refs)
   ops = Operands(*(next(it) if p else None for p in present))
+  # Threaded: the depth cotangents are inputs (Refs) updated in place, not outputs.
+  ddk_ref, ddv_ref = (next(it), next(it)) if threaded else (None, None)
   dq_ref = next(it)
   d_depth_q_ref = next(it) if ops.depth_q is not None else None
-  ddk_ref, ddv_ref = (next(it), next(it)) if ops.depth_k is not None else (None, None)
+  if ops.depth_k is not None and not threaded:
+    ddk_ref, ddv_ref = next(it), next(it)
   scratch = next(it)
   wg = lax.axis_index("wg")
   batch = lax.axis_index("batch")
@@ -68,7 +74,7 @@ def _dq_kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     _dq_compute_wg(wg, cta_token + wg * geom.tokens, (dq_ref, d_depth_q_ref, ddk_ref, ddv_ref), ops=ops,
-                   scratch=scratch, spec=spec, max_kv=max_kv, **where, **depth)
+                   scratch=scratch, spec=spec, max_kv=max_kv, threaded=threaded, **where, **depth)
 
   @pl.when(wg == geom.compute_wgs)
   def _memory():
@@ -78,7 +84,7 @@ def _dq_kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
 
 
 def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_head, geom: mt.Geometry,
-                   spec: spec_lib.Spec, max_kv, depth_start, depth_len, first_step, num_depth):
+                   spec: spec_lib.Spec, max_kv, threaded: bool, depth_start, depth_len, first_step, num_depth):
   dq_ref, d_depth_q_ref, ddk_ref, ddv_ref = outs
   smem = {name: None if scratch[name] is None else scratch[name].at[wg]
           for name in ("q", "do", "depth_q", "q_seg", "lse", "delta", "ds", "p", "dk_out", "dv_out", "ds_seq")}
@@ -145,10 +151,17 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
     plgpu.wait_smem_to_gmem(0)
     return
 
+  tokens_of = lambda tok0: pl.ds(first_token + tok0, geom.tpp)
+
   def depth_step(j, ddq):
     slot = stream.slot_of(max_kv + j, geom)
     tok0, slot0 = mt.depth_item(j, first_step, geom)
     k_ref, v_ref, k_bar, v_bar = stream.depth_refs(ring, slot, wg, geom)
+    if threaded:  # issued first, so the loads hide behind this item's matmuls
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read the staging
+      _load_threaded((ddk_ref, ddv_ref), (smem["dk_out"], smem["dv_out"]), scratch["acc_bar"].at[wg],
+                     batch=batch, tokens=tokens_of(tok0), kv_head=kv_head, slot0=slot0, depth_start=depth_start,
+                     depth_len=depth_len, geom=geom)
     plgpu.barrier_wait(k_bar)
     s = mt.matmul(dq_smem, k_ref.T, interpret=geom.interpret)
     plgpu.barrier_wait(v_bar)
@@ -164,14 +177,18 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
     plgpu.commit_smem()
     ddq = mt.matmul(smem["ds"], k_ref, acc=ddq, interpret=geom.interpret)
     plgpu.barrier_arrive(ring["k_consumed"].at[slot])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read the staging
-    # One [64, D] float32 tile live at a time (with ddq): staged as soon as it is formed.
+    if threaded:
+      plgpu.barrier_wait(scratch["acc_bar"].at[wg])
+    else:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read the staging
+    # One [64, D] float32 tile live at a time (with ddq): staged as soon as it is formed (added to the
+    # threaded cotangent there: one rounding to the dtype, as a sum of the two would have).
     dk_cols = mt.matmul(smem["ds"].T, dq_smem, interpret=geom.interpret) * spec.scale
-    smem["dk_out"][...] = dk_cols.astype(ddk_ref.dtype)
+    smem["dk_out"][...] = _plus_staged(dk_cols, smem["dk_out"], threaded).astype(ddk_ref.dtype)
     dv_cols = mt.matmul(smem["p"].T, do_smem, interpret=geom.interpret)
-    smem["dv_out"][...] = dv_cols.astype(ddv_ref.dtype)
+    smem["dv_out"][...] = _plus_staged(dv_cols, smem["dv_out"], threaded).astype(ddv_ref.dtype)
     plgpu.commit_smem()
-    tokens = pl.ds(first_token + tok0, geom.tpp)
+    tokens = tokens_of(tok0)
     for s_ in range(geom.slots_per_item):
       part = pl.ds(s_ * geom.tpp, geom.tpp)
 
@@ -184,6 +201,11 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
   ddq = lax.fori_loop(0, num_depth, depth_step, dq)
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   dq_smem[...] = (ddq * spec.scale).astype(dq_smem.dtype)
+  if threaded:  # the slots this call does not read keep the threaded cotangent
+    plgpu.commit_smem()
+    stream.store_rows(dq_smem, dq_ref if d_depth_q_ref is None else d_depth_q_ref, **rows)
+    plgpu.wait_smem_to_gmem(0)
+    return
   # Unread slots got no probability mass: their gradient is zero, stored from a zeroed tile.
   smem["dk_out"][...] = zeros.astype(ddk_ref.dtype)
   plgpu.commit_smem()
@@ -201,7 +223,25 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_scratch(ops: Operands, geom: mt.Geometry, dtype):
+def _load_threaded(srcs, dsts, bar, *, batch, tokens, kv_head, slot0, depth_start, depth_len, geom: mt.Geometry):
+  """TMA loads of a depth item's columns of the threaded cotangents (dk, dv) into their staging tiles:
+  one [tpp, D] box per slot, like the item's depth keys. A slot outside [depth_start, depth_len) (a
+  partial item's end) loads one of the item's readable slots instead (a fixed number of arrivals on
+  `bar`); its columns are never stored, and unreadable slots are never read."""
+  for src, dst in zip(srcs, dsts):
+    for s in range(geom.slots_per_item):
+      slot = jnp.clip(slot0 + s, depth_start, depth_len - 1)
+      plgpu.copy_gmem_to_smem(src.at[batch, tokens, slot, kv_head], dst.at[pl.ds(s * geom.tpp, geom.tpp)], bar)
+
+
+def _plus_staged(cols, staging, threaded: bool):
+  """cols [64, D] float32, plus the threaded cotangent staged in `staging` when threaded."""
+  if not threaded:
+    return cols
+  return cols + plgpu.load(staging, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+
+
+def _dq_scratch(ops: Operands, geom: mt.Geometry, dtype, threaded: bool):
   wgs, d = geom.compute_wgs, geom.head_dim
   matrix = lambda cols: plgpu.SMEM((wgs, mt.ROWS, cols), dtype, transforms=mt.smem_transforms(cols, dtype))
   vector = lambda dt: plgpu.SMEM((wgs, mt.ROWS), dt)
@@ -215,36 +255,52 @@ def _dq_scratch(ops: Operands, geom: mt.Geometry, dtype):
       dk_out=matrix(d) if depth else None, dv_out=matrix(d) if depth else None,
       ds_seq=matrix(geom.block_kv) if geom.interpret else None,
       row_bar=plgpu.Barrier(num_arrivals=copies, num_barriers=wgs),
+      acc_bar=plgpu.Barrier(num_arrivals=2 * geom.slots_per_item, num_barriers=wgs) if threaded else None,
       ring=stream.ring_scratch(geom, dtype, segments=ops.segment_ids is not None))
 
 
-def dq_and_depth(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
-  """The dq kernel: (dq, d depth_q if depth_q, d depth_k and d depth_v if depth) in the inputs' layouts."""
+def dq_and_depth(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpret, depth_acc=None):
+  """The dq kernel: (dq, d depth_q if depth_q, d depth_k and d depth_v if depth) in the inputs' layouts.
+
+  `depth_acc` (dk, dv) shaped like the depth arrays, or None: the threaded cotangents. Given, the
+  kernel adds its depth dk / dv into them in place (passed as Refs: the call aliases them to its
+  outputs) and leaves their unread slots as they are; else it stores its own, zeros at unread slots.
+  """
   batch = ops.q.shape[0]
+  threaded = depth_acc is not None and ops.depth_k is not None
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_type = [like(ops.q)]
   if ops.depth_q is not None:
     out_type.append(like(ops.depth_q))
-  if ops.depth_k is not None:
+  if ops.depth_k is not None and not threaded:
     out_type += [like(ops.depth_k), like(ops.depth_v)]
   kernel = mt.launch(
-      functools.partial(_dq_kernel, present=tuple(x is not None for x in ops), geom=geom, spec=spec),
-      out_type=tuple(out_type), scratch=_dq_scratch(ops, geom, ops.q.dtype),
+      functools.partial(_dq_kernel, present=tuple(x is not None for x in ops), threaded=threaded, geom=geom,
+                        spec=spec),
+      out_type=tuple(out_type), scratch=_dq_scratch(ops, geom, ops.q.dtype, threaded),
       grid=(ops.k.shape[2], geom.num_q_tiles, batch), seq_axis="q_seq", geom=geom, interpret=interpret,
       name="moda_mosaic_backward_dq")
-  return kernel(*(x for x in ops if x is not None))
+  arrays = [x for x in ops if x is not None]
+  if not threaded:
+    return kernel(*arrays)
+  # A Ref argument of a Mosaic GPU kernel is discharged into an input_output_aliases pair of the call,
+  # so XLA updates the caller's buffer in place (plgpu.kernel takes no aliases argument of its own).
+  acc_refs = [jax.new_ref(acc.astype(x.dtype)) for acc, x in zip(depth_acc, (ops.depth_k, ops.depth_v))]
+  outs = kernel(*arrays, *acc_refs)
+  return (*outs, *(jax.freeze(ref) for ref in acc_refs))
 
 
-def backward(ops: Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret):
+def backward(ops: Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSizes, interpret, depth_acc=None):
   """(dq, d depth_q or None, dk, dv, d depth_k or None, d depth_v or None) in the inputs' layouts.
 
-  With depth_q None the depth part of dq is summed into dq inside the dq kernel.
+  With depth_q None the depth part of dq is summed into dq inside the dq kernel. `depth_acc`: see
+  `dq_and_depth`.
   """
   num_q_heads, head_dim = ops.q.shape[2:]
   group = num_q_heads // ops.k.shape[2]
   num_slots = 0 if ops.depth_k is None else ops.depth_k.shape[2]
   make = lambda blocks: mt.make_geometry(spec.seq_len, num_slots, group, head_dim, blocks, interpret is not None)
-  outs = list(dq_and_depth(ops, spec, make(block_sizes.dq), interpret))
+  outs = list(dq_and_depth(ops, spec, make(block_sizes.dq), interpret, depth_acc=depth_acc))
   dq = outs.pop(0)
   d_depth_q = outs.pop(0) if ops.depth_q is not None else None
   d_depth_k, d_depth_v = outs if ops.depth_k is not None else (None, None)
