@@ -27,7 +27,7 @@ from pallas_kernels import mosaic_gpu_tiles as mt
 IMPL = Impl("pallas_mosaic_gpu", interpret=True, spread="kernel")
 
 
-def _supported(case):
+def supported(case):
   """The case on the backend's support matrix: bf16 for f32, D 64 / 128, its own inputs (new name)."""
   return dataclasses.replace(case, name="mosaic_" + case.name,
                              dtype="bfloat16" if case.dtype == "float32" else case.dtype,
@@ -39,7 +39,7 @@ def _supported(case):
 # G = 8 with shuffled segments; garbage in unwritten slots throughout.
 _KEPT = ("t1_g2_l1", "odd_g3_l5_garbage_small_scale", "bf16_g4_l40_segments_garbage_noncausal",
          "f16_g2_l5_scale_half", "depth_len0_int_garbage", "depth_q_g2_l5_traced_garbage", "bf16_g8_shuffled_traced")
-_CASES = [_supported(c) for c in CASES if c.name in _KEPT]
+_CASES = [supported(c) for c in CASES if c.name in _KEPT]
 
 
 @pytest.mark.parametrize("case", _CASES, ids=[c.name for c in _CASES])

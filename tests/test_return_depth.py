@@ -3,7 +3,8 @@
 Forward: the returned depth arrays are the inputs, bit for bit. Backward: the cotangent sent back along
 them comes back as the depth arrays' cotangent with the call's own (the float64 oracle's) added, and
 exactly unchanged at the slots the call does not read. The xla and pallas_triton backends add into it
-in place; the others return the inputs and JAX adds: the same contract. Compiled memory (xla, CPU): the
+in place (and pallas_mosaic_gpu: tests/test_mosaic_gpu_threaded.py runs this test on it); the others
+return the inputs and JAX adds: the same contract. Compiled memory (xla, CPU): the
 threaded backward needs no buffer-sized array besides the carried cotangent.
 """
 
