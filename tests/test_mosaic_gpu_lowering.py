@@ -5,7 +5,9 @@ accumulator init), so the GPU path is checked here: forward + backward of benchm
 through jax's Mosaic GPU lowering (`lowering_platforms=("cuda",)`), which builds the kernels' Mosaic GPU
 module in Python and so rejects layouts, wgmma shapes, TMA boxes and SMEM budgets (> 227 KB) the GPU
 would. Each kernel (forward, dq + depth backward, sequence dk/dv) must become one Mosaic GPU call;
-with G > 8 the backward is pallas_triton's (Triton calls). Compiling to PTX and running still needs the
+with G > 8 the backward is pallas_triton's (Triton calls). The threaded backward (`attention_with_depth`
+with carried depth cotangents) must alias them to the results of the dq kernel's call (in place); a
+plain call's backward aliases nothing. Compiling to PTX and running still needs the
 GPU machine: scripts/gpu_check_mosaic.sh.
 
 The lowering does not check the TMA copies' SMEM addresses, which the GPU does at run time (a misaligned
@@ -32,27 +34,33 @@ _MOSAIC_CALL = "custom_call @mosaic_gpu_v2("
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-def _lowered_text(batch, seq_len, group, head_dim, slots, *, depth_q=True, segments=False, causal=True):
-  """The lowered jit(grad) of sum(out) + sum(lse) over every floating input."""
+def _lowered_text(batch, seq_len, group, head_dim, slots, *, depth_q=True, segments=False, causal=True,
+                  threaded=False):
+  """The lowered jit(grad) of sum(out) + sum(lse) over every floating input; `threaded`: plus the returned
+  depth arrays' products with two carried (donated) cotangents, which the backward adds into."""
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
   kv_heads = 8
   q = shape(batch, seq_len, kv_heads * group, head_dim)
   kv = shape(batch, seq_len, kv_heads, head_dim)
+  depth = shape(batch, seq_len, slots, kv_heads, head_dim)
   arrays = [q, kv, kv]
   if slots:
-    arrays += [shape(batch, seq_len, slots, kv_heads, head_dim)] * 2 + ([q] if depth_q else [])
+    arrays += [depth] * 2 + ([q] if depth_q else [])
+  carry = [depth] * 2 if threaded else []
 
-  def loss(q, k, v, depth_k=None, depth_v=None, dq=None):
+  def loss(arrays, carry):
+    q, k, v, depth_k, depth_v, dq = (*arrays, None, None, None)[:6]
     segment_ids = jnp.cumsum(jnp.ones(q.shape[:2], jnp.int32), axis=1) // 300 if segments else None
     inputs, spec = api.prepare(q, k, v, depth_k, depth_v, depth_q=dq, causal=causal, segment_ids=segment_ids,
                                depth_start=jnp.int32(1) if slots else None,
                                depth_len=jnp.int32(slots - 1) if slots else None)
-    out, lse = mosaic_gpu.attention(inputs, spec)
-    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+    out, lse, *returned = mosaic_gpu.attention_with_depth(inputs, spec)
+    threads = sum(jnp.vdot(x.astype(jnp.float32), c.astype(jnp.float32)) for x, c in zip(returned, carry))
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse) + threads
 
   with jax.sharding.use_abstract_mesh(_MESH):
-    grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(arrays)))))
-    return grad.trace(*arrays).lower(lowering_platforms=("cuda",)).as_text()
+    grad = jax.jit(jax.grad(loss), donate_argnums=1)
+    return grad.trace(arrays, carry).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # (batch, T, G, D, L, depth_q, segments, causal): the paper's and the model's shapes (T not always a
@@ -68,6 +76,7 @@ _SHAPES = [(8, 4096, 2, 64, 72, True, False, True), (8, 4096, 2, 128, 72, True, 
 def test_forward_and_backward_lower_for_h200(batch, seq_len, group, head_dim, slots, depth_q, segments, causal):
   text = _lowered_text(batch, seq_len, group, head_dim, slots, depth_q=depth_q, segments=segments, causal=causal)
   assert text.count(_MOSAIC_CALL) == 3 and _TRITON_CALL not in text
+  assert "output_operand_alias" not in text  # nothing threaded: the depth gradients are stored, not added
 
 
 def _smem_view(ref):
@@ -173,3 +182,29 @@ def test_many_heads_per_kv_head_use_the_triton_backward():
   # G = 16: the forward spreads a kv head's heads over two programs; the backward is Triton's.
   text = _lowered_text(1, 2048, 16, 64, 64)
   assert text.count(_MOSAIC_CALL) == 1 and text.count(_TRITON_CALL) >= 3
+
+
+# (batch, T, G, D, L, depth_q, segments, causal): the 700M training shape, D 128 (one compute warpgroup),
+# odd T and G 3 (padded tokens and heads), T 7 (one partial tile).
+_THREADED_SHAPES = [(8, 4096, 2, 64, 72, False, False, True), (8, 4096, 2, 128, 72, True, True, True),
+                    (1, 777, 3, 64, 16, True, True, False), (1, 7, 3, 128, 5, False, False, True)]
+
+
+@pytest.mark.parametrize("batch, seq_len, group, head_dim, slots, depth_q, segments, causal", _THREADED_SHAPES,
+                         ids=[f"B{s[0]}_T{s[1]}_G{s[2]}_D{s[3]}_L{s[4]}" for s in _THREADED_SHAPES])
+def test_threaded_backward_lowers_and_aliases_the_carried_cotangent(monkeypatch, batch, seq_len, group, head_dim,
+                                                                    slots, depth_q, segments, causal):
+  # The dq kernel's call takes the two carried cotangents as operands aliased to its results (updated in
+  # place); a fallback to a fresh zero-filled gradient would have no alias. Its TMA copies (the carried
+  # tiles' loads included) are checked like the plain kernels'.
+  with _checked_copies(monkeypatch) as seen:
+    text = _lowered_text(batch, seq_len, group, head_dim, slots, depth_q=depth_q, segments=segments, causal=causal,
+                         threaded=True)
+  assert text.count(_MOSAIC_CALL) == 3 and _TRITON_CALL not in text
+  assert text.count("#stablehlo.output_operand_alias<") == 2
+  assert len(seen) > 10
+
+
+def test_many_heads_per_kv_head_thread_through_the_triton_backward():
+  text = _lowered_text(1, 2048, 16, 64, 64, threaded=True)
+  assert text.count(_MOSAIC_CALL) == 1 and text.count("#stablehlo.output_operand_alias<") == 2
