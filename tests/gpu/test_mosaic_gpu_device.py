@@ -8,10 +8,13 @@ Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_
    depth_start / depth_len, G = 16 through Triton's backward) against `reference` (`xla` where the
    dense logits would not fit), with the default tiles and with small ones: out, lse, every gradient;
    unread slots get exactly zero gradient.
-3. The backward is deterministic: three runs give bitwise-identical gradients.
+3. The backward is deterministic: three runs give bitwise-identical gradients (plain and threaded).
+4. The threaded depth cotangent (`attention_with_depth`, `return_depth=True`): tests/test_return_depth.py's
+   contract on its cases; on multi-tile shapes (the 700M training shape, odd T with G 3 and segments,
+   D 128 with a window, G 16 through Triton's backward), default and small tiles, the threaded depth
+   gradients are the plain call's plus the carry (bit for bit the carry at unread slots), every other
+   gradient bit for bit the plain call's, and a zero carry gives the plain gradients bit for bit.
 """
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,22 +22,18 @@ import numpy as np
 import pytest
 
 import test_moda_attention as suite
+import test_return_depth as threading_suite
 from operator_cases import CASES, Impl, assert_close
 from pallas_kernels import api, mosaic_gpu, reference, xla
 from pallas_kernels import mosaic_gpu_tiles as mt
+from test_mosaic_gpu import supported
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run scripts/gpu_check_mosaic.sh)")
 
 GPU = Impl("pallas_mosaic_gpu", interpret=False, spread="full")
 
 
-def _supported(case):
-  return dataclasses.replace(case, name="mosaic_" + case.name,
-                             dtype="bfloat16" if case.dtype == "float32" else case.dtype,
-                             head_dim=64 if case.head_dim <= 64 else 128)
-
-
-_CASES = [_supported(c) for c in CASES if not c.depth_only and not c.depth_chunk]
+_CASES = [supported(c) for c in CASES if not c.depth_only and not c.depth_chunk]
 
 
 @pytest.mark.parametrize("case", _CASES, ids=[c.name for c in _CASES])
@@ -79,14 +78,16 @@ def _arrays(shape, seed):
 
 
 def _run(backend, arrays, cotangents, options):
+  """(out, lse, grads); `backend` returns (out, lse) or, threaded, (out, lse, depth_k, depth_v), one
+  cotangent each."""
   @jax.jit
-  def f(arrays):
+  def f(arrays, cotangents):
     def attend(q, k, v, depth_k, depth_v, depth_q):
       inputs, spec = api.prepare(q, k, v, depth_k, depth_v, depth_q=depth_q, **options)
       return backend(inputs, spec)
-    (out, lse), pullback = jax.vjp(attend, *arrays)
-    return out, lse, pullback(cotangents)
-  return f(arrays)
+    outputs, pullback = jax.vjp(attend, *arrays)
+    return outputs[0], outputs[1], pullback(cotangents)
+  return f(arrays, cotangents)
 
 
 @pytest.mark.parametrize("tiles", ["default", "small"])
@@ -111,11 +112,65 @@ def test_multi_tile_against_reference(shape, tiles):
       assert not np.asarray(grad, np.float32)[:, :, unread].any()
 
 
+def _bitwise_equal(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _carry(shape, grads, seed):
+  """Carried depth cotangents a quarter of the call's own depth gradients (RMS), as test_return_depth's."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+  rms = lambda g: float(jnp.sqrt(jnp.mean(jnp.square(g.astype(jnp.float32))))) or 1.0
+  return tuple((0.25 * rms(g) * jax.random.normal(key, g.shape, jnp.float32)).astype(g.dtype)
+               for key, g in zip(keys, grads[3:5]))
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["plain", "threaded"])
 @pytest.mark.parametrize("shape", [_LARGE[1], _LARGE[2], _LARGE[6]], ids=["train_B8_T4K_G2_L72", "T777_G3_seg",
                                                                           "T2K_nodepth_seg"])
-def test_backward_is_bitwise_deterministic(shape):
+def test_backward_is_bitwise_deterministic(shape, threaded):
   arrays, cotangents, options = _arrays(shape, seed=7)
-  runs = [jax.tree.map(np.asarray, _run(mosaic_gpu.attention, arrays, cotangents, options)) for _ in range(3)]
+  backend = mosaic_gpu.attention
+  if threaded:
+    if not shape[5]:
+      pytest.skip("no depth arrays to thread")
+    cotangents += _carry(shape, _run(backend, arrays, cotangents, options)[2], seed=8)
+    backend = mosaic_gpu.attention_with_depth
+  runs = [jax.tree.map(np.asarray, _run(backend, arrays, cotangents, options)) for _ in range(3)]
   for other in runs[1:]:
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(other)):
-      assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+      assert _bitwise_equal(a, b)
+
+
+_THREADED_CASES = [supported(c) for c in threading_suite.CASES if not c.depth_only and not c.depth_chunk]
+
+
+@pytest.mark.parametrize("case", _THREADED_CASES, ids=[c.name for c in _THREADED_CASES])
+def test_threaded_operator_case_on_gpu(case):
+  threading_suite.test_threaded_cotangent_comes_back_with_the_calls_added(GPU, case)
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+@pytest.mark.parametrize("shape", [_LARGE[1], _LARGE[2], _LARGE[4], _LARGE[5]],
+                         ids=["train_B8_T4K_G2_L72", "T777_G3_seg", "T1000_G4_D128_window", "T513_G16_triton"])
+def test_threaded_gradients_are_the_plain_ones_plus_the_carry(shape, tiles):
+  arrays, cotangents, options = _arrays(shape, seed=shape[1])
+  block_sizes = None if tiles == "default" else _small_tiles(shape[4])
+  plain = _run(lambda i, s: mosaic_gpu.attention(i, s, block_sizes=block_sizes), arrays, cotangents, options)[2]
+  threaded_run = lambda carry: _run(lambda i, s: mosaic_gpu.attention_with_depth(i, s, block_sizes=block_sizes),
+                                    arrays, cotangents + carry, options)[2]
+  carry = _carry(shape, plain, seed=shape[1] + 1)
+  threaded = threaded_run(carry)
+  unread = np.ones(shape[5], bool)
+  unread[shape[6]:shape[7]] = False
+  for name, t, p, c in zip(("dq", "dk", "dv", "ddepth_k", "ddepth_v", "ddepth_q"), threaded, plain,
+                           (None, None, None, *carry, None)):
+    if c is None:  # the same kernels as the plain call's
+      assert _bitwise_equal(t, p), name
+      continue
+    own = np.asarray(t, np.float64) - np.asarray(c, np.float64)
+    assert_close(name, own, p, shape[10])
+    assert _bitwise_equal(np.asarray(t)[:, :, unread], np.asarray(c)[:, :, unread]), name
+  zero = threaded_run(tuple(jnp.zeros_like(c) for c in carry))
+  for name, z, p in zip(("dq", "dk", "dv", "ddepth_k", "ddepth_v", "ddepth_q"), zero, plain):
+    assert _bitwise_equal(z, p), f"{name} with a zero carry"
