@@ -31,10 +31,14 @@ def sinkhorn(logits_XNN: jax.Array, iterations: int = SINKHORN_ITERATIONS) -> ja
   logits = logits_XNN.astype(jnp.float32)
   # Shifting every entry of a matrix by one constant leaves the normalized result unchanged.
   matrix = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=(-2, -1), keepdims=True)))
-  for _ in range(iterations):
+
+  def normalize_rows_then_columns(_, matrix):
     matrix = matrix / jnp.sum(matrix, axis=-1, keepdims=True)
-    matrix = matrix / jnp.sum(matrix, axis=-2, keepdims=True)
-  return matrix
+    return matrix / jnp.sum(matrix, axis=-2, keepdims=True)
+  # A loop, not unrolled rounds: the same operations in the same order, and with a static trip count
+  # it is a scan, reverse-differentiable, saving the same per-round values. Unrolled, the 20 rounds
+  # doubled an mHC model's compiled gradient program (HLO) and made its CPU compile 2.7x slower.
+  return jax.lax.fori_loop(0, iterations, normalize_rows_then_columns, matrix)
 
 
 def _dynamic(p, streams_BTNM, eps: float):
