@@ -71,8 +71,9 @@ def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interp
   block_sizes = block_sizes or mt.BlockSizes.get_default(inputs.q.shape[-1])
   if not isinstance(block_sizes, mt.BlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r}: expected a mosaic_gpu_tiles.BlockSizes.")
-  block_sizes.validate()
-  return _moda(operands_of(inputs, spec), spec, block_sizes, interpret_params(interpret))
+  params = interpret_params(interpret)
+  block_sizes.validate(wgmma_operand=(inputs.q.shape[-1], inputs.q.dtype) if params is None else None)
+  return _moda(operands_of(inputs, spec), spec, block_sizes, params)
 
 
 def operands_of(inputs: spec_lib.Inputs, spec: spec_lib.Spec) -> tt.Operands:

@@ -100,12 +100,24 @@ class BlockSizes:
                dq=MosaicBlocks(block_kv=64, depth_cols=ROWS, stages=2, compute_wgs=1 if wide else 2),
                dkv=MosaicBlocks(block_kv=ROWS, depth_cols=ROWS, stages=2, compute_wgs=2))
 
-  def validate(self) -> None:
+  def validate(self, *, wgmma_operand: tuple[int, object] | None = None) -> None:
+    """`wgmma_operand` (head_dim, dtype), for a compiled (not interpret-mode) launch: every kernel
+    contracts its probabilities or dS over `block_kv` (and the forward over `depth_cols`) against a
+    [., D] tile, and the tensor cores take such a contraction in whole swizzle rows of that tile
+    (`wgmma_k_multiple`). Interpret mode has no such rule, so the CPU tests keep smaller tiles."""
     for name in ("fwd", "dq", "dkv"):
       blocks = getattr(self, name)
       if not isinstance(blocks, MosaicBlocks):
         raise ValueError(f"block_sizes.{name}={blocks!r}: expected a MosaicBlocks.")
       blocks.validate(f"block_sizes.{name}")
+      if wgmma_operand is not None:
+        multiple = wgmma_k_multiple(*wgmma_operand)
+        for field in ("block_kv", "depth_cols"):
+          if getattr(blocks, field) % multiple:
+            raise ValueError(
+                f"block_sizes.{name}.{field}={getattr(blocks, field)}: expected a multiple of {multiple} on the "
+                f"GPU (the tensor cores contract over it against a [{field}, {wgmma_operand[0]}] "
+                f"{jnp.dtype(wgmma_operand[1]).name} tile in whole {multiple}-element swizzle rows).")
     if self.dq.depth_cols != ROWS:
       raise ValueError(f"block_sizes.dq.depth_cols={self.dq.depth_cols}: expected {ROWS} (the depth "
                        "backward's dk / dv matmuls have the item's columns as wgmma rows).")
@@ -213,10 +225,21 @@ def row_segments(segment_ids_BT, num_tiles: int, geom: Geometry):
   return jnp.broadcast_to(x, (batch, num_tiles, geom.heads_per_tile, geom.tokens)).reshape(batch, num_tiles, ROWS)
 
 
+def _swizzle_bytes(cols: int, dtype) -> int:
+  return plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+
+
+def wgmma_k_multiple(cols: int, dtype) -> int:
+  """A wgmma whose B operand is an SMEM [K, cols] matrix (`smem_transforms`) takes K in multiples of
+  this: one swizzle row of elements (64 for D 64 or 128 at 2 bytes; Mosaic GPU's wgmma raises
+  "K must be a multiple of ..." otherwise)."""
+  return _swizzle_bytes(cols, dtype) // jnp.dtype(dtype).itemsize
+
+
 def smem_transforms(cols: int, dtype):
   """Tiling + swizzle of an SMEM matrix whose minor dim has `cols` elements (a wgmma operand)."""
-  swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
-  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+  swizzle = _swizzle_bytes(cols, dtype)
+  return (plgpu.TilingTransform((8, wgmma_k_multiple(cols, dtype))), plgpu.SwizzleTransform(swizzle))
 
 
 def matmul(a, b_ref, *, acc=None, staging=None, after_issue=None, interpret: bool):

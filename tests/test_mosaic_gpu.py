@@ -154,3 +154,19 @@ def test_dispatcher_knows_the_backend_but_does_not_default_to_it():
   inputs, _ = _inputs()
   with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
     api.moda_attention(*inputs[:3], inputs.depth_k, inputs.depth_v, implementation="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize("kernel, field", [("fwd", "block_kv"), ("fwd", "depth_cols"), ("dq", "block_kv"),
+                                           ("dkv", "block_kv")])
+@pytest.mark.parametrize("head_dim", mt.SUPPORTED_HEAD_DIMS)
+def test_compiled_tiles_contract_in_whole_swizzle_rows(kernel, field, head_dim):
+  """On the GPU, wgmma contracts over block_kv / depth_cols against a [., D] tile 64 elements at a time
+  (the H200 raised "K must be a multiple of 64, got: 32" for dq.block_kv=32); interpret mode does not."""
+  base = mt.BlockSizes.get_default(head_dim)
+  for dtype in mt.SUPPORTED_DTYPES:
+    base.validate(wgmma_operand=(head_dim, dtype))  # the defaults compile
+    assert mt.wgmma_k_multiple(head_dim, dtype) == 64
+  narrow = dataclasses.replace(base, **{kernel: dataclasses.replace(getattr(base, kernel), **{field: 32})})
+  narrow.validate()  # interpret mode takes it
+  with pytest.raises(ValueError, match=rf"block_sizes\.{kernel}\.{field}=32: expected a multiple of 64"):
+    narrow.validate(wgmma_operand=(head_dim, jnp.bfloat16))
