@@ -125,10 +125,11 @@ def _pad_tokens(x):
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
 
-def _padded(operands: tt.Operands) -> tt.Operands:
-  """Operands with T padded by `_pad_tokens` (the depth bounds as they are)."""
-  return tt.Operands(*(x if x is None or name == "depth_bounds" else _pad_tokens(x)
-                       for name, x in zip(tt.Operands._fields, operands)))
+def _padded(operands: tt.Operands) -> dict:
+  """The operands the Mosaic kernels take, by name, with T padded by `_pad_tokens` (the depth bounds as they
+  are). The Triton launchers' own fields (segment_span, segment_blocks: `operands_of` sets neither) stay out."""
+  return {name: x if x is None or name == "depth_bounds" else _pad_tokens(x)
+          for name, x in operands._asdict().items() if name in mosaic_gpu_fwd.Operands._fields}
 
 
 def _geometry(operands: tt.Operands, blocks: mt.MosaicBlocks, interpret) -> mt.Geometry:
@@ -147,7 +148,7 @@ def forward(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSiz
   `interpret` from `interpret_params`."""
   seq_len = operands.q.shape[1]
   geom = _geometry(operands, block_sizes.fwd, interpret)
-  ops = mosaic_gpu_fwd.Operands(*_padded(operands))
+  ops = mosaic_gpu_fwd.Operands(**_padded(operands))
   ops = ops._replace(row_segments=_row_segments(operands.segment_ids, geom.row_tiles, geom))
   out, lse_rows = mosaic_gpu_fwd.forward(ops, spec, geom, interpret)
   return out[:, :seq_len], mt.from_row_tiles(lse_rows, seq_len, geom), lse_rows
@@ -185,7 +186,7 @@ def backward_operands(operands: tt.Operands, lse_rows, d_out, delta, block_sizes
   """The backward kernels' `mosaic_gpu_bwd.Operands` (T padded to 8, the rows' vectors in row tiles) from
   the unpadded operands, the forward's lse row tiles, do [B, T, Hq, D] and delta [B, T, Hq] (G <= 8)."""
   geom, num_tiles = _geometry(operands, block_sizes.dq, interpret), lse_rows.shape[2]  # tokens, Gp: any kernel's
-  return mosaic_gpu_bwd.Operands(*_padded(operands), do=_pad_tokens(d_out), lse=lse_rows,
+  return mosaic_gpu_bwd.Operands(**_padded(operands), do=_pad_tokens(d_out), lse=lse_rows,
                                  delta=mt.to_row_tiles(delta, num_tiles, geom),
                                  row_segments=_row_segments(operands.segment_ids, num_tiles, geom))
 

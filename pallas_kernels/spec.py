@@ -10,7 +10,8 @@ definitions instead of re-deriving them. For a query at token t (segment seg[t])
 The functions below are elementwise `jnp` comparisons that broadcast, so the same code builds the
 dense masks of `reference`, the tile masks of `xla` and the in-kernel masks of the Pallas backends
 (where the operands are iotas of token and slot indices). A backend passes whatever index arrays its
-layout has; it never writes its own comparison.
+layout has; it never writes its own comparison. `segment_span` is the one bound the segment rule implies
+for backends that skip whole tiles of keys or queries.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,33 @@ def same_segment(q_segment, k_segment):
   before a causal query tile and below T), where nothing else of `sequence_visible` is left to check.
   """
   return q_segment == k_segment
+
+
+def segment_span(segment_ids_BT):
+  """(first_BT, last_BT) int32: the first and the last token of each token's segment, per batch row.
+
+  No key outside [first[t], last[t]] shares the segment of the token at t (if `same_segment` holds for
+  s and t, then first[t] <= s <= last[t]), so a backend may skip tiles outside the span of its tokens.
+  Ids need not be contiguous runs: in [1, 1, 2, 2, 1, 1] the 1s span the whole row. O(T log T), no T x T
+  array: a stable sort groups equal ids with their tokens in increasing order, so the first and last
+  sorted entries of a group are its segment's first and last token.
+  """
+  batch, seq_len = segment_ids_BT.shape
+  order_BT = jnp.argsort(segment_ids_BT, axis=1, stable=True)
+  sorted_BT = jnp.take_along_axis(segment_ids_BT, order_BT, axis=1)
+  boundary_BT1 = ~same_segment(sorted_BT[:, 1:], sorted_BT[:, :-1])  # a new group starts at i + 1
+  edge_B1 = jnp.ones((batch, 1), bool)
+  starts_BT = jnp.concatenate([edge_B1, boundary_BT1], axis=1)
+  ends_BT = jnp.concatenate([boundary_BT1, edge_B1], axis=1)
+  index_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None, :], (batch, seq_len))
+  group_start_BT = jax.lax.cummax(jnp.where(starts_BT, index_BT, 0), axis=1)
+  group_end_BT = jax.lax.cummin(jnp.where(ends_BT, index_BT, seq_len - 1), axis=1, reverse=True)
+
+  def unsort(sorted_position_BT):  # the token at sorted entry i is order[i]
+    token_BT = jnp.take_along_axis(order_BT, sorted_position_BT, axis=1).astype(jnp.int32)
+    return jax.vmap(lambda order_T, token_T: jnp.zeros_like(token_T).at[order_T].set(token_T))(order_BT, token_BT)
+
+  return unsort(group_start_BT), unsort(group_end_BT)
 
 
 def _same_segment(visible, q_segment, k_segment):

@@ -55,8 +55,10 @@ def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interp
 
   per_kv_head = lambda x: None if x is None else pad(x).reshape(batch, seq_len, num_kv_heads, group, padded_dim)
   q_BTKGD = per_kv_head(inputs.q)
+  # The segments' spans, once per call (the backward reuses them): each kernel's tile skipping derives from them.
+  span = None if inputs.segment_ids is None else jnp.stack(spec_lib.segment_span(inputs.segment_ids), axis=-1)
   operands = tt.Operands(q=q_BTKGD if spec.has_sequence else None, k=pad(inputs.k), v=pad(inputs.v),
-                         segment_ids=inputs.segment_ids)
+                         segment_ids=inputs.segment_ids, segment_span=span)
   if spec.has_depth:
     # q itself when not given: the same array twice, JAX sums its two cotangents.
     bounds = jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32)

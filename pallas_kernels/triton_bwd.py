@@ -13,9 +13,10 @@ Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent e
     kernel and a depth kernel (the official kernel's split; keeps the depth phase's registers out of the
     T^2 loop); the two share no output, since d depth_q is its own array.
   * `_dkv_kernel`, one program per key block (absent for depth-only attention): loops over the query tiles
-    that see it (causal: from the block's first token on), summing over the G heads of the kv head inside
-    the tile rows, or (`block_sizes.dkv_per_query_head`) one program per query head whose G float32
-    partials `_sequence_dkv` sums.
+    that see it (causal: from the block's first token on; with segments only the tiles between the first
+    and the last token of the block's segments, `triton_tiles.segment_blocks`, as the dq kernel's key loop),
+    summing over the G heads of the kv head inside the tile rows, or (`block_sizes.dkv_per_query_head`) one
+    program per query head whose G float32 partials `_sequence_dkv` sums.
 Every cotangent comes back as a `triton_tiles.Operands` (dq in `q`, d depth_q in `depth_q`, ...).
 """
 
@@ -68,8 +69,9 @@ def _dq_kernel(refs: tt.Operands, row_refs: tt.RowGrads, acc_refs: tt.Operands, 
   if out.q is not None:
     q = tt.load_rows(refs.q, rows, geom)
     dq = jnp.zeros((geom.block_q, geom.head_dim), jnp.float32)
-    num_free, num_blocks = tt.key_block_range(first_token, spec.causal, geom)
-    dq = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), dq)
+    first, num_free, num_blocks = tt.key_block_range(
+        first_token, spec.causal, geom, tt.program_segment_blocks(refs.segment_blocks, tile))
+    dq = jax.lax.fori_loop(first, num_free, functools.partial(seq_step, masked=False), dq)
     dq = jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), dq)
     # Stored before the depth phase: q and dq are dead there, depth_q and d depth_q take their place.
     tt.store_rows(out.q, rows, dq * spec.scale, geom)
@@ -164,17 +166,12 @@ def _dkv_kernel(refs: tt.Operands, row_refs: tt.RowGrads, out: tt.Operands, *, g
     return dk, dv
 
   zeros = jnp.zeros((geom.block_k, geom.head_dim), jnp.float32)
-  carry = (zeros, zeros)
-  if spec.causal:
-    # Tiles holding tokens of this key block need the causal mask; later tiles see every key of the block.
-    first_tile = start // geom.tokens_per_tile
-    last_token = jnp.minimum(start + geom.block_k, geom.seq_len)
-    free_tile = (last_token + geom.tokens_per_tile - 1) // geom.tokens_per_tile
-    carry = jax.lax.fori_loop(first_tile, free_tile, functools.partial(q_step, masked=True), carry)
-    carry = jax.lax.fori_loop(free_tile, geom.num_q_tiles, functools.partial(q_step, masked=False), carry)
-  else:
-    carry = jax.lax.fori_loop(0, geom.num_q_tiles, functools.partial(q_step, masked=False), carry)
-  dk, dv = carry
+  # Causal: tiles holding tokens of this key block need the causal mask, later tiles see every key of the
+  # block; with segments only the tiles between the first and last token of the block's segments.
+  first, num_masked, end = tt.query_tile_range(start, spec.causal, geom,
+                                               tt.program_segment_blocks(refs.segment_blocks, block))
+  carry = jax.lax.fori_loop(first, num_masked, functools.partial(q_step, masked=True), (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(num_masked, end, functools.partial(q_step, masked=False), carry)
   in_range = (cols < geom.seq_len)[:, None]
   d = jnp.arange(geom.head_dim)[None, :]
   plgpu.store(out.k.at[cols[:, None], d], (dk * spec.scale).astype(out.k.dtype), mask=in_range)
@@ -196,7 +193,9 @@ def backward(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec, *, b
     """The dq kernel writing the sequence dq, the depth cotangents, or both."""
     ins, outs, acc = tt.Operands(), tt.Operands(), tt.Operands()
     if sequence:
-      ins = ins._replace(q=operands.q, k=operands.k, v=operands.v, segment_ids=operands.segment_ids)
+      ins = ins._replace(q=operands.q, k=operands.k, v=operands.v, segment_ids=operands.segment_ids,
+                         segment_blocks=tt.segment_blocks(operands.segment_span, geom.tokens_per_tile,
+                                                          geom.block_k))
       outs = outs._replace(q=like(operands.q))
     if depth:
       ins = ins._replace(depth_q=operands.depth_q, depth_k=operands.depth_k, depth_v=operands.depth_v,
@@ -251,7 +250,11 @@ def _sequence_dkv(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec,
   blocks = block_sizes.dkv
   num_programs = pl.cdiv(seq_len, blocks.block_k) * batch * num_kv_heads
   split = dkv_per_query_head(blocks, group, num_programs)
-  ins = tt.Operands(q=operands.q, k=operands.k, v=operands.v, segment_ids=operands.segment_ids)
+  row_group = 1 if split else group
+  geom = tt.make_geometry((batch, seq_len, num_kv_heads, row_group, head_dim), 0, blocks)
+  # Per key block, the query tiles that may hold its segments' tokens.
+  ins = tt.Operands(q=operands.q, k=operands.k, v=operands.v, segment_ids=operands.segment_ids,
+                    segment_blocks=tt.segment_blocks(operands.segment_span, geom.block_k, geom.tokens_per_tile))
   if split:
     # Grid (key block, batch, query head h = k * G + g); the query-side refs hold that one head (a block of
     # 1 at g) instead of all G, and each program writes a float32 partial of its own.
@@ -260,7 +263,9 @@ def _sequence_dkv(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec,
     keys = pl.BlockSpec((None, seq_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
     in_specs = [tt.Operands(q=rows_of(1, head_dim), k=keys, v=keys,
                             segment_ids=None if ins.segment_ids is None else pl.BlockSpec(
-                                (None, seq_len), lambda i, b, h: (b, 0))),
+                                (None, seq_len), lambda i, b, h: (b, 0)),
+                            segment_blocks=None if ins.segment_blocks is None else tt.segment_blocks_spec(
+                                ins.segment_blocks.shape[1])),
                 tt.RowGrads(do=rows_of(1, head_dim), lse=rows_of(1), delta=rows_of(1))]
     partial = pl.BlockSpec((None, seq_len, None, None, head_dim), lambda i, b, h: (b, 0, h // group, h % group, 0))
     out_specs = tt.Operands(k=partial, v=partial)
@@ -269,8 +274,6 @@ def _sequence_dkv(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec,
     in_specs = [tt.kv_head_specs(ins, seq_len, group, head_dim), tt.row_grads_specs(seq_len, group, head_dim)]
     out_specs = tt.kv_head_specs(tt.Operands(k=operands.k, v=operands.v), seq_len, group, head_dim)
     out_shape = jax.ShapeDtypeStruct(operands.k.shape, operands.k.dtype)
-  row_group = 1 if split else group
-  geom = tt.make_geometry((batch, seq_len, num_kv_heads, row_group, head_dim), 0, blocks)
   grads = pl.pallas_call(
       functools.partial(_dkv_kernel, geom=geom, spec=spec),
       grid=(pl.cdiv(seq_len, geom.block_k), batch, num_kv_heads * (group if split else 1)),

@@ -4,7 +4,8 @@ One program = one tile of folded query rows (tokens x the G heads of one kv head
 One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 domain) runs over
   1. the sequence keys (absent for depth-only attention): blocks entirely before the tile's first token
      without any mask, then the blocks that overlap the tile's tokens with the causal mask (non-causal: all
-     blocks, the last one bounded);
+     blocks, the last one bounded); with segments only the blocks between the first and the last token of
+     the tile's segments (`triton_tiles.segment_blocks`), the others hold no key the tile sees;
   2. the depth slots of the tile's own tokens, scored with the tile's `depth_q` rows (loaded after the
      sequence phase, when q is dead: no extra registers). The state is split into parts of `depth_rows`
      rows (whole tokens, whole depth chunks), each finishing its depth phase and storing its rows on its
@@ -52,7 +53,7 @@ def _kernel(refs: tt.Operands, o_ref, lse_ref, *, geom: tt.Geometry, spec: spec_
            jnp.full((geom.block_q,), tt.MASK_VALUE, jnp.float32),
            jnp.zeros((geom.block_q,), jnp.float32))
   if spec.has_sequence:
-    carry = _sequence_phase(carry, refs, first_token, rows, q_seg, geom, spec, qk_scale)
+    carry = _sequence_phase(carry, refs, tile, rows, q_seg, geom, spec, qk_scale)
 
   # The depth phase continues the same softmax state, one part of `depth_rows` rows at a time. Across
   # tokens (depth chunks) the segments matter; a token's own slots are in its segment.
@@ -74,9 +75,10 @@ def _kernel(refs: tt.Operands, o_ref, lse_ref, *, geom: tt.Geometry, spec: spec_
     tt.store_row_stat(lse_ref, part_rows, lse)
 
 
-def _sequence_phase(carry, refs: tt.Operands, first_token, rows: tt.Rows, q_seg, geom: tt.Geometry,
+def _sequence_phase(carry, refs: tt.Operands, tile, rows: tt.Rows, q_seg, geom: tt.Geometry,
                     spec: spec_lib.Spec, qk_scale):
   q = tt.load_rows(refs.q, rows, geom)
+  first_token = tile * geom.tokens_per_tile
 
   def seq_step(j, carry, *, masked: bool):
     start = pl.multiple_of(j * geom.block_k, geom.block_k)
@@ -92,8 +94,10 @@ def _sequence_phase(carry, refs: tt.Operands, first_token, rows: tt.Rows, q_seg,
       logits = jnp.where(keep, logits, tt.MASK_VALUE)
     return _online_update(carry, logits, v)
 
-  num_free, num_blocks = tt.key_block_range(first_token, spec.causal, geom)
-  carry = jax.lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
+  # With segments, only the blocks that may hold the tile's segments' keys (`tt.segment_blocks`).
+  first, num_free, num_blocks = tt.key_block_range(
+      first_token, spec.causal, geom, tt.program_segment_blocks(refs.segment_blocks, tile))
+  carry = jax.lax.fori_loop(first, num_free, functools.partial(seq_step, masked=False), carry)
   return jax.lax.fori_loop(num_free, num_blocks, functools.partial(seq_step, masked=True), carry)
 
 
@@ -129,6 +133,10 @@ def forward(operands: tt.Operands, spec: spec_lib.Spec, *, blocks: KernelBlocks,
   batch, seq_len, num_kv_heads, group, head_dim = q_like.shape
   num_slots = 0 if operands.depth_k is None else operands.depth_k.shape[2]
   geom = tt.make_geometry(q_like.shape, num_slots, blocks, spec.depth_chunk)
+  # Per query tile, the key blocks that may hold its segments' keys (only the sequence phase skips blocks).
+  span = operands.segment_span if spec.has_sequence else None
+  operands = operands._replace(segment_span=None,
+                               segment_blocks=tt.segment_blocks(span, geom.tokens_per_tile, geom.block_k))
   row_specs = tt.row_grads_specs(seq_len, group, head_dim)
   return pl.pallas_call(
       functools.partial(_kernel, geom=geom, spec=spec),

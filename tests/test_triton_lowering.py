@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import api, moda_attention, triton
-from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes, dkv_per_query_head
 
 _H200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
 _MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=_H200)
@@ -77,3 +77,18 @@ def test_variants_lower_for_h200(sequence, depth_chunk, segments, kernels):
                           segment_ids=segment_ids, return_lse=True, implementation="pallas_triton")
 
   assert _lowered_text(1, 1000, 2, 64, 24, attend, sequence=sequence).count(_TRITON_CALL) == kernels
+
+
+@pytest.mark.parametrize("slots", [0, 72])
+def test_packed_documents_lower_for_h200(slots):
+  # The benchmark's packed rows (B8 T4096 G2, 8 documents): enough programs that dk/dv runs per kv head, so
+  # the segment bounds reach both dk/dv layouts (test_variants_lower_for_h200 has the per-query-head one).
+  def attend(q, k, v, dk=None, dv=None, dq=None):
+    segment_ids = jnp.arange(q.shape[1], dtype=jnp.int32)[None, :] // 512 + jnp.zeros(q.shape[:2], jnp.int32)
+    return moda_attention(q, k, v, dk, dv, depth_q=dq, segment_ids=segment_ids, return_lse=True,
+                          implementation="pallas_triton")
+
+  base = BlockSizes.get_default(64, 2, jnp.bfloat16)
+  assert not dkv_per_query_head(base.dkv, 2, 4096 // base.dkv.block_k * 8 * 8)
+  separate = base.dq.separate_depth_kernel and slots > 0
+  assert _lowered_text(8, 4096, 2, 64, slots, attend).count(_TRITON_CALL) == 3 + separate
