@@ -105,13 +105,13 @@ class BlockSizes:
     contracts its probabilities or dS over `block_kv` (and the forward over `depth_cols`) against a
     [., D] tile, and the tensor cores take such a contraction in whole swizzle rows of that tile
     (`wgmma_k_multiple`). Interpret mode has no such rule, so the CPU tests keep smaller tiles."""
+    multiple = None if wgmma_operand is None else wgmma_k_multiple(*wgmma_operand)
     for name in ("fwd", "dq", "dkv"):
       blocks = getattr(self, name)
       if not isinstance(blocks, MosaicBlocks):
         raise ValueError(f"block_sizes.{name}={blocks!r}: expected a MosaicBlocks.")
       blocks.validate(f"block_sizes.{name}")
-      if wgmma_operand is not None:
-        multiple = wgmma_k_multiple(*wgmma_operand)
+      if multiple is not None:
         for field in ("block_kv", "depth_cols"):
           if getattr(blocks, field) % multiple:
             raise ValueError(
