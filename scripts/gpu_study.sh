@@ -21,13 +21,15 @@
 # --max_minutes bounds the training phase: no run starts that the finished runs' wall time says cannot end in it.
 # After it: the depth attention share of the runs with checkpoints here (merged into depth_mass.json), the report.
 # STUDY_GRID / STUDY_RESULTS / STUDY_WORK / STUDY_SKIP_WHEELS=1 / JAX_PLATFORMS=cpu: another grid or a dry run.
-# The peers grid, post-norm entries, its baseline and MoDA rows copied from the Table 6 runs of the same
-# config (--reuse; their study.json says so):
-#   POST=none,moda_attn_ffn,denseformer,value_residual,hyper_connections,mhc,attention_residuals,depth_attention
+# The peers grid, its baseline and MoDA rows copied from the Table 6 runs of the same config (--reuse;
+# their study.json says so):
 #   STUDY_GRID=configs/studies/peers_small.py STUDY_RESULTS=benchmarks/results/study_peers \
 #     STUDY_WORK=workdir_study/peers bash scripts/gpu_study.sh --order=entry --no_depth_mass \
-#     --reuse=benchmarks/results/study_table6 --only=$POST
-# then untar <files_at>/study_peers.tar.gz into benchmarks/results/study_peers.
+#     --reuse=benchmarks/results/study_table6
+# then untar <files_at>/study_peers.tar.gz into benchmarks/results/study_peers. Two attention-residual or
+# depth-attention runs share the GPU well (--jobs=2: 402 s for both against 283 s for one alone); an HC or
+# mHC run needs ~97 GiB at the study's remat=none (four streams saved per sublayer), so it runs alone.
+# The pre-norm grid: STUDY_GRID=configs/studies/peers_prenorm.py, results in study_peers_prenorm.
 set -uo pipefail
 GRID=${STUDY_GRID:-configs/studies/table6_small.py}
 RESULTS=${STUDY_RESULTS:-benchmarks/results/study_table6}

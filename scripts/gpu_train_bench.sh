@@ -4,11 +4,13 @@
 # Usage: bash scripts/gpu_train_bench.sh [STEPS] [moda|baseline|both|w384|peers] [FLAGS... [:: FLAGS...]...]
 #   w384: instead of the 700M pair, the width-384 24-layer post-norm pair of the Table 6 study (baseline,
 #   then MoDA attn_ffn) at the study's batch 32 x 1024 and 16K vocabulary.
-#   peers: the same shape for every post-norm entry of configs/studies/peers_small.py (its overrides as flags):
+#   peers: the same shape for every entry of configs/studies/peers_small.py (its overrides as flags):
 #   the peers table's cost column with every entry in one call, at one remat policy.
 #   FLAGS: train.py flags for both models, after the defaults below (so they override them), e.g.
 #     --config.model.remat=full --config.loss_chunk_len=0
 #   "::" separates settings that run one after the other in the same call (each model once per setting).
+#   NAME=VALUE among FLAGS (an upper-case name) is an environment variable for that setting's runs, e.g.
+#     "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false" or XLA_PYTHON_CLIENT_MEM_FRACTION=0.95.
 #   Without FLAGS: both models at their best measured settings (BENCHMARKS.md §0d): remat
 #   save_dots_and_attention at both shapes (the fastest policy of each model in the sweeps there; the
 #   width-384 study configs themselves keep remat=none, which does not change their losses), each
@@ -41,13 +43,13 @@ run() {  # name config [extra flags...]: trains, then prints the last logged ste
   local name=$1 config=$2; shift 2
   local workdir=/dev/shm/bench_$name
   rm -rf "$workdir"
-  echo "== $name: ${*:${#common[@]}+1}"
-  timeout "$run_timeout" python3 scripts/train_and_report_memory.py --config="$config" --workdir="$workdir" "$@" \
+  echo "== $name: ${run_env[*]} ${*:${#common[@]}+1}"
+  env "${run_env[@]}" timeout "$run_timeout" python3 scripts/train_and_report_memory.py --config="$config" --workdir="$workdir" "$@" \
     > "$out/$name.log" 2>&1
   local rc=$?
   grep PEAK_GIB "$out/$name.log" || echo "FAILED (exit $rc): $(grep -v '^\s*$' "$out/$name.log" | tail -n 1)"
   cp "$workdir/metrics.jsonl" "$out/$name.jsonl" 2>/dev/null && tail -n 1 "$out/$name.jsonl"
-  python3 - "$name" "${*:${#common[@]}+1}" "$out" >> "$out/summary.tsv" <<'EOF'
+  python3 - "$name" "${run_env[*]} ${*:${#common[@]}+1}" "$out" >> "$out/summary.tsv" <<'EOF'
 import json, os, re, sys
 name, flags, out = sys.argv[1:]
 log = open(os.path.join(out, name + ".log")).read()
@@ -55,7 +57,7 @@ peak = re.findall(r"PEAK_GIB_PER_DEVICE \[([0-9.]+)", log)
 path = os.path.join(out, name + ".jsonl")
 last = json.loads(open(path).read().splitlines()[-1]) if os.path.exists(path) else {}
 cells = [peak[0] if peak else "failed"] + [last.get(k, "") for k in ("step_time_s", "mfu", "loss")]
-print("\t".join([name, flags or "(defaults)"] + [f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells]))
+print("\t".join([name, flags.strip() or "(defaults)"] + [f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells]))
 EOF
   rm -rf "$workdir"
 }
@@ -77,15 +79,19 @@ w384=(--config.batch_size=32 --config.grad_accum_steps=1 --config.model.vocab_si
       --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False
       --config.model.remat=save_dots_and_attention)
 
-# "name --config.k=v ..." per post-norm entry of the peers grid (the study's own overrides).
+# "name --config.k=v ..." per entry of the (post-norm) peers grid (the study's own overrides).
 peer_entries='
 from configs.studies import peers_small
 for name, overrides in peers_small.get_grid()["entries"].items():
-  if not name.endswith("_pre"):
-    print(name, " ".join(f"--config.{key}={value}" for key, value in overrides.items()))'
+  print(name, " ".join(f"--config.{key}={value}" for key, value in overrides.items()))'
 
 for i in "${!settings[@]}"; do
   mapfile -t extra < <(printf '%s' "${settings[$i]}")
+  run_env=() flags=()
+  for arg in "${extra[@]}"; do
+    if [[ $arg =~ ^[A-Z][A-Z0-9_]*= ]]; then run_env+=("$arg"); else flags+=("$arg"); fi
+  done
+  extra=("${flags[@]}")
   suffix=$([[ ${#settings[@]} -gt 1 ]] && echo "_$i" || echo "")
   if [[ $models == w384 ]]; then
     common=("${w384[@]}")

@@ -19,8 +19,8 @@ Entries, post-norm (the recipe's placement, where MoDA does best):
   attention_residuals full attention residuals (Kimi Team 2026)
   depth_attention     the attn_ffn depth stream read by its own softmax (MoDA Fig. 3c): MoDA attn_ffn
                       with sequence and depth under two softmaxes instead of one
-and the same eight under pre-norm ("_pre"), the placement every peer's paper uses (attention
-residuals and the two HC variants are the residual network at init there). Two seeds.
+Two seeds. The same eight under pre-norm, the placement every peer's paper uses, are their own grid:
+configs/studies/peers_prenorm.py.
 """
 
 from configs.studies import table6_small
@@ -36,18 +36,19 @@ _MIXERS = {
 }
 
 
-def _entries(norm: str, suffix: str) -> dict:
-  entries = {"none" + suffix: {"model.depth_kv": "none"},
-             "moda_attn_ffn" + suffix: {"model.depth_kv": "attn_ffn"}}
+def entries(norm: str, suffix: str = "") -> dict:
+  """The baseline, MoDA attn_ffn and every mixer, under `norm`, named with `suffix`."""
+  named = {"none" + suffix: {"model.depth_kv": "none"},
+           "moda_attn_ffn" + suffix: {"model.depth_kv": "attn_ffn"}}
   for name, overrides in _MIXERS.items():
-    entries[name + suffix] = {"model.depth_kv": "none", **overrides}
-  return {name: {**overrides, "model.norm": norm} for name, overrides in entries.items()}
+    named[name + suffix] = {"model.depth_kv": "none", **overrides}
+  return {name: {**overrides, "model.norm": norm} for name, overrides in named.items()}
 
 
 def get_grid():
   return {
       "base": table6_small.base_config(),
-      "entries": {**_entries("post", ""), **_entries("pre", "_pre")},
+      "entries": entries("post"),
       "seeds": [0, 1],
       "baseline": "none",
   }
