@@ -2,11 +2,13 @@
 
     ncu --clock-control none --csv --page details --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-        -k 'regex:moda|sdpa|fmha|flash' python3 scripts/gpu_profile_kernels.py run [SHAPE ...] > ncu.csv
+        -k 'regex:moda|sdpa|fmha|flash' python3 scripts/gpu_profile_kernels.py run [--impls=A,B] [SHAPE ...] > ncu.csv
     python3 scripts/gpu_profile_kernels.py summarize ncu.csv
 
-`run` executes each shape's jitted fwd+bwd (default tiles), the same without depth, and cuDNN's on the
-same sequence shape, once each after compilation. `summarize` prints one line per kernel launch:
+`run` executes each shape's jitted fwd+bwd (default tiles) once per implementation after compilation: by
+default cuDNN's on the sequence shape, `pallas_triton` without and with depth (`--impls`: any of the
+benchmark's names, e.g. `pallas_mosaic_gpu,pallas_mosaic_gpu_nodepth`; Mosaic's kernels are named
+`moda_mosaic_*`, which the `moda` regex above matches). `summarize` prints one line per kernel launch:
 duration, registers per thread, theoretical / achieved occupancy, SM, issue and DRAM throughput (% of
 peak), L1 hit rate. Timing belongs to the benchmark; this answers why a kernel takes the time it does.
 
@@ -29,15 +31,22 @@ _METRICS = {"Duration": "us", "Registers Per Thread": "regs", "Theoretical Occup
             "Issue Slots Busy": "issue%", "L1/TEX Hit Rate": "l1_hit%", "Grid Size": "grid"}
 
 
-def run(shape_names: list[str]) -> None:
+_DEFAULT_IMPLS = ("cudnn", "pallas_triton_nodepth", "pallas_triton")
+
+
+def run(shape_names: list[str], impls=_DEFAULT_IMPLS) -> None:
   import jax
 
   from pallas_kernels import benchmark
 
   shapes = {s.name: s for s in benchmark.paper_shapes()}
+  unknown = [n for n in shape_names if n not in shapes]
+  if unknown:
+    raise SystemExit(f"shapes {unknown}: expected some of {sorted(shapes)}")
   for name in shape_names:
-    for impl in ("cudnn", "pallas_triton_nodepth", "pallas_triton"):
-      arrays, do = benchmark.make_inputs(shapes[name], depth=impl == "pallas_triton")
+    for impl in impls:
+      depth = impl != "cudnn" and not impl.endswith("_nodepth")
+      arrays, do = benchmark.make_inputs(shapes[name], depth=depth)
       _, forward_backward = benchmark.build(impl)
       compiled = forward_backward.lower(arrays, do).compile()  # compile outside the profiled launches
       jax.block_until_ready(compiled(arrays, do))
@@ -65,7 +74,9 @@ def summarize(path: str) -> None:
 if __name__ == "__main__":
   command, args = sys.argv[1], sys.argv[2:]
   if command == "run":
-    run(args or ["table2_T4K_G8_L64", "train_B8_T4K_G2_L72"])
+    impls = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--impls=")]
+    shape_names = [a for a in args if not a.startswith("--impls=")]
+    run(shape_names or ["table2_T4K_G8_L64", "train_B8_T4K_G2_L72"], *impls[-1:])
   elif command == "summarize":
     summarize(args[0])
   else:
