@@ -12,8 +12,9 @@ call (`pallas_triton_depth_q`: a depth_q of its own). The threaded depth cotange
 stack (`return_depth`) is timed in the model's own step (`scripts/profile_train_step.py`): a scan of calls
 here would save its carried depth buffers once per call (BENCHMARKS.md §0c). `--ablate` times the kernels
 without depth, JAX's Mosaic GPU attention forward and each kernel option flipped (`benchmark_modes`);
-`--tune` times tile variants. `--mosaic` adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas
-backends without depth (`*_nodepth`) to every shape. `--segments N` passes every `moda_attention` row
+`--tune` times tile variants (pallas_triton's; with `--mosaic`, pallas_mosaic_gpu's). Otherwise `--mosaic`
+adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas backends without depth (`*_nodepth`)
+to every shape. `--segments N` passes every `moda_attention` row
 segment_ids of N equal documents per row (the `cudnn` row stays without: the unsegmented speed of light) and adds
 `cudnn_nodepth` and `pallas_triton_nodepth`: the baseline model's call on its two candidate backends.
 `--impls` keeps only the named implementations. Each time is the median of `--iters` samples
@@ -34,12 +35,12 @@ import json
 import math
 import statistics
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import moda_attention
-from pallas_kernels.block_sizes import BlockSizes
 
 PEAK_FLOPS = 790e12
 PEAK_BYTES = 4.3e12
@@ -121,11 +122,14 @@ def segment_ids(q, segments: int):
   return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32) * segments // seq_len + 1, (batch, seq_len))
 
 
-def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None = None, segments: int = 0):
+def build(impl: str, tiled: Callable | None = None, variant: dict | None = None, segments: int = 0):
   """(forward, forward+backward) jitted callables of (arrays, do) for one implementation.
 
-  `variant`: the MoDA family (`family`): depth_chunk=C, or depth_only=True (k = v = None). `segments`:
-  N > 0 passes every `moda_attention` call `segment_ids(q, N)` (not the `cudnn` row: jax's call itself)."""
+  `tiled`: a backend's `attention(inputs, spec)` with its tiles bound (the tile sweeps': e.g.
+  `functools.partial(triton.attention, block_sizes=...)`), called instead of `moda_attention`; `impl`
+  then only names the row. `variant`: the MoDA family (`family`): depth_chunk=C, or depth_only=True
+  (k = v = None). `segments`: N > 0 passes every `moda_attention` call `segment_ids(q, N)` (not the
+  `cudnn` row: jax's call itself)."""
   variant = dict(variant or {})
   seg = lambda q: dict(segment_ids=segment_ids(q, segments))
   if variant.pop("depth_only", False):
@@ -141,10 +145,9 @@ def build(impl: str, block_sizes: BlockSizes | None = None, variant: dict | None
   elif impl == "pallas_triton_depth_q":  # the model's call: depth scored with a depth_q of its own
     attend = lambda q, k, v, dk, dv, dq: moda_attention(q, k, v, dk, dv, depth_q=dq, causal=True,
                                                         implementation="pallas_triton", **seg(q))
-  elif block_sizes is not None:
-    from pallas_kernels import api, triton
-    attend = lambda q, k, v, dk, dv: triton.attention(*api.prepare(q, k, v, dk, dv, causal=True, **seg(q)),
-                                                      block_sizes=block_sizes)[0]
+  elif tiled is not None:
+    from pallas_kernels import api
+    attend = lambda q, k, v, dk, dv: tiled(*api.prepare(q, k, v, dk, dv, causal=True, **seg(q)))[0]
   else:
     attend = lambda q, k, v, dk, dv: moda_attention(q, k, v, dk, dv, causal=True, implementation=impl, **seg(q))
 
@@ -194,12 +197,12 @@ def implementations_for(shape: Shape, quick: bool, mosaic: bool = False, segment
   return impls
 
 
-def measure(shape: Shape, impl: str, *, iters: int, block_sizes=None, modes=("fwd", "fwd_bwd"),
+def measure(shape: Shape, impl: str, *, iters: int, tiled: Callable | None = None, modes=("fwd", "fwd_bwd"),
             variant: dict | None = None, segments: int = 0) -> dict:
   depth = impl != "cudnn" and not impl.endswith("_nodepth")
   depth_q = impl == "pallas_triton_depth_q"
   arrays, do = make_inputs(shape, depth, depth_q=depth_q)
-  forward, forward_backward = build(impl, block_sizes, variant, segments)
+  forward, forward_backward = build(impl, tiled, variant, segments)
   row = dict(shape=shape.name, impl=impl, **dataclasses.asdict(shape))
   if segments and impl != "cudnn":
     row["segments"] = segments
@@ -257,7 +260,8 @@ def main() -> None:
   iters = args.iters or (5 if args.quick else 10)
   special = args.tune or args.ablate or args.family
   from pallas_kernels import benchmark_modes as modes  # they build on this module's measure
-  rows = (modes.tune(iters) if args.tune else modes.ablate(iters) if args.ablate
+  tune = modes.tune_mosaic if args.mosaic else modes.tune
+  rows = (tune(iters) if args.tune else modes.ablate(iters) if args.ablate
           else modes.family(iters) if args.family else [])
   for shape in ([] if special else quick_shapes() if args.quick else paper_shapes()):
     for impl in ["cudnn"] + implementations_for(shape, args.quick, args.mosaic, args.segments):

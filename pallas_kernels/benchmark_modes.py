@@ -1,17 +1,20 @@
-"""The benchmark's study modes (`python -m pallas_kernels.benchmark --tune | --ablate | --family`): tile
-variants, each kernel option flipped against the defaults beside the kernels without depth and JAX's Mosaic
-GPU forward, and the MoDA family. Each returns the rows `benchmark.measure` gives.
+"""The benchmark's study modes (`python -m pallas_kernels.benchmark --tune [--mosaic] | --ablate | --family`):
+tile variants (of pallas_triton, or with `--mosaic` of pallas_mosaic_gpu), each kernel option flipped against
+the defaults beside the kernels without depth and JAX's Mosaic GPU forward, and the MoDA family. Each returns
+the rows `benchmark.measure` gives.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import mosaic_gpu, mosaic_gpu_tiles, triton
 from pallas_kernels.benchmark import PEAK_FLOPS, Shape, bytes_moved, flops, make_inputs, measure, time_ms
 from pallas_kernels.block_sizes import BlockSizes, KernelBlocks, dkv_per_query_head, next_pow2
 
@@ -26,21 +29,61 @@ _FWD_VARIANTS = _variants([(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 
 _BWD_VARIANTS = _variants([(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (32, 64, 32, 4, 2)])
 
 
+# The shapes that bound the design: long sequence G8, short G8, the G = 2 training shape.
+_TUNE_SHAPES = (Shape("table2_T16K_G8_L64", 1, 16384, 8, 64), Shape("table2_T4K_G8_L64", 1, 4096, 8, 64),
+                Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72))
+
+
+def _tune_row(shape: Shape, impl: str, tiled, kind: str, blocks, mode: str, iters: int) -> dict:
+  row = measure(shape, impl, iters=iters, tiled=tiled, modes=(mode,))
+  print(f"tune {impl} {kind} {shape.name} {tuple(dataclasses.astuple(blocks))}: "
+        f"{row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
+  return dict(row, tune=kind, blocks=dataclasses.asdict(blocks))
+
+
 def tune(iters: int) -> list[dict]:
-  """Times tile variants on shapes that bound the design (long sequence G8, short G8, G=2 training)."""
+  """Times pallas_triton's tile variants on `_TUNE_SHAPES`."""
   rows = []
-  shapes = [Shape("table2_T16K_G8_L64", 1, 16384, 8, 64), Shape("table2_T4K_G8_L64", 1, 4096, 8, 64),
-            Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
-  for shape in shapes:
+  for shape in _TUNE_SHAPES:
     base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
     for kind, variants, mode in (("fwd", _FWD_VARIANTS, "fwd"), ("bwd", _BWD_VARIANTS, "fwd_bwd")):
       for blocks in variants:
         sizes = (dataclasses.replace(base, fwd=blocks) if kind == "fwd"
                  else dataclasses.replace(base, dq=blocks, dkv=blocks))
-        row = measure(shape, "pallas_triton", iters=iters, block_sizes=sizes, modes=(mode,))
-        rows.append(dict(row, tune=kind, blocks=dataclasses.asdict(blocks)))
-        print(f"tune {kind} {shape.name} {tuple(dataclasses.astuple(blocks))}: "
-              f"{row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
+        rows.append(_tune_row(shape, "pallas_triton", functools.partial(triton.attention, block_sizes=sizes),
+                              kind, blocks, mode, iters))
+  return rows
+
+
+def _mosaic_variants(kernel: str, specs) -> list:
+  """MosaicBlocks of `kernel` (fwd, dq, dkv) from (block_kv, depth_cols, stages), its default's
+  compute warpgroups kept."""
+  base = getattr(mosaic_gpu_tiles.BlockSizes.get_default(64), kernel)
+  return [dataclasses.replace(base, block_kv=kv, depth_cols=cols, stages=stages) for kv, cols, stages in specs]
+
+
+# Ring depth (stages: the bytes in flight per CTA), key block and depth item sizes around the defaults
+# (fwd 128 / 64 / 2, dq 64 / 64 / 2, dkv 64 / 64 / 2 at D 64; the first of each list). Never tuned on the
+# H200 before: the defaults came from the SMEM budget. Variants that overflow SMEM are reported as errors.
+_MOSAIC_VARIANTS = {
+    "fwd": ((128, 64, 2), (128, 64, 3), (128, 64, 4), (128, 128, 2), (128, 128, 3), (256, 128, 2)),
+    "dq": ((64, 64, 2), (64, 64, 3), (64, 64, 4), (128, 64, 2), (128, 64, 3)),
+    "dkv": ((64, 64, 2), (64, 64, 3), (64, 64, 4)),
+}
+
+
+def tune_mosaic(iters: int) -> list[dict]:
+  """Times pallas_mosaic_gpu's tile variants on `_TUNE_SHAPES` (D 64): forward variants forward only, dq
+  and dk/dv variants forward + backward (the forward at its default)."""
+  rows = []
+  for shape in _TUNE_SHAPES:
+    base = mosaic_gpu_tiles.BlockSizes.get_default(shape.head_dim)
+    for kernel, specs in _MOSAIC_VARIANTS.items():
+      for blocks in _mosaic_variants(kernel, specs):
+        sizes = dataclasses.replace(base, **{kernel: blocks})
+        tiled = functools.partial(mosaic_gpu.attention, block_sizes=sizes)
+        rows.append(_tune_row(shape, "pallas_mosaic_gpu", tiled, kernel, blocks,
+                              "fwd" if kernel == "fwd" else "fwd_bwd", iters))
   return rows
 
 
@@ -114,8 +157,8 @@ def ablate(iters: int) -> list[dict]:
     base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
     for kernel, field, mode in _TOGGLES:
       flipped = _flipped(getattr(base, kernel), field, shape)
-      row = measure(shape, "pallas_triton", iters=iters, block_sizes=dataclasses.replace(base, **{kernel: flipped}),
-                    modes=(mode,))
+      tiled = functools.partial(triton.attention, block_sizes=dataclasses.replace(base, **{kernel: flipped}))
+      row = measure(shape, "pallas_triton", iters=iters, tiled=tiled, modes=(mode,))
       toggled = f"{kernel}.{field}={getattr(flipped, field)}"
       rows.append(dict(row, tune=kernel, toggled=toggled, blocks=dataclasses.asdict(flipped)))
       print(f"ablate {toggled} {shape.name} {mode}: {row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
