@@ -1,7 +1,7 @@
 """pallas_triton's segment skipping: loops confined to the tiles that hold a tile's segments, exactly.
 
 The kernels skip key blocks (forward, dq) and query tiles (dk/dv) outside [first, last] of the segments of
-their tokens (`spec.segment_span`, `triton_tiles.segment_blocks`). Checked three ways: the span and the
+their tokens (`spec.segment_span`, `block_ranges.segment_blocks`). Checked three ways: the span and the
 per-tile bounds against brute force over the ids (tight: the first and the last unit of the bounds hold a
 token of a segment of the tile; exact: no such token lies outside); the kernels' loop ranges against the
 visibility of every (query, key) pair, by brute force; and out, lse and every gradient against the float64
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import operator_cases as oc
-from pallas_kernels import api, spec as spec_lib, triton
+from pallas_kernels import api, block_ranges, spec as spec_lib, triton
 from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import BlockSizes, KernelBlocks
 
@@ -69,7 +69,7 @@ def _span(ids):
 @pytest.mark.parametrize("seq_len, tile_tokens, unit_tokens", [(53, 4, 16), (53, 16, 4), (64, 8, 8), (47, 64, 16)])
 def test_segment_blocks_are_tight_and_exact(seq_len, tile_tokens, unit_tokens):
   ids = _ids(list(_LAYOUTS), seq_len)
-  got = np.asarray(tt.segment_blocks(_span(ids), tile_tokens, unit_tokens))
+  got = np.asarray(block_ranges.segment_blocks(_span(ids), tile_tokens, unit_tokens))
   num_tiles = -(-seq_len // tile_tokens)
   assert got.shape == (len(ids), num_tiles, 2) and got.dtype == np.int32
   for row, ids_T in enumerate(ids):
@@ -101,8 +101,8 @@ def test_loop_ranges_cover_every_visible_pair_and_free_steps_are_visible_by_posi
   seq_len = 53
   geom = _geometry(seq_len, tokens_per_tile, block_k)
   ids = _ids(list(_LAYOUTS), seq_len)
-  key_blocks = np.asarray(tt.segment_blocks(_span(ids), tokens_per_tile, block_k))
-  query_tiles = np.asarray(tt.segment_blocks(_span(ids), block_k, tokens_per_tile))
+  key_blocks = np.asarray(block_ranges.segment_blocks(_span(ids), tokens_per_tile, block_k))
+  query_tiles = np.asarray(block_ranges.segment_blocks(_span(ids), block_k, tokens_per_tile))
   index = np.arange(seq_len)
   for row, ids_T in enumerate(ids):
     visible = _visible(ids_T, causal)
@@ -198,7 +198,7 @@ def test_oracle_layouts_skip_and_defeat_run_bounds():
   ids_T = _two_runs(53).astype(np.int32)
   # The oracle cases' tiles: forward, dq, dk/dv per kv head and per query head.
   for tile_tokens, unit_tokens in ((8, 16), (4, 32), (16, 4), (16, 16)):
-    got = np.asarray(tt.segment_blocks(_span(ids_T[None]), tile_tokens, unit_tokens))[0]
+    got = np.asarray(block_ranges.segment_blocks(_span(ids_T[None]), tile_tokens, unit_tokens))[0]
     by_runs = _run_bounds(ids_T, tile_tokens, unit_tokens)
     assert (got[:, 0] > 0).any() or (got[:, 1] < -(-53 // unit_tokens)).any(), "nothing skipped"
     assert (by_runs[:, 0] > got[:, 0]).any() and (by_runs[:, 1] < got[:, 1]).any()
