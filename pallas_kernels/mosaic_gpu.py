@@ -184,8 +184,15 @@ def _moda_bwd(spec, block_sizes, interpret, saved, cotangents):
 
 def backward_operands(operands: tt.Operands, lse_rows, d_out, delta, block_sizes: mt.BlockSizes, interpret):
   """The backward kernels' `mosaic_gpu_bwd.Operands` (T padded to 8, the rows' vectors in row tiles) from
-  the unpadded operands, the forward's lse row tiles, do [B, T, Hq, D] and delta [B, T, Hq] (G <= 8)."""
+  the unpadded operands, the forward's lse row tiles, do [B, T, Hq, D] and delta [B, T, Hq] (G <= 8).
+
+  The rows past T (and of padded heads) get lse +inf, so that the backward's probabilities exp2(s - lse)
+  are exactly 0 there, whichever keys a kernel's loops let them meet: their segment id (row_segments'
+  padding, 0) may equal a real key's, and a kernel visiting such a key where the forward did not (its
+  blocks differ) would get an inf probability, times their zero do a NaN in that key's dk / dv."""
   geom, num_tiles = _geometry(operands, block_sizes.dq, interpret), lse_rows.shape[2]  # tokens, Gp: any kernel's
+  real_rows = mt.to_row_tiles(jnp.ones((1, *delta.shape[1:]), bool), num_tiles, geom)
+  lse_rows = jnp.where(real_rows, lse_rows, jnp.inf)
   return mosaic_gpu_bwd.Operands(**_padded(operands), do=_pad_tokens(d_out), lse=lse_rows,
                                  delta=mt.to_row_tiles(delta, num_tiles, geom),
                                  row_segments=_row_segments(operands.segment_ids, num_tiles, geom))

@@ -176,7 +176,10 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
     pl.when(wg == 0)(handover)
 
   acc, m, l = carry
-  q_smem[...] = (acc / mt.rows_bcast(l, acc.shape)).astype(q_smem.dtype)
+  # A row that met no entry at all (only rows wholly past T can, when their loop is empty) stores 0
+  # and lse -inf, as the contract's rows that see nothing; acc is 0 there.
+  l_safe = jnp.where(l == 0.0, 1.0, l)
+  q_smem[...] = (acc / mt.rows_bcast(l_safe, acc.shape)).astype(q_smem.dtype)
   lse_smem = scratch["lse"].at[wg]
   lse_smem[...] = (m + jnp.log2(l)) / mt.LOG2E
   plgpu.commit_smem()
