@@ -7,7 +7,9 @@ warpgroups. No transposes of q / k / v / depth: the kernels read the native layo
 that is not a multiple of a tile is handled by TMA's zero-filled reads and clipped writes; T not a
 multiple of 8 is padded here, a copy of every input). lse, delta and the rows' segment ids are in row
 tiles inside (`mosaic_gpu_tiles.to_row_tiles`: one aligned TMA box per warpgroup; re-laid here: small).
-The backward is deterministic (no atomics; every sum in registers in a fixed order).
+The backward is deterministic (no atomics; every sum in registers in a fixed order). With segments,
+every kernel visits only the key blocks (forward, dq) or query tiles (dk/dv) between the first and the
+last token of its rows' (keys') segments (`spec.segment_span`, once per call; `mosaic_gpu_stream`).
 
 `attention_with_depth` (what `moda_attention(..., return_depth=True)` and the model's depth stack call)
 also returns depth_k / depth_v unchanged, and its backward takes their cotangents as the buffers the dq
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import cotangents as cotangents_lib
-from pallas_kernels import mosaic_gpu_bwd, mosaic_gpu_fwd
+from pallas_kernels import mosaic_gpu_bwd, mosaic_gpu_fwd, mosaic_gpu_stream
 from pallas_kernels import mosaic_gpu_tiles as mt
 from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
@@ -77,9 +79,11 @@ def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interp
 
 
 def operands_of(inputs: spec_lib.Inputs, spec: spec_lib.Spec) -> tt.Operands:
-  """The kernels' operands of a prepared call (depth bounds as one int32 [2] array)."""
+  """The kernels' operands of a prepared call (depth bounds as one int32 [2] array; with segments their
+  spans, once per call: every kernel's block skipping derives from them, the backward's too)."""
+  span = None if inputs.segment_ids is None else jnp.stack(spec_lib.segment_span(inputs.segment_ids), axis=-1)
   operands = tt.Operands(q=inputs.q, k=inputs.k, v=inputs.v, depth_q=inputs.depth_q,
-                         segment_ids=inputs.segment_ids)
+                         segment_ids=inputs.segment_ids, segment_span=span)
   if spec.has_depth:
     operands = operands._replace(depth_k=inputs.depth_k, depth_v=inputs.depth_v,
                                  depth_bounds=jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32))
@@ -127,7 +131,8 @@ def _pad_tokens(x):
 
 def _padded(operands: tt.Operands) -> dict:
   """The operands the Mosaic kernels take, by name, with T padded by `_pad_tokens` (the depth bounds as they
-  are). The Triton launchers' own fields (segment_span, segment_blocks: `operands_of` sets neither) stay out."""
+  are). segment_span, which no kernel reads, stays out (`operands_of` sets no segment_blocks: each
+  launcher makes its own)."""
   return {name: x if x is None or name == "depth_bounds" else _pad_tokens(x)
           for name, x in operands._asdict().items() if name in mosaic_gpu_fwd.Operands._fields}
 
@@ -149,7 +154,8 @@ def forward(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSiz
   seq_len = operands.q.shape[1]
   geom = _geometry(operands, block_sizes.fwd, interpret)
   ops = mosaic_gpu_fwd.Operands(**_padded(operands))
-  ops = ops._replace(row_segments=_row_segments(operands.segment_ids, geom.row_tiles, geom))
+  ops = ops._replace(row_segments=_row_segments(operands.segment_ids, geom.row_tiles, geom),
+                     segment_blocks=mosaic_gpu_stream.key_bounds(operands.segment_span, geom))
   out, lse_rows = mosaic_gpu_fwd.forward(ops, spec, geom, interpret)
   return out[:, :seq_len], mt.from_row_tiles(lse_rows, seq_len, geom), lse_rows
 
@@ -184,11 +190,19 @@ def _moda_bwd(spec, block_sizes, interpret, saved, cotangents):
 
 def backward_operands(operands: tt.Operands, lse_rows, d_out, delta, block_sizes: mt.BlockSizes, interpret):
   """The backward kernels' `mosaic_gpu_bwd.Operands` (T padded to 8, the rows' vectors in row tiles) from
-  the unpadded operands, the forward's lse row tiles, do [B, T, Hq, D] and delta [B, T, Hq] (G <= 8)."""
+  the unpadded operands, the forward's lse row tiles, do [B, T, Hq, D] and delta [B, T, Hq] (G <= 8).
+
+  The rows past T (and of padded heads) get lse +inf, so that the backward's probabilities exp2(s - lse)
+  are exactly 0 there, whichever keys a kernel's loops let them meet: their segment id (row_segments'
+  padding, 0) may equal a real key's, and a kernel visiting such a key where the forward did not (its
+  blocks differ) would get an inf probability, times their zero do a NaN in that key's dk / dv."""
   geom, num_tiles = _geometry(operands, block_sizes.dq, interpret), lse_rows.shape[2]  # tokens, Gp: any kernel's
+  real_rows = mt.to_row_tiles(jnp.ones((1, *delta.shape[1:]), bool), num_tiles, geom)
+  lse_rows = jnp.where(real_rows, lse_rows, jnp.inf)
   return mosaic_gpu_bwd.Operands(**_padded(operands), do=_pad_tokens(d_out), lse=lse_rows,
                                  delta=mt.to_row_tiles(delta, num_tiles, geom),
-                                 row_segments=_row_segments(operands.segment_ids, num_tiles, geom))
+                                 row_segments=_row_segments(operands.segment_ids, num_tiles, geom),
+                                 segment_span=operands.segment_span)
 
 
 def _triton_backward(operands: tt.Operands, out, lse, d_out, delta, spec, interpret, *,

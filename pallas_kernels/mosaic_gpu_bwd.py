@@ -36,8 +36,11 @@ from pallas_kernels import spec as spec_lib
 
 class Operands(NamedTuple):
   """The backward's inputs (absent: None): the forward's (mosaic_gpu_fwd.Operands order, but for
-  row_segments, last here) and the rows' do [B, T, Hq, D], lse and delta float32 in row tiles
-  [B, Hk, row_tiles, ROWS] (`mosaic_gpu_tiles.to_row_tiles`; G <= 8: one head group)."""
+  row_segments and segment_blocks, last here) and the rows' do [B, T, Hq, D], lse and delta float32 in
+  row tiles [B, Hk, row_tiles, ROWS] (`mosaic_gpu_tiles.to_row_tiles`; G <= 8: one head group). With
+  segments, segment_span [B, T, 2] int32 (`spec.segment_span`): no kernel reads it, each launcher turns
+  it into the bounds of its own tiles (`mosaic_gpu_stream.key_bounds`, `query_bounds`): the dq kernel's
+  are its segment_blocks."""
   q: Any
   k: Any
   v: Any
@@ -50,6 +53,8 @@ class Operands(NamedTuple):
   lse: Any
   delta: Any
   row_segments: Any = None
+  segment_blocks: Any = None
+  segment_span: Any = None
 
 
 def _dq_kernel(*refs, present, threaded: bool, geom: mt.Geometry, spec: spec_lib.Spec):
@@ -68,23 +73,23 @@ def _dq_kernel(*refs, present, threaded: bool, geom: mt.Geometry, spec: spec_lib
   kv_head = lax.axis_index("heads")  # one head group (G <= 8)
   cta_token = tile * geom.tokens_per_cta
   where = dict(batch=batch, kv_head=kv_head, geom=geom)
-  max_kv, depth = mt.cta_bounds(cta_token, ops, spec, geom)
+  kv, depth = stream.cta_bounds(cta_token, ops, spec, geom, batch)
 
   @pl.when(wg < geom.compute_wgs)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     _dq_compute_wg(wg, cta_token + wg * geom.tokens, (dq_ref, d_depth_q_ref, ddk_ref, ddv_ref), ops=ops,
-                   scratch=scratch, spec=spec, max_kv=max_kv, threaded=threaded, **where, **depth)
+                   scratch=scratch, spec=spec, kv=kv, threaded=threaded, **where, **depth)
 
   @pl.when(wg == geom.compute_wgs)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
     stream.memory_wg(cta_token, k=ops.k, v=ops.v, depth_k=ops.depth_k, depth_v=ops.depth_v,
-                     segment_ids=ops.segment_ids, ring=scratch["ring"], max_kv=max_kv, **where, **depth)
+                     segment_ids=ops.segment_ids, ring=scratch["ring"], kv=kv, **where, **depth)
 
 
 def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_head, geom: mt.Geometry,
-                   spec: spec_lib.Spec, max_kv, threaded: bool, depth_start, depth_len, first_step, num_depth):
+                   spec: spec_lib.Spec, kv, threaded: bool, depth_start, depth_len, first_step, num_depth):
   dq_ref, d_depth_q_ref, ddk_ref, ddv_ref = outs
   smem = {name: None if scratch[name] is None else scratch[name].at[wg]
           for name in ("q", "do", "depth_q", "q_seg", "lse", "delta", "ds", "p", "dk_out", "dv_out", "ds_seq")}
@@ -117,7 +122,7 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
     return p, p * (dp - mt.rows_bcast(delta, s.shape))
 
   def seq_step(i, dq, *, masked: bool):
-    slot = stream.slot_of(i, geom)
+    slot = stream.slot_of(i - kv[0], geom)
     k_ref, v_ref = stream.seq_refs(ring, slot, geom)
     plgpu.barrier_wait(ring["k_bar"].at[slot])
     s = mt.matmul(q_smem, k_ref.T, interpret=geom.interpret)
@@ -134,13 +139,10 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
     plgpu.barrier_arrive(ring["k_consumed"].at[slot])
     return dq
 
-  if spec.causal:
-    num_free, num_steps = mt.causal_kv_steps(first_token, geom)
-  else:
-    num_free, num_steps = jnp.int32(geom.seq_len // geom.block_kv), max_kv
-  dq = lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), zeros)
-  dq = lax.fori_loop(num_free, num_steps, functools.partial(seq_step, masked=True), dq)
-  lax.fori_loop(num_steps, max_kv, functools.partial(stream.skip_item, ring=ring, geom=geom), None)
+  # This warpgroup's blocks inside the CTA's stream (the forward's rule, with this kernel's blocks).
+  loop = stream.confine(stream.key_blocks(first_token, ops.segment_blocks, batch, spec, geom), kv)
+  skip = functools.partial(stream.skip_item, ring=ring, kv_first=kv[0], geom=geom)
+  dq = stream.consume(loop, kv, seq_step, skip, zeros)
   if not spec.has_depth or smem["depth_q"] is not None:
     # q is dead: its SMEM stages dq (the depth part of the query gradient goes to d depth_q).
     q_smem[...] = (dq * spec.scale).astype(q_smem.dtype)
@@ -154,7 +156,7 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
   tokens_of = lambda tok0: pl.ds(first_token + tok0, geom.tpp)
 
   def depth_step(j, ddq):
-    slot = stream.slot_of(max_kv + j, geom)
+    slot = stream.slot_of(kv[1] - kv[0] + j, geom)
     tok0, slot0 = mt.depth_item(j, first_step, geom)
     k_ref, v_ref, k_bar, v_bar = stream.depth_refs(ring, slot, wg, geom)
     if threaded:  # issued first, so the loads hide behind this item's matmuls
@@ -268,6 +270,7 @@ def dq_and_depth(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpre
   """
   batch = ops.q.shape[0]
   threaded = depth_acc is not None and ops.depth_k is not None
+  ops = ops._replace(segment_span=None, segment_blocks=stream.key_bounds(ops.segment_span, geom))
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_type = [like(ops.q)]
   if ops.depth_q is not None:

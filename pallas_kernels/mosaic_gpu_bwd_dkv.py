@@ -7,10 +7,12 @@ keys and values in SMEM and dk, dv in registers, keys as the rows of every produ
 The memory warpgroup streams the query row tiles (64 folded rows: the `tokens` tokens of a tile times
 the Gp heads of a head group, as in the forward) with their do, lse, delta and segment ids (one row-tile
 box each, `mosaic_gpu_tiles.to_row_tiles`) through a ring; the G heads of the kv head are summed by
-looping over the head groups (in registers, in order: deterministic). Causal: a tile is visited from
-the first one holding the CTA's first key; the tiles overlapping a warpgroup's keys take the whole
-`spec.sequence_visible` mask, later ones the segment mask only; a warpgroup whose keys start later
-releases the earlier tiles unread.
+looping over the head groups (in registers, in order: deterministic). The CTA streams the tiles that
+may see one of its warpgroups' keys (`mosaic_gpu_stream.cta_stream`): causal, from the first one
+holding the CTA's first key; with segments only those between the first and the last token of the
+keys' segments (either way round). The tiles overlapping a warpgroup's keys take the whole
+`spec.sequence_visible` mask, later ones the segment mask only; a warpgroup releases the tiles that only
+its sibling needs unread.
 """
 
 from __future__ import annotations
@@ -32,22 +34,23 @@ KEYS = mt.ROWS  # keys per compute warpgroup (wgmma M of every product)
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, segments: bool, geom: mt.Geometry,
             spec: spec_lib.Spec):
-  seg_ref, row_seg_ref = rest[:2] if segments else (None, None)
-  dk_ref, dv_ref, scratch = rest[2:] if segments else rest
+  seg_ref, row_seg_ref, bounds_ref = rest[:3] if segments else (None, None, None)
+  dk_ref, dv_ref, scratch = rest[3:] if segments else rest
   wg = lax.axis_index("wg")
   batch = lax.axis_index("batch")
   kv_head = lax.axis_index("heads")
   cta_key = lax.axis_index("kv_seq") * (geom.compute_wgs * KEYS)
-  num_tiles = pl.cdiv(geom.seq_len, geom.tokens)
-  first_tile = lax.div(cta_key, jnp.int32(geom.tokens)) if spec.causal else jnp.int32(0)
-  per_group = num_tiles - first_tile
+  loop = lambda first_key: stream.query_tiles(first_key, bounds_ref, batch, spec, geom)
+  tiles = stream.cta_stream(loop, cta_key, KEYS, geom)  # the query row tiles [first, end) streamed
+  per_group = tiles[1] - tiles[0]
   ring = scratch["ring"]
 
   @pl.when(wg < geom.compute_wgs)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    _compute_wg(wg, cta_key + wg * KEYS, dict(k=k_ref, v=v_ref, seg=seg_ref, dk=dk_ref, dv=dv_ref), scratch,
-                batch=batch, kv_head=kv_head, first_tile=first_tile, num_tiles=num_tiles, geom=geom, spec=spec)
+    first_key = cta_key + wg * KEYS
+    _compute_wg(wg, first_key, dict(k=k_ref, v=v_ref, seg=seg_ref, dk=dk_ref, dv=dv_ref), scratch, batch=batch,
+                kv_head=kv_head, tiles=tiles, loop=stream.confine(loop(first_key), tiles), geom=geom, spec=spec)
 
   @pl.when(wg == geom.compute_wgs)
   def _memory():
@@ -55,7 +58,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, segments: bo
 
     def load(i, slot, names):
       group = lax.div(i, per_group)
-      first_token = (first_tile + lax.rem(i, per_group)) * geom.tokens
+      first_token = (tiles[0] + lax.rem(i, per_group)) * geom.tokens
       rows = dict(batch=batch, first_token=first_token, kv_head=kv_head, head_base=group * geom.heads_per_tile,
                   geom=geom)
       bar = ring[names[0] + "_bar"].at[slot]
@@ -85,8 +88,10 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, segments: bo
       plgpu.barrier_wait(ring["do_consumed"].at[slot])
 
 
-def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, first_tile, num_tiles, geom: mt.Geometry,
+def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, tiles, loop, geom: mt.Geometry,
                 spec: spec_lib.Spec):
+  """`loop`: this warpgroup's (first, num_masked, end) of the query row tiles, `confine`d to the CTA's
+  `tiles`."""
   k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
   key_bar = scratch["key_bar"].at[wg]
   keys = pl.ds(first_key, KEYS)
@@ -103,11 +108,11 @@ def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, first_tile, num
   shape = (KEYS, mt.ROWS)
   col_vector = lambda ref: mt.cols_bcast(plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), shape)
   staging = None if scratch["p"] is None else scratch["p"].at[wg]
-  per_group = num_tiles - first_tile
+  per_group = tiles[1] - tiles[0]
 
   def step(i, carry, *, masked: bool, group: int):
     dk, dv = carry
-    slot = stream.slot_of(group * per_group + i - first_tile, geom)
+    slot = stream.slot_of(group * per_group + i - tiles[0], geom)
     q_rows, do_rows = ring["q"].at[slot], ring["do"].at[slot]
     plgpu.barrier_wait(ring["q_bar"].at[slot])
     s_t = mt.matmul(k_smem, q_rows.T, interpret=geom.interpret)
@@ -134,7 +139,7 @@ def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, first_tile, num
     return dk, dv
 
   def skip(i, _, *, group: int):
-    slot = stream.slot_of(group * per_group + i - first_tile, geom)
+    slot = stream.slot_of(group * per_group + i - tiles[0], geom)
     for name in ("q", "do"):
       plgpu.barrier_wait(ring[name + "_bar"].at[slot])
       plgpu.barrier_arrive(ring[name + "_consumed"].at[slot])
@@ -142,17 +147,9 @@ def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, first_tile, num
 
   zeros = plgpu.layout_cast(jnp.zeros((KEYS, geom.head_dim), jnp.float32), plgpu.Layout.WGMMA)
   carry = (zeros, zeros)
-  for group in range(geom.head_groups):
-    if spec.causal:
-      own_first = jnp.minimum(lax.div(first_key, jnp.int32(geom.tokens)), num_tiles)
-      free = lax.div(first_key + KEYS + geom.tokens - 1, jnp.int32(geom.tokens))
-      lax.fori_loop(first_tile, own_first, functools.partial(skip, group=group), None)
-      carry = lax.fori_loop(own_first, jnp.minimum(free, num_tiles),
-                            functools.partial(step, masked=True, group=group), carry)
-      carry = lax.fori_loop(jnp.minimum(free, num_tiles), num_tiles, functools.partial(step, masked=False, group=group),
-                            carry)
-    else:
-      carry = lax.fori_loop(0, num_tiles, functools.partial(step, masked=False, group=group), carry)
+  for group in range(geom.head_groups):  # the tiles of each head group in turn, as streamed
+    carry = stream.consume(loop, tiles, functools.partial(step, group=group), functools.partial(skip, group=group),
+                           carry, masked=(True, False))
   dk, dv = carry
   # Keys and values are dead: their SMEM stages dk, dv (keys >= T are clipped by the TMA store).
   k_smem[...] = (dk * spec.scale).astype(k_smem.dtype)
@@ -187,10 +184,12 @@ def dkv(ops, spec: spec_lib.Spec, geom: mt.Geometry, interpret):
   num_kv_heads = ops.k.shape[2]
   segments = ops.segment_ids is not None
   like = jax.ShapeDtypeStruct(ops.k.shape, ops.k.dtype)
+  grid = (num_kv_heads, pl.cdiv(seq_len, geom.compute_wgs * KEYS), batch)
   kernel = mt.launch(
       functools.partial(_kernel, segments=segments, geom=geom, spec=spec),
-      out_type=(like, like), scratch=_scratch(geom, ops.q.dtype, segments),
-      grid=(num_kv_heads, pl.cdiv(seq_len, geom.compute_wgs * KEYS), batch), seq_axis="kv_seq", geom=geom,
-      interpret=interpret, name="moda_mosaic_backward_dkv")
-  arrays = [ops.q, ops.k, ops.v, ops.do, ops.lse, ops.delta] + ([ops.segment_ids, ops.row_segments] if segments else [])
+      out_type=(like, like), scratch=_scratch(geom, ops.q.dtype, segments), grid=grid, seq_axis="kv_seq",
+      geom=geom, interpret=interpret, name="moda_mosaic_backward_dkv")
+  num_key_tiles = grid[1] * geom.compute_wgs  # the last CTA's last warpgroup may lie wholly past T
+  segment_arrays = [ops.segment_ids, ops.row_segments, stream.query_bounds(ops.segment_span, num_key_tiles, geom)]
+  arrays = [ops.q, ops.k, ops.v, ops.do, ops.lse, ops.delta] + (segment_arrays if segments else [])
   return kernel(*arrays)

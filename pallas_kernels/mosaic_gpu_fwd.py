@@ -2,14 +2,16 @@
 
 One CTA = one (query tile of compute_wgs x `tokens` tokens, head group of one kv head, batch):
   * the memory warpgroup streams a ring of `stages` K/V slots with TMA (`mosaic_gpu_stream`): the
-    sequence key blocks the tile needs, then the depth items of the compute warpgroups (their own
-    tokens' slots in [depth_start, depth_len) only: slots outside are never loaded; a partial item loads
-    a readable slot in their place, masked). It refills a slot once every compute warpgroup released it.
+    sequence key blocks the tile needs (causal: up to its last token; with segments only those between
+    the first and the last token of its rows' segments), then the depth items of the compute
+    warpgroups (their own tokens' slots in [depth_start, depth_len) only: slots outside are never
+    loaded; a partial item loads a readable slot in their place, masked). It refills a slot once every
+    compute warpgroup released it.
   * each compute warpgroup owns 64 folded rows (`mosaic_gpu_tiles`) and runs one online softmax (base 2,
     running max m, sum l, accumulator acc in registers) over
       1. the sequence blocks: wholly visible ones first (segment mask only), then the ones overlapping
-         the rows' tokens with the whole `spec.sequence_visible` mask; a warpgroup with fewer causal
-         blocks than its sibling releases the extra slots unread;
+         the rows' tokens with the whole `spec.sequence_visible` mask; a warpgroup releases the blocks
+         of the stream that only its sibling needs unread;
       2. the depth items: a dense [64, depth_cols] wgmma block of the rows against their tokens' slots,
          masked by `spec.depth_token_visible` and `spec.depth_slot_visible`.
     q (and depth_q) stay in SMEM for the whole pass; S = q k^T and acc += p v are wgmma with the
@@ -36,8 +38,10 @@ from pallas_kernels import spec as spec_lib
 class Operands(NamedTuple):
   """The forward's inputs (absent: None). q, depth_q [B, T, Hq, D]; k, v [B, T, Hk, D]; depth_k,
   depth_v [B, T, L, Hk, D]; depth_bounds [2] int32 (start, len); segment_ids [B, T] int32 (the keys')
-  and row_segments [B, row_tiles, ROWS] int32 (the same in row tiles: the rows'), both or neither. T
-  is a multiple of 8 (tiled TMA boxes); spec.seq_len may be smaller (the padding is masked)."""
+  and row_segments [B, row_tiles, ROWS] int32 (the same in row tiles: the rows'), with segment_blocks
+  [B, row_tiles, 2] int32 (`mosaic_gpu_stream.key_bounds`: per row tile, the key blocks of its segments),
+  all or none. T is a multiple of 8 (tiled TMA boxes); spec.seq_len may be smaller (the padding is
+  masked)."""
   q: Any
   k: Any
   v: Any
@@ -47,6 +51,7 @@ class Operands(NamedTuple):
   depth_bounds: Any = None
   segment_ids: Any = None
   row_segments: Any = None
+  segment_blocks: Any = None
 
 
 def _kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
@@ -61,19 +66,19 @@ def _kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
   cta_token = tile * geom.tokens_per_cta
   where = dict(batch=batch, kv_head=kv_head, geom=geom)
 
-  max_kv, depth = mt.cta_bounds(cta_token, ops, spec, geom)
+  kv, depth = stream.cta_bounds(cta_token, ops, spec, geom, batch)
 
   @pl.when(wg < geom.compute_wgs)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     _compute_wg(wg, cta_token + wg * geom.tokens, out_ref, lse_ref, ops=ops, scratch=scratch, spec=spec,
-                program=lax.axis_index("heads"), head_base=head_base, max_kv=max_kv, **where, **depth)
+                program=lax.axis_index("heads"), head_base=head_base, kv=kv, **where, **depth)
 
   @pl.when(wg == geom.compute_wgs)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
     stream.memory_wg(cta_token, k=ops.k, v=ops.v, depth_k=ops.depth_k, depth_v=ops.depth_v,
-                     segment_ids=ops.segment_ids, ring=scratch["ring"], max_kv=max_kv, **where, **depth)
+                     segment_ids=ops.segment_ids, ring=scratch["ring"], kv=kv, **where, **depth)
 
 
 def online_update(carry, logits, v_ref, *, v_bar, release, staging, schedule, geom: mt.Geometry):
@@ -99,7 +104,7 @@ def online_update(carry, logits, v_ref, *, v_bar, release, staging, schedule, ge
 
 
 def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, batch, program, kv_head, head_base,
-                geom: mt.Geometry, spec: spec_lib.Spec, max_kv, depth_start, depth_len, first_step, num_depth):
+                geom: mt.Geometry, spec: spec_lib.Spec, kv, depth_start, depth_len, first_step, num_depth):
   q_smem = scratch["q"].at[wg]
   dq_smem = q_smem if scratch["depth_q"] is None else scratch["depth_q"].at[wg]
   row_bar = scratch["row_bar"].at[wg]
@@ -131,7 +136,7 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
   update = functools.partial(online_update, schedule=schedule, geom=geom)
 
   def seq_step(i, carry, *, masked: bool):
-    slot = stream.slot_of(i, geom)
+    slot = stream.slot_of(i - kv[0], geom)
     k_ref, v_ref = stream.seq_refs(ring, slot, geom)
     plgpu.barrier_wait(ring["k_bar"].at[slot])
     s = mt.matmul(q_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
@@ -147,20 +152,16 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
     return update(carry, logits, v_ref, v_bar=ring["v_bar"].at[slot], release=ring["v_consumed"].at[slot],
                   staging=None if scratch["p_seq"] is None else scratch["p_seq"].at[wg])
 
-  if spec.causal:
-    num_free, num_steps = mt.causal_kv_steps(first_token, geom)
-  else:
-    num_free, num_steps = jnp.int32(geom.seq_len // geom.block_kv), max_kv
+  # This warpgroup's blocks inside the CTA's stream: the others' are released unread.
+  loop = stream.confine(stream.key_blocks(first_token, ops.segment_blocks, batch, spec, geom), kv)
   if schedule is not None:  # warpgroup 0 takes the tensor cores first
     pl.when(wg == 1)(handover)
-  carry = lax.fori_loop(0, num_free, functools.partial(seq_step, masked=False), carry)
-  carry = lax.fori_loop(num_free, num_steps, functools.partial(seq_step, masked=True), carry)
-  lax.fori_loop(num_steps, max_kv, functools.partial(stream.skip_item, ring=ring, geom=geom, schedule=schedule),
-                None)
+  skip = functools.partial(stream.skip_item, ring=ring, kv_first=kv[0], geom=geom, schedule=schedule)
+  carry = stream.consume(loop, kv, seq_step, skip, carry)
 
   if spec.has_depth:
     def depth_step(j, carry):
-      slot = stream.slot_of(max_kv + j, geom)
+      slot = stream.slot_of(kv[1] - kv[0] + j, geom)
       tok0, slot0 = mt.depth_item(j, first_step, geom)
       k_ref, v_ref, k_bar, v_bar = stream.depth_refs(ring, slot, wg, geom)
       plgpu.barrier_wait(k_bar)
@@ -176,7 +177,10 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
     pl.when(wg == 0)(handover)
 
   acc, m, l = carry
-  q_smem[...] = (acc / mt.rows_bcast(l, acc.shape)).astype(q_smem.dtype)
+  # A row that met no entry at all (only rows wholly past T can, when their loop is empty) stores 0
+  # and lse -inf, as the contract's rows that see nothing; acc is 0 there.
+  l_safe = jnp.where(l == 0.0, 1.0, l)
+  q_smem[...] = (acc / mt.rows_bcast(l_safe, acc.shape)).astype(q_smem.dtype)
   lse_smem = scratch["lse"].at[wg]
   lse_smem[...] = (m + jnp.log2(l)) / mt.LOG2E
   plgpu.commit_smem()

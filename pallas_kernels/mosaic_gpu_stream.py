@@ -1,15 +1,22 @@
-"""The key stream of the Mosaic GPU forward and dq kernels, and the folded rows' TMA boxes.
+"""The key stream of the Mosaic GPU forward and dq kernels, which blocks a CTA streams, and the folded rows'
+TMA boxes.
 
 The memory warpgroup fills a ring of `stages` slots, each a [ring_rows, D] K tile and V tile, with one
-*item* at a time: items [0, max_kv) are sequence key blocks (keys i * block_kv + [0, block_kv), plus
-their segment ids), the next `num_depth` are depth items (both compute warpgroups' columns of their own
-tokens' slots, `mosaic_gpu_tiles`). Each compute warpgroup consumes every item in order: it waits on the
-slot's K (V) barrier, reads, and releases the slot's K (V) half with an arrive; the memory warpgroup
-refills a half once both compute warpgroups released it. Depth items are tracked by barriers of their
-own per warpgroup (a warpgroup waits on its own columns only).
+*item* at a time: the first are the sequence key blocks [kv_first, kv_end) (keys i * block_kv + [0,
+block_kv), plus their segment ids), the next `num_depth` are depth items (both compute warpgroups'
+columns of their own tokens' slots, `mosaic_gpu_tiles`). Each compute warpgroup consumes every item in
+order: it waits on the slot's K (V) barrier, reads, and releases the slot's K (V) half with an arrive;
+the memory warpgroup refills a half once both compute warpgroups released it. Depth items are tracked by
+barriers of their own per warpgroup (a warpgroup waits on its own columns only).
 
 Barrier phases are tracked per thread in Mosaic GPU, so a consumer that has no use for an item still
-waits on it (`skip_item`): every consumer observes every phase of the barriers it waits on.
+waits on it (`skip_item`): every consumer observes every phase of the barriers it waits on, and the
+producer and every consumer count the same items (`consume`), or the kernel deadlocks on the GPU.
+
+Which key blocks (forward, dq) or query row tiles (dk/dv) a CTA streams: the smallest range holding
+each compute warpgroup's own (`cta_stream`), which is the causal range of its rows (keys) intersected
+with the blocks of their segments (`block_ranges`, from `spec.segment_span` per call: exact for any
+ids); a warpgroup releases the items of its CTA's range outside its own unread (`confine`, `consume`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,79 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import block_ranges
 from pallas_kernels import mosaic_gpu_tiles as mt
+from pallas_kernels import spec as spec_lib
+
+
+def key_bounds(span_BT2, geom: mt.Geometry):
+  """[B, row_tiles, 2] int32 (None without segments): per row tile (a compute warpgroup's rows of the
+  forward or dq kernel), [first, end) of the key blocks of its segments (`block_ranges.segment_blocks`)."""
+  return block_ranges.segment_blocks(span_BT2, geom.tokens, geom.block_kv, num_tiles=geom.row_tiles)
+
+
+def query_bounds(span_BT2, num_key_tiles: int, geom: mt.Geometry):
+  """[B, num_key_tiles, 2] int32 (None without segments): per key tile of ROWS keys (a compute warpgroup of
+  the dk/dv kernel), [first, end) of the query row tiles of its segments."""
+  return block_ranges.segment_blocks(span_BT2, mt.ROWS, geom.tokens, num_tiles=num_key_tiles)
+
+
+def segment_range(bounds, batch, tile):
+  """(first, end) of row `tile` of `bounds` (`key_bounds` / `query_bounds`: a GMEM ref in a kernel, an
+  array outside); None without segments."""
+  return None if bounds is None else (bounds[batch, tile, 0], bounds[batch, tile, 1])
+
+
+def key_blocks(first_token, bounds, batch, spec: spec_lib.Spec, geom: mt.Geometry):
+  """(first, num_free, end) of the key blocks of the compute warpgroup whose rows start at `first_token`
+  (`block_ranges.key_block_range`), before `confine`."""
+  seg = segment_range(bounds, batch, lax.div(first_token, jnp.int32(geom.tokens)))
+  return block_ranges.key_block_range(first_token, tile_tokens=geom.tokens, block_keys=geom.block_kv,
+                                      seq_len=geom.seq_len, causal=spec.causal, segment_range=seg)
+
+
+def query_tiles(first_key, bounds, batch, spec: spec_lib.Spec, geom: mt.Geometry):
+  """(first, num_masked, end) of the query row tiles of the dk/dv warpgroup whose ROWS keys start at
+  `first_key` (`block_ranges.query_tile_range`), before `confine`."""
+  seg = segment_range(bounds, batch, lax.div(first_key, jnp.int32(mt.ROWS)))
+  return block_ranges.query_tile_range(first_key, block_keys=mt.ROWS, tile_tokens=geom.tokens, seq_len=geom.seq_len,
+                                       causal=spec.causal, segment_range=seg)
+
+
+def cta_stream(loop, cta_first, step: int, geom: mt.Geometry):
+  """[first, end) of the blocks one CTA's memory warpgroup streams: the smallest range holding each
+  compute warpgroup's (`loop(w_first)`, warpgroup w's rows or keys from cta_first + w * step). A
+  warpgroup wholly past T (in the last CTA) widens nothing: its loop starts no earlier and ends no later
+  than the real warpgroup's before it (with segments it is empty). Every CTA holds a real row or key, so
+  the stream is never empty."""
+  loops = [loop(cta_first + w * step) for w in range(geom.compute_wgs)]
+  first = functools.reduce(jnp.minimum, [first for first, _, _ in loops])
+  end = functools.reduce(jnp.maximum, [end for _, _, end in loops])
+  return first, jnp.maximum(first, end)
+
+
+def confine(loop, stream):
+  """A compute warpgroup's (first, split, end) clamped into its CTA's stream [lo, hi), so that
+  [lo, first) + [first, split) + [split, end) + [end, hi) counts exactly the hi - lo items streamed
+  (`consume`; another count deadlocks the GPU). An empty loop becomes first = end."""
+  lo, hi = stream
+  first = jnp.clip(loop[0], lo, hi)
+  end = jnp.clip(loop[2], first, hi)
+  return first, jnp.clip(loop[1], first, end), end
+
+
+def cta_bounds(cta_token, ops, spec, geom: mt.Geometry, batch):
+  """What one CTA's compute warpgroups visit, shared by the forward and the dq kernel: (the key blocks
+  [first, end) of its stream, `cta_stream` of `key_blocks`; the depth bounds as keyword arguments of the
+  compute warpgroups)."""
+  loop = lambda first_token: key_blocks(first_token, ops.segment_blocks, batch, spec, geom)
+  kv = cta_stream(loop, cta_token, geom.tokens, geom)
+  depth = dict(depth_start=None, depth_len=None, first_step=None, num_depth=jnp.int32(0))
+  if spec.has_depth:
+    depth_start, depth_len = ops.depth_bounds[0], ops.depth_bounds[1]
+    first_step, num_depth = mt.depth_items(depth_start, depth_len, geom)
+    depth = dict(depth_start=depth_start, depth_len=depth_len, first_step=first_step, num_depth=num_depth)
+  return kv, depth
 
 
 def ring_scratch(geom: mt.Geometry, dtype, *, segments: bool) -> dict:
@@ -56,12 +135,13 @@ def depth_refs(ring, slot, wg, geom: mt.Geometry):
   return ring["k"].at[slot, cols], ring["v"].at[slot, cols], ring["dk_bar"].at[bar], ring["dv_bar"].at[bar]
 
 
-def skip_item(i, _, *, ring, geom: mt.Geometry, schedule=None):
-  """Releases a sequence item these rows do not need (the sibling warpgroup does) without reading it.
+def skip_item(i, _, *, ring, kv_first, geom: mt.Geometry, schedule=None):
+  """Releases key block i (stream item i - kv_first), which these rows do not need but a sibling
+  warpgroup does, without reading it.
 
   `schedule`: the forward's ping-pong barrier, passed twice per item like a computed one.
   """
-  slot = slot_of(i, geom)
+  slot = slot_of(i - kv_first, geom)
   if schedule is not None:
     for _step in range(2):
       plgpu.barrier_arrive(schedule)
@@ -73,21 +153,37 @@ def skip_item(i, _, *, ring, geom: mt.Geometry, schedule=None):
   return _
 
 
+def consume(loop, stream, step, skip, carry, *, masked=(False, True)):
+  """A compute warpgroup's pass over its CTA's stream [lo, hi) of blocks, given its `confine`d loop
+  (first, split, end): releases [lo, first) unread (`skip(i, None)`), runs `step(i, carry, masked=...)`
+  over [first, split) with masked[0] and [split, end) with masked[1], releases [end, hi) unread. That
+  is hi - lo items, each once, in the stream's order: what the memory warpgroup streams."""
+  lo, hi = stream
+  first, split, end = loop
+  lax.fori_loop(lo, first, skip, None)
+  carry = lax.fori_loop(first, split, functools.partial(step, masked=masked[0]), carry)
+  carry = lax.fori_loop(split, end, functools.partial(step, masked=masked[1]), carry)
+  lax.fori_loop(end, hi, skip, None)
+  return carry
+
+
 def memory_wg(cta_token, *, k, v, depth_k, depth_v, segment_ids, ring, batch, kv_head, geom: mt.Geometry,
-              max_kv, depth_start, depth_len, first_step, num_depth):
-  """The memory warpgroup: streams items [0, max_kv + num_depth) through the ring (see the module doc)."""
-  total = max_kv + num_depth
+              kv, depth_start, depth_len, first_step, num_depth):
+  """The memory warpgroup: streams the key blocks [kv[0], kv[1]) then `num_depth` depth items through the
+  ring (see the module doc)."""
+  kv_first, num_kv = kv[0], kv[1] - kv[0]
+  total = num_kv + num_depth
 
   def load_half(i, slot, src, depth_src, buf, bar, depth_bars, seg=False):
-    @pl.when(i < max_kv)
+    @pl.when(i < num_kv)
     def _seq():
-      keys = pl.ds(i * geom.block_kv, geom.block_kv)
+      keys = pl.ds((kv_first + i) * geom.block_kv, geom.block_kv)
       plgpu.copy_gmem_to_smem(src.at[batch, keys, kv_head], buf.at[slot, pl.ds(0, geom.block_kv)], bar.at[slot])
       if seg:
         plgpu.copy_gmem_to_smem(segment_ids.at[batch, keys], ring["seg"].at[slot], bar.at[slot])
 
     if depth_src is not None:
-      pl.when(i >= max_kv)(lambda: _load_depth(depth_src, buf, depth_bars, i - max_kv, slot))
+      pl.when(i >= num_kv)(lambda: _load_depth(depth_src, buf, depth_bars, i - num_kv, slot))
 
   def _load_depth(src, buf, bars, j, slot):
     # Each compute warpgroup's columns of this item: one [tpp, D] box per slot. A slot outside

@@ -166,10 +166,6 @@ class Geometry:
     return self.num_q_tiles * self.compute_wgs
 
   @property
-  def num_kv_blocks(self) -> int:
-    return pl.cdiv(self.seq_len, self.block_kv)
-
-  @property
   def ring_rows(self) -> int:
     """Rows of a ring slot: a sequence block, or both compute warpgroups' depth columns."""
     return max(self.block_kv, self.compute_wgs * self.depth_cols)
@@ -327,27 +323,6 @@ def depth_item(j, first_step, geom: Geometry):
   step = first_step + lax.div(j, jnp.int32(geom.token_groups))
   group = lax.rem(j, jnp.int32(geom.token_groups))
   return group * geom.tpp, step * geom.slots_per_item
-
-
-def causal_kv_steps(first_token, geom: Geometry):
-  """(blocks visible by position, blocks to visit) for rows starting at `first_token` (causal)."""
-  last = jnp.minimum(first_token + geom.tokens, geom.seq_len)
-  return lax.div(first_token, jnp.int32(geom.block_kv)), lax.div(last + geom.block_kv - 1, jnp.int32(geom.block_kv))
-
-
-def cta_bounds(cta_token, ops, spec, geom: Geometry):
-  """What one CTA's compute warpgroups visit, shared by the forward and the dq kernel: (the key blocks
-  the CTA's last warpgroup needs, the depth bounds as keyword arguments of the compute warpgroups)."""
-  if spec.causal:
-    max_kv = causal_kv_steps(cta_token + (geom.compute_wgs - 1) * geom.tokens, geom)[1]
-  else:
-    max_kv = jnp.int32(geom.num_kv_blocks)
-  depth = dict(depth_start=None, depth_len=None, first_step=None, num_depth=jnp.int32(0))
-  if spec.has_depth:
-    depth_start, depth_len = ops.depth_bounds[0], ops.depth_bounds[1]
-    first_step, num_depth = depth_items(depth_start, depth_len, geom)
-    depth = dict(depth_start=depth_start, depth_len=depth_len, first_step=first_step, num_depth=num_depth)
-  return max_kv, depth
 
 
 def launch(body, *, out_type, scratch, grid, seq_axis: str, geom: Geometry, interpret, name: str):

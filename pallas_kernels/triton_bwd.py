@@ -14,7 +14,7 @@ Given delta = rowsum(o * do) - dlse (computed by the caller; the lse cotangent e
     T^2 loop); the two share no output, since d depth_q is its own array.
   * `_dkv_kernel`, one program per key block (absent for depth-only attention): loops over the query tiles
     that see it (causal: from the block's first token on; with segments only the tiles between the first
-    and the last token of the block's segments, `triton_tiles.segment_blocks`, as the dq kernel's key loop),
+    and the last token of the block's segments, `block_ranges.segment_blocks`, as the dq kernel's key loop),
     summing over the G heads of the kv head inside the tile rows, or (`block_sizes.dkv_per_query_head`) one
     program per query head whose G float32 partials `_sequence_dkv` sums.
 Every cotangent comes back as a `triton_tiles.Operands` (dq in `q`, d depth_q in `depth_q`, ...).
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import block_ranges
 from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import BlockSizes, dkv_per_query_head
@@ -194,8 +195,8 @@ def backward(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec, *, b
     ins, outs, acc = tt.Operands(), tt.Operands(), tt.Operands()
     if sequence:
       ins = ins._replace(q=operands.q, k=operands.k, v=operands.v, segment_ids=operands.segment_ids,
-                         segment_blocks=tt.segment_blocks(operands.segment_span, geom.tokens_per_tile,
-                                                          geom.block_k))
+                         segment_blocks=block_ranges.segment_blocks(operands.segment_span, geom.tokens_per_tile,
+                                                                    geom.block_k))
       outs = outs._replace(q=like(operands.q))
     if depth:
       ins = ins._replace(depth_q=operands.depth_q, depth_k=operands.depth_k, depth_v=operands.depth_v,
@@ -254,7 +255,8 @@ def _sequence_dkv(operands: tt.Operands, rows: tt.RowGrads, spec: spec_lib.Spec,
   geom = tt.make_geometry((batch, seq_len, num_kv_heads, row_group, head_dim), 0, blocks)
   # Per key block, the query tiles that may hold its segments' tokens.
   ins = tt.Operands(q=operands.q, k=operands.k, v=operands.v, segment_ids=operands.segment_ids,
-                    segment_blocks=tt.segment_blocks(operands.segment_span, geom.block_k, geom.tokens_per_tile))
+                    segment_blocks=block_ranges.segment_blocks(operands.segment_span, geom.block_k,
+                                                               geom.tokens_per_tile))
   if split:
     # Grid (key block, batch, query head h = k * G + g); the query-side refs hold that one head (a block of
     # 1 at g) instead of all G, and each program writes a float32 partial of its own.

@@ -5,7 +5,7 @@ One online-softmax state (running max `m`, sum `l`, accumulator `acc`, base-2 do
   1. the sequence keys (absent for depth-only attention): blocks entirely before the tile's first token
      without any mask, then the blocks that overlap the tile's tokens with the causal mask (non-causal: all
      blocks, the last one bounded); with segments only the blocks between the first and the last token of
-     the tile's segments (`triton_tiles.segment_blocks`), the others hold no key the tile sees;
+     the tile's segments (`block_ranges.segment_blocks`), the others hold no key the tile sees;
   2. the depth slots of the tile's own tokens, scored with the tile's `depth_q` rows (loaded after the
      sequence phase, when q is dead: no extra registers). The state is split into parts of `depth_rows`
      rows (whole tokens, whole depth chunks), each finishing its depth phase and storing its rows on its
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import block_ranges
 from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import KernelBlocks
@@ -94,7 +95,7 @@ def _sequence_phase(carry, refs: tt.Operands, tile, rows: tt.Rows, q_seg, geom: 
       logits = jnp.where(keep, logits, tt.MASK_VALUE)
     return _online_update(carry, logits, v)
 
-  # With segments, only the blocks that may hold the tile's segments' keys (`tt.segment_blocks`).
+  # With segments, only the blocks that may hold the tile's segments' keys (`block_ranges.segment_blocks`).
   first, num_free, num_blocks = tt.key_block_range(
       first_token, spec.causal, geom, tt.program_segment_blocks(refs.segment_blocks, tile))
   carry = jax.lax.fori_loop(first, num_free, functools.partial(seq_step, masked=False), carry)
@@ -136,7 +137,7 @@ def forward(operands: tt.Operands, spec: spec_lib.Spec, *, blocks: KernelBlocks,
   # Per query tile, the key blocks that may hold its segments' keys (only the sequence phase skips blocks).
   span = operands.segment_span if spec.has_sequence else None
   operands = operands._replace(segment_span=None,
-                               segment_blocks=tt.segment_blocks(span, geom.tokens_per_tile, geom.block_k))
+                               segment_blocks=block_ranges.segment_blocks(span, geom.tokens_per_tile, geom.block_k))
   row_specs = tt.row_grads_specs(seq_len, group, head_dim)
   return pl.pallas_call(
       functools.partial(_kernel, geom=geom, spec=spec),

@@ -8,7 +8,7 @@ Inside a kernel, for one (batch, kv head) the refs are views of the native layou
   depth_bounds        [2] int32: (depth_start, depth_len)
   segment_ids         [T]
   segment_blocks      [programs, 2] int32: per program, [first, end) of its inner loop's blocks that may
-                      hold its segments' tokens (`segment_blocks`; computed in XLA with the kernel's tiles)
+                      hold its segments' tokens (`block_ranges.segment_blocks`; computed in XLA with the kernel's tiles)
 A query tile is `block_q` folded rows r = n * Gp + g (token t0 + n, head g). Rows with g >= G or t >= T are
 padding: loaded as zero and never stored. Gathers index every axis with an array (interpret mode only
 discharges all-array or all-slice indexers) and are left unclamped so that masked-out stores never alias a
@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import block_ranges
 from pallas_kernels import spec as spec_lib
 from pallas_kernels.block_sizes import next_pow2
 
@@ -43,7 +44,7 @@ class Operands(NamedTuple):
 
   q is None for depth-only attention; depth_q is q itself when the call scores depth with q. With segments,
   segment_span [B, T, 2] int32 holds `spec.segment_span` (first, last) of every token: no kernel reads it,
-  each launcher turns it into the segment_blocks of its own tiles (`segment_blocks`) and drops it.
+  each launcher turns it into the segment_blocks of its own tiles (`block_ranges.segment_blocks`) and drops it.
   """
   q: Any = None
   k: Any = None
@@ -85,27 +86,6 @@ def kv_head_specs(operands: Operands, seq_len: int, group: int, head_dim: int) -
 def segment_blocks_spec(num_programs: int):
   """The BlockSpec giving every program of a grid (tile, batch, head) its batch row of segment_blocks."""
   return pl.BlockSpec((None, num_programs, 2), lambda i, b, h: (b, 0, 0))
-
-
-def segment_blocks(span_BT2, tile_tokens: int, unit_tokens: int):
-  """[B, tiles, 2] int32 (None without segments): for each tile of `tile_tokens` tokens, [first, end) of the
-  units of `unit_tokens` tokens (the blocks the kernel's inner loop steps over) that may hold a token of a
-  segment of the tile.
-
-  first = min(first token of the segment) // unit and end = max(last token) // unit + 1 over the tile's
-  real tokens (t < T: the padding of the last tile never widens it); by `spec.segment_span`, no unit
-  outside holds a token of a segment of the tile. Exact for any ids, not only contiguous runs.
-  """
-  if span_BT2 is None:
-    return None
-  batch, seq_len, _ = span_BT2.shape
-  num_tiles = pl.cdiv(seq_len, tile_tokens)
-  pad = [(0, 0), (0, num_tiles * tile_tokens - seq_len)]
-  # Past-the-end fillers that never win the min / max (every tile holds a real token).
-  first_BNt = jnp.pad(span_BT2[..., 0], pad, constant_values=seq_len).reshape(batch, num_tiles, tile_tokens)
-  last_BNt = jnp.pad(span_BT2[..., 1], pad, constant_values=-1).reshape(batch, num_tiles, tile_tokens)
-  return jnp.stack([jnp.min(first_BNt, axis=2) // unit_tokens, jnp.max(last_BNt, axis=2) // unit_tokens + 1],
-                   axis=-1).astype(jnp.int32)
 
 
 def row_grads_specs(seq_len: int, group: int, head_dim: int) -> RowGrads:
@@ -218,45 +198,19 @@ def program_segment_blocks(ref, program):
 
 
 def key_block_range(first_token, causal: bool, geom: Geometry, segment_range=None):
-  """(first, num_free, end) of the key blocks of the query tile starting at `first_token`: blocks
-  [first, num_free) are visible by position to every row of the tile (no mask but segments);
-  [num_free, end) need the whole `spec.sequence_visible` mask; the others hold no key any row sees.
-
-  `segment_range` (`program_segment_blocks` of `segment_blocks(span, tokens_per_tile, block_k)`) confines
-  the loop to the blocks holding the tile's segments; without it the loop starts at block 0.
-  """
-  if causal:
-    last_token = jnp.minimum(first_token + geom.tokens_per_tile, geom.seq_len)
-    num_free, end = first_token // geom.block_k, (last_token + geom.block_k - 1) // geom.block_k
-  else:
-    num_free, end = geom.seq_len // geom.block_k, pl.cdiv(geom.seq_len, geom.block_k)
-  if segment_range is None:
-    return 0, num_free, end
-  # first < end always: the tile's first token is in its own segment (causal: first <= its block).
-  first, end = segment_range[0], jnp.minimum(end, segment_range[1])
-  return first, jnp.maximum(first, jnp.minimum(num_free, end)), end
+  """`block_ranges.key_block_range` of the query tile starting at `first_token`, in this geometry's tiles:
+  (first, num_free, end); `segment_range` from `program_segment_blocks` of
+  `block_ranges.segment_blocks(span, tokens_per_tile, block_k)`."""
+  return block_ranges.key_block_range(first_token, tile_tokens=geom.tokens_per_tile, block_keys=geom.block_k,
+                                      seq_len=geom.seq_len, causal=causal, segment_range=segment_range)
 
 
 def query_tile_range(start, causal: bool, geom: Geometry, segment_range=None):
-  """(first, num_masked, end) of the query tiles of the key block starting at `start`: tiles
-  [first, num_masked) hold tokens of the block and need the causal mask; [num_masked, end) see every key
-  of the block by position (no mask but segments); the others see none of its keys.
-
-  `segment_range` (`program_segment_blocks` of `segment_blocks(span, block_k, tokens_per_tile)`) confines
-  the loop to the tiles holding the block's segments.
-  """
-  if causal:
-    last_token = jnp.minimum(start + geom.block_k, geom.seq_len)
-    first = start // geom.tokens_per_tile
-    num_masked = (last_token + geom.tokens_per_tile - 1) // geom.tokens_per_tile
-  else:
-    first = num_masked = 0
-  end = geom.num_q_tiles
-  if segment_range is None:
-    return first, num_masked, end
-  # first < end always: the block's first key is in its own segment, at or after its first tile.
-  first, end = jnp.maximum(first, segment_range[0]), jnp.minimum(end, segment_range[1])
-  return first, jnp.maximum(first, jnp.minimum(num_masked, end)), end
+  """`block_ranges.query_tile_range` of the key block starting at `start`, in this geometry's tiles:
+  (first, num_masked, end); `segment_range` from `program_segment_blocks` of
+  `block_ranges.segment_blocks(span, block_k, tokens_per_tile)`."""
+  return block_ranges.query_tile_range(start, block_keys=geom.block_k, tile_tokens=geom.tokens_per_tile,
+                                       seq_len=geom.seq_len, causal=causal, segment_range=segment_range)
 
 
 def sequence_mask(spec: spec_lib.Spec, q_token, k_token, q_segment, k_segment, shape, *, masked: bool):

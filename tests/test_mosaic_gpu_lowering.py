@@ -4,11 +4,11 @@ Interpret mode runs a different wgmma path (`mosaic_gpu_tiles.matmul`: operands 
 accumulator init), so the GPU path is checked here: forward + backward of benchmark-like shapes go
 through jax's Mosaic GPU lowering (`lowering_platforms=("cuda",)`), which builds the kernels' Mosaic GPU
 module in Python and so rejects layouts, wgmma shapes, TMA boxes and SMEM budgets (> 227 KB) the GPU
-would. Each kernel (forward, dq + depth backward, sequence dk/dv) must become one Mosaic GPU call;
-with G > 8 the backward is pallas_triton's (Triton calls). The threaded backward (`attention_with_depth`
-with carried depth cotangents) must alias them to the results of the dq kernel's call (in place); a
-plain call's backward aliases nothing. Compiling to PTX and running still needs the
-GPU machine: scripts/gpu_check_mosaic.sh.
+would. Each kernel (forward, dq + depth backward, sequence dk/dv) must become one Mosaic GPU call (with
+segments taking the segment bounds of its own tiles, which its loop bounds read); with G > 8 the backward
+is pallas_triton's (Triton calls). The threaded backward (`attention_with_depth` with carried depth
+cotangents) must alias them to the results of the dq kernel's call (in place); a plain call's backward
+aliases nothing. Compiling to PTX and running still needs the GPU machine: scripts/gpu_check_mosaic.sh.
 
 The lowering does not check the TMA copies' SMEM addresses, which the GPU does at run time (a misaligned
 one is CUDA_ERROR_MISALIGNED_ADDRESS, poisoning the process): `_checked_copies` records every copy's
@@ -16,6 +16,7 @@ SMEM view while the kernels are traced and checks it on the CPU.
 """
 
 import contextlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jax._src.state import indexing
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import api, mosaic_gpu
+from pallas_kernels import api, benchmark, mosaic_gpu
 
 _H200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
 _MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=_H200)
@@ -35,9 +36,10 @@ _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def _lowered_text(batch, seq_len, group, head_dim, slots, *, depth_q=True, segments=False, causal=True,
-                  threaded=False):
+                  threaded=False, documents=0):
   """The lowered jit(grad) of sum(out) + sum(lse) over every floating input; `threaded`: plus the returned
-  depth arrays' products with two carried (donated) cotangents, which the backward adds into."""
+  depth arrays' products with two carried (donated) cotangents, which the backward adds into. `segments`:
+  documents of 300 tokens; `documents` N: the benchmark's N equal documents per row instead."""
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
   kv_heads = 8
   q = shape(batch, seq_len, kv_heads * group, head_dim)
@@ -51,6 +53,8 @@ def _lowered_text(batch, seq_len, group, head_dim, slots, *, depth_q=True, segme
   def loss(arrays, carry):
     q, k, v, depth_k, depth_v, dq = (*arrays, None, None, None)[:6]
     segment_ids = jnp.cumsum(jnp.ones(q.shape[:2], jnp.int32), axis=1) // 300 if segments else None
+    if documents:
+      segment_ids = benchmark.segment_ids(q, documents)
     inputs, spec = api.prepare(q, k, v, depth_k, depth_v, depth_q=dq, causal=causal, segment_ids=segment_ids,
                                depth_start=jnp.int32(1) if slots else None,
                                depth_len=jnp.int32(slots - 1) if slots else None)
@@ -77,6 +81,18 @@ def test_forward_and_backward_lower_for_h200(batch, seq_len, group, head_dim, sl
   text = _lowered_text(batch, seq_len, group, head_dim, slots, depth_q=depth_q, segments=segments, causal=causal)
   assert text.count(_MOSAIC_CALL) == 3 and _TRITON_CALL not in text
   assert "output_operand_alias" not in text  # nothing threaded: the depth gradients are stored, not added
+
+
+@pytest.mark.parametrize("slots", [0, 72])
+def test_packed_documents_lower_for_h200(slots):
+  # The benchmark's packed rows (--segments 8 at B8 T4096 G2): each kernel takes the segment bounds of its
+  # own tiles, per warpgroup of 32 tokens (forward, dq: [8, 128, 2]) or of 64 keys (dk/dv: [8, 64, 2]),
+  # and its loop bounds read from them lower for the H200.
+  text = _lowered_text(8, 4096, 2, 64, slots, depth_q=False, documents=8)
+  calls = [line for line in text.splitlines() if _MOSAIC_CALL in line]
+  assert len(calls) == 3 and _TRITON_CALL not in text
+  bounds = sorted(tuple(re.findall(r"tensor<8x(?:128|64)x2xi32>", call)) for call in calls)
+  assert bounds == [("tensor<8x128x2xi32>",)] * 2 + [("tensor<8x64x2xi32>",)]
 
 
 def _smem_view(ref):

@@ -1,7 +1,7 @@
 """pallas_triton's segment skipping: loops confined to the tiles that hold a tile's segments, exactly.
 
 The kernels skip key blocks (forward, dq) and query tiles (dk/dv) outside [first, last] of the segments of
-their tokens (`spec.segment_span`, `triton_tiles.segment_blocks`). Checked three ways: the span and the
+their tokens (`spec.segment_span`, `block_ranges.segment_blocks`). Checked three ways: the span and the
 per-tile bounds against brute force over the ids (tight: the first and the last unit of the bounds hold a
 token of a segment of the tile; exact: no such token lies outside); the kernels' loop ranges against the
 visibility of every (query, key) pair, by brute force; and out, lse and every gradient against the float64
@@ -17,59 +17,26 @@ import numpy as np
 import pytest
 
 import operator_cases as oc
-from pallas_kernels import api, spec as spec_lib, triton
+import segment_layouts as sl
+from pallas_kernels import block_ranges, spec as spec_lib, triton
 from pallas_kernels import triton_tiles as tt
 from pallas_kernels.block_sizes import BlockSizes, KernelBlocks
 
 
-def _two_runs(seq_len):
-  """Id 1 in two runs with a document between them, then another document: [1]*12 + [2]*20 + [1]*14 + 3s."""
-  return np.array([1] * 12 + [2] * 20 + [1] * 14 + [3] * (seq_len - 46))
-
-
-def _documents(seq_len):
-  """Contiguous documents of uneven lengths and the padding (id 0) at the end of the row."""
-  return np.array([1] * 13 + [2] * 19 + [3] * 11 + [0] * (seq_len - 43))
-
-
-_LAYOUTS = {
-    "two_runs": _two_runs,
-    "documents_padding": _documents,
-    "single_document": lambda t: np.full(t, 7),
-    "own_ids": lambda t: np.arange(t)[::-1] * 3,
-    "shuffled": lambda t: np.random.default_rng(t).integers(0, 3, t),
-    "interleaved": lambda t: np.arange(t) % 2 + 4 * (np.arange(t) >= t - 5),
-}
-
-
-def _ids(layouts, seq_len):
-  return np.stack([_LAYOUTS[name](seq_len) for name in layouts]).astype(np.int32)
-
-
-def _brute_span(ids_T):
-  same = ids_T[None, :] == ids_T[:, None]
-  index = np.arange(len(ids_T))
-  return np.where(same, index, len(ids_T)).min(1), np.where(same, index, -1).max(1)
-
-
-@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("layout", list(sl.LAYOUTS))
 def test_segment_span_is_first_and_last_occurrence(layout):
-  ids = _ids([layout, "two_runs"], 53)
+  ids = sl.ids([layout, "two_runs"], 53)
   first, last = jax.jit(spec_lib.segment_span)(jnp.asarray(ids))
   for row, ids_T in enumerate(ids):
-    want_first, want_last = _brute_span(ids_T)
+    want_first, want_last = sl.brute_span(ids_T)
     np.testing.assert_array_equal(first[row], want_first)
     np.testing.assert_array_equal(last[row], want_last)
 
 
-def _span(ids):
-  return jnp.stack(spec_lib.segment_span(jnp.asarray(ids)), axis=-1)
-
-
 @pytest.mark.parametrize("seq_len, tile_tokens, unit_tokens", [(53, 4, 16), (53, 16, 4), (64, 8, 8), (47, 64, 16)])
 def test_segment_blocks_are_tight_and_exact(seq_len, tile_tokens, unit_tokens):
-  ids = _ids(list(_LAYOUTS), seq_len)
-  got = np.asarray(tt.segment_blocks(_span(ids), tile_tokens, unit_tokens))
+  ids = sl.ids(list(sl.LAYOUTS), seq_len)
+  got = np.asarray(block_ranges.segment_blocks(sl.span(ids), tile_tokens, unit_tokens))
   num_tiles = -(-seq_len // tile_tokens)
   assert got.shape == (len(ids), num_tiles, 2) and got.dtype == np.int32
   for row, ids_T in enumerate(ids):
@@ -79,13 +46,6 @@ def test_segment_blocks_are_tight_and_exact(seq_len, tile_tokens, unit_tokens):
       # The first and last unit holding one of those tokens: nothing narrower covers them all.
       np.testing.assert_array_equal(got[row, tile], [tokens.min() // unit_tokens, tokens.max() // unit_tokens + 1],
                                     err_msg=f"row {row} tile {tile}")
-
-
-def _visible(ids_T, causal):
-  """[T, T] bool: query t sees key s, by brute force over the ids and positions."""
-  index = np.arange(len(ids_T))
-  visible = ids_T[:, None] == ids_T[None, :]
-  return visible & (index[None, :] <= index[:, None]) if causal else visible
 
 
 def _geometry(seq_len, tokens_per_tile, block_k):
@@ -100,12 +60,12 @@ def test_loop_ranges_cover_every_visible_pair_and_free_steps_are_visible_by_posi
   # The in-kernel ranges of both loop kinds, evaluated outside the kernel on each tile's segment_blocks.
   seq_len = 53
   geom = _geometry(seq_len, tokens_per_tile, block_k)
-  ids = _ids(list(_LAYOUTS), seq_len)
-  key_blocks = np.asarray(tt.segment_blocks(_span(ids), tokens_per_tile, block_k))
-  query_tiles = np.asarray(tt.segment_blocks(_span(ids), block_k, tokens_per_tile))
+  ids = sl.ids(list(sl.LAYOUTS), seq_len)
+  key_blocks = np.asarray(block_ranges.segment_blocks(sl.span(ids), tokens_per_tile, block_k))
+  query_tiles = np.asarray(block_ranges.segment_blocks(sl.span(ids), block_k, tokens_per_tile))
   index = np.arange(seq_len)
   for row, ids_T in enumerate(ids):
-    visible = _visible(ids_T, causal)
+    visible = sl.visible(ids_T, causal)
     for tile in range(geom.num_q_tiles):
       first, num_free, end = (int(x) for x in tt.key_block_range(tile * tokens_per_tile, causal, geom,
                                                                  tuple(key_blocks[row, tile])))
@@ -155,50 +115,23 @@ _CASES = [
 ]
 
 
-def _out_lse_grads(case: oc.Case, inputs: oc.Inputs, tiles: BlockSizes):
-  """pallas_triton with `tiles` under one jit, depth_len traced: (out, lse, grads of q, k, v, depth_k, depth_v)."""
-  @oc.jitted
-  def run(arrays, segment_ids, d_out, d_lse, depth_len):
-    def attend(a):
-      prepared, spec = api.prepare(*a, depth_len=depth_len, causal=case.causal, scale=case.scale,
-                                   segment_ids=segment_ids, depth_chunk=case.depth_chunk)
-      return triton.attention(prepared, spec, interpret=True, block_sizes=tiles)
-
-    (out, lse), pullback = jax.vjp(attend, arrays)
-    return out, lse, pullback((d_out, d_lse))[0]
-
-  arrays = (inputs.q, inputs.k, inputs.v, inputs.depth_k, inputs.depth_v)
-  depth_len = jnp.int32(case.written) if case.has_depth else None
-  return run(arrays, inputs.segment_ids, inputs.d_out, inputs.d_lse, depth_len)
-
-
 @pytest.mark.parametrize("name, layouts, seq_len, causal, group, slots, depth_chunk, tiles", _CASES,
                          ids=[c[0] for c in _CASES])
 def test_skipping_matches_oracle(name, layouts, seq_len, causal, group, slots, depth_chunk, tiles):
-  case = oc.Case(name, batch=2, seq_len=seq_len, q_heads=2 * group, kv_heads=2, head_dim=16, slots=slots,
-                 depth_len=3 if slots else None, traced=bool(slots), garbage=bool(slots), causal=causal,
-                 depth_chunk=depth_chunk)
-  inputs = oc.make_inputs(case)._replace(segment_ids=jnp.asarray(_ids(layouts, seq_len)))
-  out, lse, grads = _out_lse_grads(case, inputs, _tiles(**tiles))
+  case, inputs = sl.case_inputs(name, layouts, seq_len, causal, group, slots, depth_chunk=depth_chunk)
+  blocks = _tiles(**tiles)
+  out, lse, grads = sl.out_lse_grads(
+      case, inputs, lambda prepared, spec: triton.attention(prepared, spec, interpret=True, block_sizes=blocks))
   oc.assert_matches_oracle(case, inputs, out, lse, grads)
-
-
-def _run_bounds(ids_T, tile_tokens, unit_tokens):
-  """The too-aggressive bounds of contiguous runs: the start and end of the run around each token."""
-  change = np.flatnonzero(np.diff(ids_T)) + 1
-  starts, ends = np.concatenate([[0], change]), np.concatenate([change, [len(ids_T)]]) - 1
-  run = np.searchsorted(change, np.arange(len(ids_T)), side="right")
-  tiles = [slice(i, i + tile_tokens) for i in range(0, len(ids_T), tile_tokens)]
-  return np.array([[starts[run[t]].min() // unit_tokens, ends[run[t]].max() // unit_tokens + 1] for t in tiles])
 
 
 def test_oracle_layouts_skip_and_defeat_run_bounds():
   # The oracle cases are a test of skipping only if their tiles skip, and one of bounds by first and last
   # occurrence only if bounds by runs would drop visible keys there.
-  ids_T = _two_runs(53).astype(np.int32)
+  ids_T = sl.two_runs(53).astype(np.int32)
   # The oracle cases' tiles: forward, dq, dk/dv per kv head and per query head.
   for tile_tokens, unit_tokens in ((8, 16), (4, 32), (16, 4), (16, 16)):
-    got = np.asarray(tt.segment_blocks(_span(ids_T[None]), tile_tokens, unit_tokens))[0]
-    by_runs = _run_bounds(ids_T, tile_tokens, unit_tokens)
+    got = np.asarray(block_ranges.segment_blocks(sl.span(ids_T[None]), tile_tokens, unit_tokens))[0]
+    by_runs = sl.run_bounds(ids_T, tile_tokens, unit_tokens)
     assert (got[:, 0] > 0).any() or (got[:, 1] < -(-53 // unit_tokens)).any(), "nothing skipped"
     assert (by_runs[:, 0] > got[:, 0]).any() and (by_runs[:, 1] < got[:, 1]).any()
