@@ -222,3 +222,13 @@ def test_every_committed_grid_builds_valid_model_configs(grid_file, monkeypatch)
   for entry in grid.entries:
     config = grid.config(entry, grid.seeds[0])
     ModelConfig.from_dict(config.model.to_dict())
+
+
+def test_expected_wall_prefers_the_entry_and_runs_at_the_same_concurrency():
+  walls = {"a": [(1, 100.0), (2, 180.0)], "b": [(2, 400.0), (1, 280.0)], "c": [(3, 500.0)]}
+  assert study.expected_wall_s(walls, "a", jobs=1) == 100.0    # its own lone run, not the shared one
+  assert study.expected_wall_s(walls, "a", jobs=2) == 180.0
+  assert study.expected_wall_s(walls, "c", jobs=1) == 500.0    # no lone run of c: its own shared one
+  assert study.expected_wall_s(walls, "new", jobs=1) == 280.0  # an unseen entry: the longest lone run
+  assert study.expected_wall_s(walls, "new", jobs=4) == 500.0  # no run at 4: the longest of any
+  assert study.expected_wall_s({}, "new", jobs=1) == 0.0

@@ -160,6 +160,15 @@ def run_one(grid_path: str, out: str, entry: str, seed: int, progress_bar: bool,
   return code
 
 
+def expected_wall_s(walls: dict, entry: str, jobs: int) -> float:
+  """How long a run of `entry` may take: the longest finished run of that entry (else of any entry), among
+  those that ran `jobs` at a time if there are such (runs that shared the accelerator took longer than
+  one alone); 0 when none has finished. `walls`: entry -> [(runs at a time, wall seconds)]."""
+  pool = walls.get(entry) or [w for ws in walls.values() for w in ws]
+  same = [wall for j, wall in pool if j == jobs]
+  return max(same or [wall for _, wall in pool], default=0.0)
+
+
 class _Runner:
   """Keeps up to `jobs` runs going, each a subprocess, within the time and run budgets."""
 
@@ -172,15 +181,13 @@ class _Runner:
     self.started = self.failed = 0
 
   def _estimate_s(self, entry: str) -> float:
-    """The longest finished run of this entry (else of any entry); 0 when none has finished."""
-    walls = {}
+    walls = {}  # entry -> [(runs at a time, wall seconds)] of its finished runs
     for e in self.grid.entries:
       for s in self.grid.seeds:
         rec = read_json(os.path.join(self.grid.run_dir(self.out, e, s), STUDY_JSON), {})
         if rec.get("status") == "done" and rec.get("wall_s"):
-          walls.setdefault(e, []).append(rec["wall_s"])
-    pool = walls.get(entry) or [w for ws in walls.values() for w in ws]
-    return max(pool, default=0.0)
+          walls.setdefault(e, []).append((rec.get("jobs", 1), rec["wall_s"]))
+    return expected_wall_s(walls, entry, self.args.jobs)
 
   def _may_start(self, entry: str) -> bool:
     a = self.args
