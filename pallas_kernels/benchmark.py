@@ -197,9 +197,14 @@ def implementations_for(shape: Shape, quick: bool, mosaic: bool = False, segment
   return impls
 
 
+def has_depth(impl: str) -> bool:
+  """Whether a benchmark row of `impl` calls with depth arrays (all but `cudnn` and `*_nodepth`)."""
+  return impl != "cudnn" and not impl.endswith("_nodepth")
+
+
 def measure(shape: Shape, impl: str, *, iters: int, tiled: Callable | None = None, modes=("fwd", "fwd_bwd"),
             variant: dict | None = None, segments: int = 0) -> dict:
-  depth = impl != "cudnn" and not impl.endswith("_nodepth")
+  depth = has_depth(impl)
   depth_q = impl == "pallas_triton_depth_q"
   arrays, do = make_inputs(shape, depth, depth_q=depth_q)
   forward, forward_backward = build(impl, tiled, variant, segments)

@@ -4,6 +4,8 @@ Shared by the Pallas GPU backends (pallas_triton, pallas_mosaic_gpu), whose kern
 tokens over blocks of keys (forward, dq) or a block of keys over tiles of query tokens (dk/dv). The bounds
 only decide what is visited; what is visible inside a visited block is `spec`'s mask, always.
 
+  * `segment_spans` (in XLA, once per call): `spec.segment_span` stacked as the [B, T, 2] array the
+    kernels' launchers share;
   * `segment_blocks` (in XLA, per call): per tile, the units (blocks of the inner loop) between the first
     and the last token of the tile's segments, from `spec.segment_span`: exact for any ids.
   * `key_block_range` / `query_tile_range` (inside kernels, on int32 scalars): the causal range of one
@@ -17,6 +19,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels import spec as spec_lib
+
+
+def segment_spans(segment_ids_BT):
+  """[B, T, 2] int32 (first, last) of each token's segment (`spec.segment_span`), or None without
+  segments: computed once per call, every kernel's bounds (`segment_blocks`) derive from it."""
+  return None if segment_ids_BT is None else jnp.stack(spec_lib.segment_span(segment_ids_BT), axis=-1)
 
 
 def segment_blocks(span_BT2, tile_tokens: int, unit_tokens: int, num_tiles: int | None = None):

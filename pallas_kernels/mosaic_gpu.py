@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import block_ranges
 from pallas_kernels import cotangents as cotangents_lib
 from pallas_kernels import mosaic_gpu_bwd, mosaic_gpu_fwd, mosaic_gpu_stream
 from pallas_kernels import mosaic_gpu_tiles as mt
@@ -81,7 +82,7 @@ def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interp
 def operands_of(inputs: spec_lib.Inputs, spec: spec_lib.Spec) -> tt.Operands:
   """The kernels' operands of a prepared call (depth bounds as one int32 [2] array; with segments their
   spans, once per call: every kernel's block skipping derives from them, the backward's too)."""
-  span = None if inputs.segment_ids is None else jnp.stack(spec_lib.segment_span(inputs.segment_ids), axis=-1)
+  span = block_ranges.segment_spans(inputs.segment_ids)
   operands = tt.Operands(q=inputs.q, k=inputs.k, v=inputs.v, depth_q=inputs.depth_q,
                          segment_ids=inputs.segment_ids, segment_span=span)
   if spec.has_depth:

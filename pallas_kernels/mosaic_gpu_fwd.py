@@ -5,8 +5,9 @@ One CTA = one (query tile of compute_wgs x `tokens` tokens, head group of one kv
     sequence key blocks the tile needs (causal: up to its last token; with segments only those between
     the first and the last token of its rows' segments), then the depth items of the compute
     warpgroups (their own tokens' slots in [depth_start, depth_len) only: slots outside are never
-    loaded; a partial item loads a readable slot in their place, masked). It refills a slot once every
-    compute warpgroup released it.
+    loaded; a partial item loads a readable slot in their place, masked); with
+    `MosaicBlocks.depth_first_alternate` every other CTA streams the depth items first. It refills a
+    slot once every compute warpgroup released it.
   * each compute warpgroup owns 64 folded rows (`mosaic_gpu_tiles`) and runs one online softmax (base 2,
     running max m, sum l, accumulator acc in registers) over
       1. the sequence blocks: wholly visible ones first (segment mask only), then the ones overlapping

@@ -2,9 +2,10 @@
 TMA boxes.
 
 The memory warpgroup fills a ring of `stages` slots, each a [ring_rows, D] K tile and V tile, with one
-*item* at a time: the first are the sequence key blocks [kv_first, kv_end) (keys i * block_kv + [0,
-block_kv), plus their segment ids), the next `num_depth` are depth items (both compute warpgroups'
-columns of their own tokens' slots, `mosaic_gpu_tiles`). Each compute warpgroup consumes every item in
+*item* at a time: the sequence key blocks [kv_first, kv_end) (keys i * block_kv + [0, block_kv), plus
+their segment ids) and `num_depth` depth items (both compute warpgroups' columns of their own tokens'
+slots, `mosaic_gpu_tiles`), key blocks first, or in the forward with `depth_first_alternate` depth items
+first on every other CTA (`item_bases`). Each compute warpgroup consumes every item in
 order: it waits on the slot's K (V) barrier, reads, and releases the slot's K (V) half with an arrive;
 the memory warpgroup refills a half once both compute warpgroups released it. Depth items are tracked by
 barriers of their own per warpgroup (a warpgroup waits on its own columns only).

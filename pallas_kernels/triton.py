@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import block_ranges
 from pallas_kernels import cotangents as cotangents_lib
 from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
@@ -56,7 +57,7 @@ def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interp
   per_kv_head = lambda x: None if x is None else pad(x).reshape(batch, seq_len, num_kv_heads, group, padded_dim)
   q_BTKGD = per_kv_head(inputs.q)
   # The segments' spans, once per call (the backward reuses them): each kernel's tile skipping derives from them.
-  span = None if inputs.segment_ids is None else jnp.stack(spec_lib.segment_span(inputs.segment_ids), axis=-1)
+  span = block_ranges.segment_spans(inputs.segment_ids)
   operands = tt.Operands(q=q_BTKGD if spec.has_sequence else None, k=pad(inputs.k), v=pad(inputs.v),
                          segment_ids=inputs.segment_ids, segment_span=span)
   if spec.has_depth:

@@ -45,8 +45,7 @@ def run(shape_names: list[str], impls=_DEFAULT_IMPLS) -> None:
     raise SystemExit(f"shapes {unknown}: expected some of {sorted(shapes)}")
   for name in shape_names:
     for impl in impls:
-      depth = impl != "cudnn" and not impl.endswith("_nodepth")
-      arrays, do = benchmark.make_inputs(shapes[name], depth=depth)
+      arrays, do = benchmark.make_inputs(shapes[name], depth=benchmark.has_depth(impl))
       _, forward_backward = benchmark.build(impl)
       compiled = forward_backward.lower(arrays, do).compile()  # compile outside the profiled launches
       jax.block_until_ready(compiled(arrays, do))
