@@ -15,7 +15,10 @@
 #   save_dots_and_attention at both shapes (the fastest policy of each model in the sweeps there; the
 #   width-384 study configs themselves keep remat=none, which does not change their losses), each
 #   config's own loss_chunk_len.
-#   BENCH_RUN_TIMEOUT (seconds, default 280) bounds each run, compilation included.
+#   BENCH_RUN_TIMEOUT (seconds, default 280) bounds each run, compilation included: SIGTERM, which the trainer
+#   answers after its current step (so a run still compiling would go on), then SIGKILL 20 s later.
+#   Unscanned layers (--config.model.scan_layers=False) at 700M take ~215 s to their first step (123 s of
+#   state init, 87 s of compilation, BENCHMARKS.md §0g): give them BENCH_RUN_TIMEOUT=400.
 # Each run prints its peak memory and last metrics line; $OUT/summary.tsv has one row per run.
 # One-step profile (issue 18: top ops and categories by device time; scripts/profile_train_step.py), after the
 # .whl install below (same PYTHONPATH), one model per call; prints the tables, writes them to --out:
@@ -44,7 +47,7 @@ run() {  # name config [extra flags...]: trains, then prints the last logged ste
   local workdir=/dev/shm/bench_$name
   rm -rf "$workdir"
   echo "== $name: ${run_env[*]} ${*:${#common[@]}+1}"
-  env "${run_env[@]}" timeout "$run_timeout" python3 scripts/train_and_report_memory.py --config="$config" --workdir="$workdir" "$@" \
+  env "${run_env[@]}" timeout -k 20 "$run_timeout" python3 scripts/train_and_report_memory.py --config="$config" --workdir="$workdir" "$@" \
     > "$out/$name.log" 2>&1
   local rc=$?
   grep PEAK_GIB "$out/$name.log" || echo "FAILED (exit $rc): $(grep -v '^\s*$' "$out/$name.log" | tail -n 1)"
