@@ -56,21 +56,17 @@ def tune(iters: int) -> list[dict]:
 
 
 def _mosaic_variants(kernel: str, specs) -> list:
-  """MosaicBlocks of `kernel` (fwd, dq, dkv) from (block_kv, depth_cols, stages[, depth_first_alternate]),
-  its default's other fields kept."""
+  """MosaicBlocks of `kernel` (fwd, dq, dkv) from (block_kv, depth_cols, stages), its default's
+  compute warpgroups kept."""
   base = getattr(mosaic_gpu_tiles.BlockSizes.get_default(64), kernel)
-  return [dataclasses.replace(base, block_kv=spec[0], depth_cols=spec[1], stages=spec[2],
-                              depth_first_alternate=spec[3] if len(spec) > 3 else base.depth_first_alternate)
-          for spec in specs]
+  return [dataclasses.replace(base, block_kv=kv, depth_cols=cols, stages=stages) for kv, cols, stages in specs]
 
 
 # Ring depth (stages: the bytes in flight per CTA), key block and depth item sizes around the defaults
-# (fwd 128 / 64 / 2, dq 64 / 64 / 2, dkv 64 / 64 / 2 at D 64; the first of each list), and the forward's
-# depth-first order on every other CTA (True). Never tuned on the H200 before: the defaults came from the
-# SMEM budget. Variants that overflow SMEM are reported as errors.
+# (fwd 128 / 64 / 2, dq 64 / 64 / 2, dkv 64 / 64 / 2 at D 64; the first of each list). Never tuned on the
+# H200 before: the defaults came from the SMEM budget. Variants that overflow SMEM are reported as errors.
 _MOSAIC_VARIANTS = {
-    "fwd": ((128, 64, 2), (128, 64, 3), (128, 64, 4), (128, 128, 2), (128, 128, 3), (256, 128, 2),
-            (128, 64, 2, True), (128, 64, 4, True)),
+    "fwd": ((128, 64, 2), (128, 64, 3), (128, 64, 4), (128, 128, 2), (128, 128, 3), (256, 128, 2)),
     "dq": ((64, 64, 2), (64, 64, 3), (64, 64, 4), (128, 64, 2), (128, 64, 3)),
     "dkv": ((64, 64, 2), (64, 64, 3), (64, 64, 4)),
 }

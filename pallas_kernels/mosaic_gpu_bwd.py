@@ -155,10 +155,8 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
 
   tokens_of = lambda tok0: pl.ds(first_token + tok0, geom.tpp)
 
-  _, depth_base = stream.item_bases(None, kv[1] - kv[0], num_depth)  # key blocks, then depth items
-
   def depth_step(j, ddq):
-    slot = stream.slot_of(depth_base + j, geom)
+    slot = stream.slot_of(stream.depth_base(kv) + j, geom)
     tok0, slot0 = mt.depth_item(j, first_step, geom)
     k_ref, v_ref, k_bar, v_bar = stream.depth_refs(ring, slot, wg, geom)
     if threaded:  # issued first, so the loads hide behind this item's matmuls

@@ -5,9 +5,8 @@ One CTA = one (query tile of compute_wgs x `tokens` tokens, head group of one kv
     sequence key blocks the tile needs (causal: up to its last token; with segments only those between
     the first and the last token of its rows' segments), then the depth items of the compute
     warpgroups (their own tokens' slots in [depth_start, depth_len) only: slots outside are never
-    loaded; a partial item loads a readable slot in their place, masked); with
-    `MosaicBlocks.depth_first_alternate` every other CTA streams the depth items first. It refills a
-    slot once every compute warpgroup released it.
+    loaded; a partial item loads a readable slot in their place, masked). It refills a slot once every
+    compute warpgroup released it.
   * each compute warpgroup owns 64 folded rows (`mosaic_gpu_tiles`) and runs one online softmax (base 2,
     running max m, sum l, accumulator acc in registers) over
       1. the sequence blocks: wholly visible ones first (segment mask only), then the ones overlapping
@@ -68,8 +67,6 @@ def _kernel(*refs, present, geom: mt.Geometry, spec: spec_lib.Spec):
   where = dict(batch=batch, kv_head=kv_head, geom=geom)
 
   kv, depth = stream.cta_bounds(cta_token, ops, spec, geom, batch)
-  if geom.depth_first_alternate and spec.has_depth:
-    depth["depth_first"] = lax.rem(lax.axis_index("heads") + lax.axis_index("q_seq"), 2) == 1
 
   @pl.when(wg < geom.compute_wgs)
   def _compute():
@@ -107,8 +104,7 @@ def online_update(carry, logits, v_ref, *, v_bar, release, staging, schedule, ge
 
 
 def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, batch, program, kv_head, head_base,
-                geom: mt.Geometry, spec: spec_lib.Spec, kv, depth_start, depth_len, first_step, num_depth,
-                depth_first=None):
+                geom: mt.Geometry, spec: spec_lib.Spec, kv, depth_start, depth_len, first_step, num_depth):
   q_smem = scratch["q"].at[wg]
   dq_smem = q_smem if scratch["depth_q"] is None else scratch["depth_q"].at[wg]
   row_bar = scratch["row_bar"].at[wg]
@@ -139,11 +135,8 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
   after_issue = None if schedule is None else handover
   update = functools.partial(online_update, schedule=schedule, geom=geom)
 
-  seq_base, depth_base = stream.item_bases(depth_first, kv[1] - kv[0], num_depth)
-  kv_first = kv[0] - seq_base  # key block i is stream item i - kv_first
-
   def seq_step(i, carry, *, masked: bool):
-    slot = stream.slot_of(i - kv_first, geom)
+    slot = stream.slot_of(i - kv[0], geom)
     k_ref, v_ref = stream.seq_refs(ring, slot, geom)
     plgpu.barrier_wait(ring["k_bar"].at[slot])
     s = mt.matmul(q_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
@@ -163,28 +156,23 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
   loop = stream.confine(stream.key_blocks(first_token, ops.segment_blocks, batch, spec, geom), kv)
   if schedule is not None:  # warpgroup 0 takes the tensor cores first
     pl.when(wg == 1)(handover)
-  skip = functools.partial(stream.skip_item, ring=ring, kv_first=kv_first, geom=geom, schedule=schedule)
-
-  def depth_step(j, carry):
-    slot = stream.slot_of(depth_base + j, geom)
-    tok0, slot0 = mt.depth_item(j, first_step, geom)
-    k_ref, v_ref, k_bar, v_bar = stream.depth_refs(ring, slot, wg, geom)
-    plgpu.barrier_wait(k_bar)
-    s = mt.matmul(dq_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
-    plgpu.barrier_arrive(ring["k_consumed"].at[slot])
-    keep = mt.depth_mask(spec, first_token, first_token + tok0, slot0, depth_start, depth_len, geom)
-    logits = jnp.where(keep, s * qk_scale, mt.MASK_VALUE)
-    return update(carry, logits, v_ref, v_bar=v_bar, release=ring["v_consumed"].at[slot],
-                  staging=None if scratch["p_depth"] is None else scratch["p_depth"].at[wg])
-
-  # Depth first (where `depth_first` holds), the key blocks, depth last (everywhere else): the
-  # stream's order, `stream.item_bases`.
-  if spec.has_depth and depth_first is not None:
-    carry = lax.fori_loop(0, jnp.where(depth_first, num_depth, 0), depth_step, carry)
+  skip = functools.partial(stream.skip_item, ring=ring, kv_first=kv[0], geom=geom, schedule=schedule)
   carry = stream.consume(loop, kv, seq_step, skip, carry)
+
   if spec.has_depth:
-    num_last = num_depth if depth_first is None else jnp.where(depth_first, 0, num_depth)
-    carry = lax.fori_loop(0, num_last, depth_step, carry)
+    def depth_step(j, carry):
+      slot = stream.slot_of(stream.depth_base(kv) + j, geom)
+      tok0, slot0 = mt.depth_item(j, first_step, geom)
+      k_ref, v_ref, k_bar, v_bar = stream.depth_refs(ring, slot, wg, geom)
+      plgpu.barrier_wait(k_bar)
+      s = mt.matmul(dq_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
+      plgpu.barrier_arrive(ring["k_consumed"].at[slot])
+      keep = mt.depth_mask(spec, first_token, first_token + tok0, slot0, depth_start, depth_len, geom)
+      logits = jnp.where(keep, s * qk_scale, mt.MASK_VALUE)
+      return update(carry, logits, v_ref, v_bar=v_bar, release=ring["v_consumed"].at[slot],
+                    staging=None if scratch["p_depth"] is None else scratch["p_depth"].at[wg])
+
+    carry = lax.fori_loop(0, num_depth, depth_step, carry)
   if schedule is not None:  # the matching last handover
     pl.when(wg == 0)(handover)
 

@@ -2,13 +2,12 @@
 TMA boxes.
 
 The memory warpgroup fills a ring of `stages` slots, each a [ring_rows, D] K tile and V tile, with one
-*item* at a time: the sequence key blocks [kv_first, kv_end) (keys i * block_kv + [0, block_kv), plus
-their segment ids) and `num_depth` depth items (both compute warpgroups' columns of their own tokens'
-slots, `mosaic_gpu_tiles`), key blocks first, or in the forward with `depth_first_alternate` depth items
-first on every other CTA (`item_bases`). Each compute warpgroup consumes every item in
-order: it waits on the slot's K (V) barrier, reads, and releases the slot's K (V) half with an arrive;
-the memory warpgroup refills a half once both compute warpgroups released it. Depth items are tracked by
-barriers of their own per warpgroup (a warpgroup waits on its own columns only).
+*item* at a time: the first are the sequence key blocks [kv_first, kv_end) (keys i * block_kv + [0,
+block_kv), plus their segment ids), the next `num_depth` are depth items (both compute warpgroups'
+columns of their own tokens' slots, `mosaic_gpu_tiles`; `depth_base`). Each compute warpgroup consumes
+every item in order: it waits on the slot's K (V) barrier, reads, and releases the slot's K (V) half
+with an arrive; the memory warpgroup refills a half once both compute warpgroups released it. Depth items
+are tracked by barriers of their own per warpgroup (a warpgroup waits on its own columns only).
 
 Barrier phases are tracked per thread in Mosaic GPU, so a consumer that has no use for an item still
 waits on it (`skip_item`): every consumer observes every phase of the barriers it waits on, and the
@@ -168,35 +167,28 @@ def consume(loop, stream, step, skip, carry, *, masked=(False, True)):
   return carry
 
 
-def item_bases(depth_first, num_kv, num_depth):
-  """(stream index of the first key block, of the first depth item): key blocks then depth items, or,
-  where the traced `depth_first` holds (`MosaicBlocks.depth_first_alternate`), depth items first.
-  None: always key blocks first, as static offsets."""
-  if depth_first is None:
-    return 0, num_kv
-  return jnp.where(depth_first, num_depth, 0), jnp.where(depth_first, 0, num_kv)
+def depth_base(kv):
+  """The stream index of the first depth item: the key blocks [kv[0], kv[1]) come first."""
+  return kv[1] - kv[0]
 
 
 def memory_wg(cta_token, *, k, v, depth_k, depth_v, segment_ids, ring, batch, kv_head, geom: mt.Geometry,
-              kv, depth_start, depth_len, first_step, num_depth, depth_first=None):
-  """The memory warpgroup: streams the key blocks [kv[0], kv[1]) and `num_depth` depth items through the
-  ring, in the order `item_bases` gives (see the module doc)."""
-  kv_first, num_kv = kv[0], kv[1] - kv[0]
+              kv, depth_start, depth_len, first_step, num_depth):
+  """The memory warpgroup: streams the key blocks [kv[0], kv[1]) then `num_depth` depth items through the
+  ring (see the module doc)."""
+  kv_first, num_kv = kv[0], depth_base(kv)
   total = num_kv + num_depth
-  seq_base, depth_base = item_bases(depth_first, num_kv, num_depth)
 
   def load_half(i, slot, src, depth_src, buf, bar, depth_bars, seg=False):
-    is_seq = (i >= seq_base) & (i < seq_base + num_kv)
-
-    @pl.when(is_seq)
+    @pl.when(i < num_kv)
     def _seq():
-      keys = pl.ds((kv_first + i - seq_base) * geom.block_kv, geom.block_kv)
+      keys = pl.ds((kv_first + i) * geom.block_kv, geom.block_kv)
       plgpu.copy_gmem_to_smem(src.at[batch, keys, kv_head], buf.at[slot, pl.ds(0, geom.block_kv)], bar.at[slot])
       if seg:
         plgpu.copy_gmem_to_smem(segment_ids.at[batch, keys], ring["seg"].at[slot], bar.at[slot])
 
     if depth_src is not None:
-      pl.when(~is_seq)(lambda: _load_depth(depth_src, buf, depth_bars, i - depth_base, slot))
+      pl.when(i >= num_kv)(lambda: _load_depth(depth_src, buf, depth_bars, i - num_kv, slot))
 
   def _load_depth(src, buf, bars, j, slot):
     # Each compute warpgroup's columns of this item: one [tpp, D] box per slot. A slot outside

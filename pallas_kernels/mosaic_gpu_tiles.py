@@ -64,17 +64,12 @@ class MosaicBlocks:
     the dk/dv kernel), sharing the stream.
   ping_pong: (forward with two compute warpgroups) a schedule barrier makes them alternate, one's
     softmax under the other's matmuls (FlashAttention-3's ping-pong).
-  depth_first_alternate: (forward only) every other CTA (odd heads + q tile index) streams its depth
-    items before its key blocks, so that the CTAs of a wave read depth K/V (memory-bound) while
-    their neighbours run the sequence matmuls (compute-bound). An A/B for `benchmark --tune --mosaic`:
-    off until the H200 says otherwise (BENCHMARKS.md §0f).
   """
   block_kv: int = 128
   depth_cols: int = 64
   stages: int = 2
   compute_wgs: int = 2
   ping_pong: bool = True
-  depth_first_alternate: bool = False
 
   def validate(self, name: str = "blocks") -> None:
     if not isinstance(self.block_kv, int) or self.block_kv % 32 or not 32 <= self.block_kv <= 256:
@@ -85,9 +80,8 @@ class MosaicBlocks:
       raise ValueError(f"{name}.stages={self.stages!r}: expected an int in [2, 8].")
     if self.compute_wgs not in (1, 2):
       raise ValueError(f"{name}.compute_wgs={self.compute_wgs!r}: expected 1 or 2.")
-    for flag in ("ping_pong", "depth_first_alternate"):
-      if not isinstance(getattr(self, flag), bool):
-        raise ValueError(f"{name}.{flag}={getattr(self, flag)!r}: expected a bool.")
+    if not isinstance(self.ping_pong, bool):
+      raise ValueError(f"{name}.ping_pong={self.ping_pong!r}: expected a bool.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +118,6 @@ class BlockSizes:
                 f"block_sizes.{name}.{field}={getattr(blocks, field)}: expected a multiple of {multiple} on the "
                 f"GPU (the tensor cores contract over it against a [{field}, {wgmma_operand[0]}] "
                 f"{jnp.dtype(wgmma_operand[1]).name} tile in whole {multiple}-element swizzle rows).")
-    for name in ("dq", "dkv"):
-      if getattr(self, name).depth_first_alternate:
-        raise ValueError(f"block_sizes.{name}.depth_first_alternate=True: only the forward kernel has it.")
     if self.dq.depth_cols != ROWS:
       raise ValueError(f"block_sizes.dq.depth_cols={self.dq.depth_cols}: expected {ROWS} (the depth "
                        "backward's dk / dv matmuls have the item's columns as wgmma rows).")
@@ -146,7 +137,6 @@ class Geometry:
   compute_wgs: int
   ping_pong: bool
   interpret: bool      # GPU interpret mode: wgmma operands from SMEM only, no accumulator init
-  depth_first_alternate: bool = False
 
   @property
   def tokens(self) -> int:
@@ -200,7 +190,7 @@ def make_geometry(seq_len, num_slots, group, head_dim, blocks: MosaicBlocks, int
                   heads_per_tile=min(next_pow2(group), MAX_HEADS_PER_TILE), head_dim=head_dim,
                   block_kv=blocks.block_kv, depth_cols=blocks.depth_cols, stages=blocks.stages,
                   compute_wgs=blocks.compute_wgs, ping_pong=blocks.ping_pong and blocks.compute_wgs == 2,
-                  interpret=interpret, depth_first_alternate=blocks.depth_first_alternate)
+                  interpret=interpret)
 
 
 def to_row_tiles(x_BTH, num_tiles: int, geom: Geometry):

@@ -51,10 +51,9 @@ def test_operator_case_matches_oracle(case):
 _SLOTS = 5
 
 
-def _tiles(head_dim, depth_first_alternate=False):
+def _tiles(head_dim):
   """Small tiles: 32-key blocks; forward depth items of 16 columns, backward ones of 64."""
-  return mt.BlockSizes(fwd=mt.MosaicBlocks(block_kv=32, depth_cols=16, stages=2,
-                                           depth_first_alternate=depth_first_alternate),
+  return mt.BlockSizes(fwd=mt.MosaicBlocks(block_kv=32, depth_cols=16, stages=2),
                        dq=mt.MosaicBlocks(block_kv=32, depth_cols=64, stages=3, compute_wgs=2 if head_dim == 64 else 1),
                        dkv=mt.MosaicBlocks(block_kv=64, depth_cols=64, stages=2))
 
@@ -78,16 +77,10 @@ _SHAPES = [(37, 3, 64, True, True, False, 1, 4),
            (20, 16, 64, True, True, False, 0, 2)]
 
 
-# And the forward's depth-first order on every other CTA (`MosaicBlocks.depth_first_alternate`): both
-# shapes have CTAs of both parities (2 kv heads x 2 query tiles), one with segments, one with depth_q.
-_CASES = [shape + (False,) for shape in _SHAPES] + [_SHAPES[0] + (True,), _SHAPES[1] + (True,)]
-
-
-@pytest.mark.parametrize("seq_len, group, head_dim, causal, segments, with_depth_q, depth_start, depth_len, alternate",
-                         _CASES, ids=[f"T{s[0]}_G{s[1]}_D{s[2]}" + ("_depth_first_alternate" if s[-1] else "")
-                                      for s in _CASES])
+@pytest.mark.parametrize("seq_len, group, head_dim, causal, segments, with_depth_q, depth_start, depth_len", _SHAPES,
+                         ids=[f"T{s[0]}_G{s[1]}_D{s[2]}" for s in _SHAPES])
 def test_small_tiles_match_reference_and_never_read_unread_slots(seq_len, group, head_dim, causal, segments,
-                                                                 with_depth_q, depth_start, depth_len, alternate):
+                                                                 with_depth_q, depth_start, depth_len):
   keys = jax.random.split(jax.random.PRNGKey(seq_len), 8)
   normal = lambda key, *shape: jax.random.normal(key, shape, jnp.bfloat16)
   kv_heads = 2
@@ -103,7 +96,7 @@ def test_small_tiles_match_reference_and_never_read_unread_slots(seq_len, group,
   poisoned = arrays[:3] + (poison(arrays[3]), poison(arrays[4])) + arrays[5:]
   options = dict(causal=causal, depth_start=jnp.int32(depth_start), depth_len=jnp.int32(depth_len),
                  segment_ids=jnp.asarray([[0] * (seq_len // 3) + [1] * (seq_len - seq_len // 3)]) if segments else None)
-  tiles = _tiles(head_dim, depth_first_alternate=alternate)
+  tiles = _tiles(head_dim)
   got = _out_lse_grads(lambda i, s: mosaic_gpu.attention(i, s, interpret=True, block_sizes=tiles),
                        poisoned, cotangents, **options)
   want = _out_lse_grads(reference.attention, arrays, cotangents, **options)
@@ -143,8 +136,7 @@ def test_unsupported_calls_raise_not_implemented(options, match):
 
 @pytest.mark.parametrize("change, match", [
     (dict(block_kv=48), "block_kv=48"), (dict(block_kv=512), "block_kv=512"), (dict(depth_cols=24), "depth_cols=24"),
-    (dict(stages=1), "stages=1"), (dict(compute_wgs=3), "compute_wgs=3"), (dict(ping_pong=1), "ping_pong=1"),
-    (dict(depth_first_alternate=1), "depth_first_alternate=1")])
+    (dict(stages=1), "stages=1"), (dict(compute_wgs=3), "compute_wgs=3"), (dict(ping_pong=1), "ping_pong=1")])
 def test_tiles_are_validated_before_launch(change, match):
   base = mt.BlockSizes.get_default(64)
   inputs, spec = _inputs()

@@ -16,7 +16,6 @@ SMEM view while the kernels are traced and checks it on the CPU.
 """
 
 import contextlib
-import dataclasses
 import re
 
 import jax
@@ -28,7 +27,7 @@ from jax._src.state import indexing
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import api, benchmark, mosaic_gpu, mosaic_gpu_tiles
+from pallas_kernels import api, benchmark, mosaic_gpu
 
 _H200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
 _MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=_H200)
@@ -37,7 +36,7 @@ _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def _lowered_text(batch, seq_len, group, head_dim, slots, *, depth_q=True, segments=False, causal=True,
-                  threaded=False, documents=0, block_sizes=None):
+                  threaded=False, documents=0):
   """The lowered jit(grad) of sum(out) + sum(lse) over every floating input; `threaded`: plus the returned
   depth arrays' products with two carried (donated) cotangents, which the backward adds into. `segments`:
   documents of 300 tokens; `documents` N: the benchmark's N equal documents per row instead."""
@@ -59,7 +58,7 @@ def _lowered_text(batch, seq_len, group, head_dim, slots, *, depth_q=True, segme
     inputs, spec = api.prepare(q, k, v, depth_k, depth_v, depth_q=dq, causal=causal, segment_ids=segment_ids,
                                depth_start=jnp.int32(1) if slots else None,
                                depth_len=jnp.int32(slots - 1) if slots else None)
-    out, lse, *returned = mosaic_gpu.attention_with_depth(inputs, spec, block_sizes=block_sizes)
+    out, lse, *returned = mosaic_gpu.attention_with_depth(inputs, spec)
     threads = sum(jnp.vdot(x.astype(jnp.float32), c.astype(jnp.float32)) for x, c in zip(returned, carry))
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse) + threads
 
@@ -94,15 +93,6 @@ def test_packed_documents_lower_for_h200(slots):
   assert len(calls) == 3 and _TRITON_CALL not in text
   bounds = sorted(tuple(re.findall(r"tensor<8x(?:128|64)x2xi32>", call)) for call in calls)
   assert bounds == [("tensor<8x128x2xi32>",)] * 2 + [("tensor<8x64x2xi32>",)]
-
-
-def test_depth_first_alternate_forward_lowers_for_h200():
-  # The forward's depth-first order on every other CTA (an A/B of the tile sweep): its traced item order
-  # (`mosaic_gpu_stream.item_bases`) in the memory and compute warpgroups lowers at the training shape.
-  base = mosaic_gpu_tiles.BlockSizes.get_default(64)
-  tiles = dataclasses.replace(base, fwd=dataclasses.replace(base.fwd, depth_first_alternate=True))
-  text = _lowered_text(8, 4096, 2, 64, 72, depth_q=True, documents=8, block_sizes=tiles)
-  assert text.count(_MOSAIC_CALL) == 3 and _TRITON_CALL not in text
 
 
 def _smem_view(ref):
