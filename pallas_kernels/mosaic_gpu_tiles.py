@@ -93,12 +93,20 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int) -> "BlockSizes":
-    """Not yet measured on the H200. The SMEM budget (227 KB) sets them: at D 128 the dq kernel's two
-    staged [64, D] gradient tiles and its ring fit one compute warpgroup only."""
-    wide = head_dim > 64
-    return cls(fwd=MosaicBlocks(block_kv=128, depth_cols=64, stages=2, compute_wgs=2),
-               dq=MosaicBlocks(block_kv=64, depth_cols=ROWS, stages=2, compute_wgs=1 if wide else 2),
-               dkv=MosaicBlocks(block_kv=ROWS, depth_cols=ROWS, stages=2, compute_wgs=2))
+    """D 64: each kernel's fastest variant, measured on the H200 on 2026-12-02 with
+    `python -m pallas_kernels.benchmark --tune --mosaic` (BENCHMARKS.md §0g: T16K G8, T4K G8, B8 T4K G2)
+    against the earlier fwd 128 / 64 / 2 and dq, dkv 64 / 64 / 2 (block_kv / depth_cols / stages): the
+    forward's 256-key blocks with 128-column depth items (-5.7 to -8.6%), the dq kernel's 128-key blocks
+    in 3 ring slots (-1.3 to -2.4%), the dk/dv kernel's 3 slots (-1.7 to -2.1%). D 128: not tuned; the
+    SMEM budget (227 KB) still sets them: the dq kernel's two staged [64, D] gradient tiles and its ring
+    fit one compute warpgroup only."""
+    if head_dim > 64:
+      return cls(fwd=MosaicBlocks(block_kv=128, depth_cols=64, stages=2, compute_wgs=2),
+                 dq=MosaicBlocks(block_kv=64, depth_cols=ROWS, stages=2, compute_wgs=1),
+                 dkv=MosaicBlocks(block_kv=ROWS, depth_cols=ROWS, stages=2, compute_wgs=2))
+    return cls(fwd=MosaicBlocks(block_kv=256, depth_cols=128, stages=2, compute_wgs=2),
+               dq=MosaicBlocks(block_kv=128, depth_cols=ROWS, stages=3, compute_wgs=2),
+               dkv=MosaicBlocks(block_kv=ROWS, depth_cols=ROWS, stages=3, compute_wgs=2))
 
   def validate(self, *, wgmma_operand: tuple[int, object] | None = None) -> None:
     """`wgmma_operand` (head_dim, dtype), for a compiled (not interpret-mode) launch: every kernel

@@ -200,14 +200,16 @@ def test_many_heads_per_kv_head_use_the_triton_backward():
   assert text.count(_MOSAIC_CALL) == 1 and text.count(_TRITON_CALL) >= 3
 
 
-# (batch, T, G, D, L, depth_q, segments, causal): the 700M training shape, D 128 (one compute warpgroup),
-# odd T and G 3 (padded tokens and heads), T 7 (one partial tile).
-_THREADED_SHAPES = [(8, 4096, 2, 64, 72, False, False, True), (8, 4096, 2, 128, 72, True, True, True),
+# (batch, T, G, D, L, depth_q, segments, causal): the 700M training shape, also as the model calls it (its
+# own depth_q, packed documents: the most SMEM the D 64 default tiles must fit), D 128 (one compute
+# warpgroup), odd T and G 3 (padded tokens and heads), T 7 (one partial tile).
+_THREADED_SHAPES = [(8, 4096, 2, 64, 72, False, False, True), (8, 4096, 2, 64, 72, True, True, True),
+                    (8, 4096, 2, 128, 72, True, True, True),
                     (1, 777, 3, 64, 16, True, True, False), (1, 7, 3, 128, 5, False, False, True)]
 
 
 @pytest.mark.parametrize("batch, seq_len, group, head_dim, slots, depth_q, segments, causal", _THREADED_SHAPES,
-                         ids=[f"B{s[0]}_T{s[1]}_G{s[2]}_D{s[3]}_L{s[4]}" for s in _THREADED_SHAPES])
+                         ids=[f"B{s[0]}_T{s[1]}_G{s[2]}_D{s[3]}_L{s[4]}_seg{int(s[6])}" for s in _THREADED_SHAPES])
 def test_threaded_backward_lowers_and_aliases_the_carried_cotangent(monkeypatch, batch, seq_len, group, head_dim,
                                                                     slots, depth_q, segments, causal):
   # The dq kernel's call takes the two carried cotangents as operands aliased to its results (updated in
