@@ -1,7 +1,7 @@
 """Times MoDA forward and forward+backward on the paper's shapes against cuDNN flash attention.
 
     python -m pallas_kernels.benchmark [--quick] [--json PATH] [--tune | --ablate | --family] [--mosaic]
-                                       [--impls A,B] [--segments N]
+                                       [--impls A,B] [--shapes NAME,NAME] [--segments N]
 
 Every implementation that runs here is timed on every shape where it fits; cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")` itself, row `cudnn`) runs the same sequence shape
@@ -17,7 +17,9 @@ adds the Mosaic GPU backend (`pallas_mosaic_gpu`) and both Pallas backends witho
 to every shape. `--segments N` passes every `moda_attention` row
 segment_ids of N equal documents per row (the `cudnn` row stays without: the unsegmented speed of light) and adds
 `cudnn_nodepth` and `pallas_triton_nodepth`: the baseline model's call on its two candidate backends.
-`--impls` keeps only the named implementations. Each time is the median of `--iters` samples
+`--impls` keeps only the named implementations, `--shapes` only the named shapes (of whichever table the mode
+times). `--json` is rewritten after every row, so a run cut by a device call's time limit keeps what it
+measured. Each time is the median of `--iters` samples
 (`time_ms`) after warm-up.
 FLOPs count only the visible logits: sequence 4 * B * Hq * D * (T(T+1)/2 causal, T^2 otherwise),
 depth 4 * B * Hq * T * L * D; forward+backward is 3.5x the forward (2 matmuls forward, 5 backward);
@@ -75,6 +77,45 @@ def paper_shapes() -> list[Shape]:
 def quick_shapes() -> list[Shape]:
   return [Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table7_T1K_G8_L64", 1, 1024, 8, 64),
           Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72)]
+
+
+def selected(shapes, names: list[str] | None) -> list[Shape]:
+  """`shapes` restricted to `names` (all of them without names); a name none of them has is an error,
+  so that a typo does not spend a device call timing nothing."""
+  if not names:
+    return list(shapes)
+  known = [s.name for s in shapes]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"--shapes={','.join(names)}: {', '.join(unknown)} not among this mode's shapes "
+                     f"({', '.join(known)}).")
+  return [s for s in shapes if s.name in names]
+
+
+class RowLog(list):
+  """The measurements so far, each added one also written to `path` (with `meta`) at once: a benchmark
+  cut by its time limit keeps every row it finished."""
+
+  def __init__(self, path: str | None, meta: dict):
+    super().__init__()
+    self.path, self.meta = path, meta
+
+  def append(self, row: dict) -> None:
+    super().append(row)
+    self._write()
+
+  def extend(self, rows) -> None:
+    super().extend(rows)
+    self._write()
+
+  def __iadd__(self, rows):
+    self.extend(rows)
+    return self
+
+  def _write(self) -> None:
+    if self.path:
+      with open(self.path, "w") as f:
+        json.dump(dict(meta=self.meta, rows=list(self)), f, indent=1)
 
 
 def flops(shape: Shape, depth: bool, backward: bool, variant: dict | None = None) -> float:
@@ -248,7 +289,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a ~1-minute subset")
-  parser.add_argument("--json", default=None, help="write every measurement here")
+  parser.add_argument("--json", default=None, help="write every measurement here (rewritten after each)")
   parser.add_argument("--tune", action="store_true", help="time tile variants instead of the shape table")
   parser.add_argument("--ablate", action="store_true",
                       help="time the kernels without depth, JAX's Mosaic GPU forward and each kernel option flipped")
@@ -260,28 +301,39 @@ def main() -> None:
                       help="comma-separated implementations to keep (e.g. cudnn,pallas_mosaic_gpu)")
   parser.add_argument("--segments", type=int, default=0,
                       help="segment_ids of N equal documents per row in every moda_attention row")
+  parser.add_argument("--shapes", default=None,
+                      help="comma-separated shape names to keep (e.g. train_B8_T4K_G2_L72)")
   parser.add_argument("--iters", type=int, default=None)
   args = parser.parse_args()
+  try:
+    run(args)
+  except ValueError as e:  # a user error: one line, not a traceback
+    raise SystemExit(f"pallas_kernels.benchmark: {e}") from None
+
+
+def run(args) -> None:
   iters = args.iters or (5 if args.quick else 10)
-  special = args.tune or args.ablate or args.family
-  from pallas_kernels import benchmark_modes as modes  # they build on this module's measure
-  tune = modes.tune_mosaic if args.mosaic else modes.tune
-  rows = (tune(iters) if args.tune else modes.ablate(iters) if args.ablate
-          else modes.family(iters) if args.family else [])
-  for shape in ([] if special else quick_shapes() if args.quick else paper_shapes()):
-    for impl in ["cudnn"] + implementations_for(shape, args.quick, args.mosaic, args.segments):
-      if args.impls and impl not in args.impls.split(","):
-        continue
-      # Long sequences: fewer repeats keep the full run inside its time budget.
-      n = iters if shape.seq_len * shape.group <= 16384 * 8 else max(3, iters // 2)
-      rows.append(measure(shape, impl, iters=n, segments=args.segments))
-      print(json.dumps(rows[-1]), flush=True)
+  names = args.shapes.split(",") if args.shapes else None
   meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
               device=jax.devices()[0].device_kind, iters=iters, peak_flops=PEAK_FLOPS, peak_bytes=PEAK_BYTES,
               segments=args.segments)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  rows = RowLog(args.json, meta)
+  from pallas_kernels import benchmark_modes as modes  # they build on this module's measure
+  if args.tune:
+    (modes.tune_mosaic if args.mosaic else modes.tune)(iters, rows, names)
+  elif args.ablate:
+    modes.ablate(iters, rows, names)
+  elif args.family:
+    modes.family(iters, rows, names)
+  else:
+    for shape in selected(quick_shapes() if args.quick else paper_shapes(), names):
+      for impl in ["cudnn"] + implementations_for(shape, args.quick, args.mosaic, args.segments):
+        if args.impls and impl not in args.impls.split(","):
+          continue
+        # Long sequences: fewer repeats keep the full run inside its time budget.
+        n = iters if shape.seq_len * shape.group <= 16384 * 8 else max(3, iters // 2)
+        rows.append(measure(shape, impl, iters=n, segments=args.segments))
+        print(json.dumps(rows[-1]), flush=True)
   print(meta)
   print_table(rows)
 

@@ -1,7 +1,8 @@
 """The benchmark's study modes (`python -m pallas_kernels.benchmark --tune [--mosaic] | --ablate | --family`):
 tile variants (of pallas_triton, or with `--mosaic` of pallas_mosaic_gpu), each kernel option flipped against
-the defaults beside the kernels without depth and JAX's Mosaic GPU forward, and the MoDA family. Each returns
-the rows `benchmark.measure` gives.
+the defaults beside the kernels without depth and JAX's Mosaic GPU forward, and the MoDA family. Each adds
+the rows `benchmark.measure` gives to `rows` (a `benchmark.RowLog`) as it goes, on its shapes that `names`
+selects (`benchmark.selected`; all without names).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_gpu, mosaic_gpu_tiles, triton
-from pallas_kernels.benchmark import PEAK_FLOPS, Shape, bytes_moved, flops, make_inputs, measure, time_ms
+from pallas_kernels.benchmark import (PEAK_FLOPS, RowLog, Shape, bytes_moved, flops, make_inputs, measure, selected,
+                                      time_ms)
 from pallas_kernels.block_sizes import BlockSizes, KernelBlocks, dkv_per_query_head, next_pow2
 
 
@@ -41,10 +43,9 @@ def _tune_row(shape: Shape, impl: str, tiled, kind: str, blocks, mode: str, iter
   return dict(row, tune=kind, blocks=dataclasses.asdict(blocks))
 
 
-def tune(iters: int) -> list[dict]:
+def tune(iters: int, rows: RowLog, names: list[str] | None = None) -> None:
   """Times pallas_triton's tile variants on `_TUNE_SHAPES`."""
-  rows = []
-  for shape in _TUNE_SHAPES:
+  for shape in selected(_TUNE_SHAPES, names):
     base = BlockSizes.get_default(shape.head_dim, shape.group, jnp.bfloat16)
     for kind, variants, mode in (("fwd", _FWD_VARIANTS, "fwd"), ("bwd", _BWD_VARIANTS, "fwd_bwd")):
       for blocks in variants:
@@ -52,7 +53,6 @@ def tune(iters: int) -> list[dict]:
                  else dataclasses.replace(base, dq=blocks, dkv=blocks))
         rows.append(_tune_row(shape, "pallas_triton", functools.partial(triton.attention, block_sizes=sizes),
                               kind, blocks, mode, iters))
-  return rows
 
 
 def _mosaic_variants(kernel: str, specs) -> list:
@@ -75,11 +75,10 @@ _MOSAIC_VARIANTS = {
 }
 
 
-def tune_mosaic(iters: int) -> list[dict]:
+def tune_mosaic(iters: int, rows: RowLog, names: list[str] | None = None) -> None:
   """Times pallas_mosaic_gpu's tile variants on `_TUNE_SHAPES` (D 64): forward variants forward only, dq
   and dk/dv variants forward + backward (the forward at its default)."""
-  rows = []
-  for shape in _TUNE_SHAPES:
+  for shape in selected(_TUNE_SHAPES, names):
     base = mosaic_gpu_tiles.BlockSizes.get_default(shape.head_dim)
     for kernel, specs in _MOSAIC_VARIANTS.items():
       for blocks in _mosaic_variants(kernel, specs):
@@ -87,7 +86,6 @@ def tune_mosaic(iters: int) -> list[dict]:
         tiled = functools.partial(mosaic_gpu.attention, block_sizes=sizes)
         rows.append(_tune_row(shape, "pallas_mosaic_gpu", tiled, kernel, blocks,
                               "fwd" if kernel == "fwd" else "fwd_bwd", iters))
-  return rows
 
 
 # (kernel, field, mode) of each kernel option that `--ablate` times flipped against the defaults.
@@ -130,27 +128,25 @@ def _mgpu_forward(shape: Shape, iters: int) -> list[dict]:
   return rows
 
 
-def family(iters: int) -> list[dict]:
+def family(iters: int, rows: RowLog, names: list[str] | None = None) -> None:
   """The MoDA family at Table 2's T4K shape: chunk-visible depth at the official chunk C = 64 / G and
   depth-only attention, on pallas_triton and on the xla fallback, beside plain MoDA and cuDNN."""
-  shape = Shape("table2_T4K_G8_L64", 1, 4096, 8, 64)
-  chunk = 64 // shape.group
-  variants = {"plain": {}, f"chunk{chunk}": dict(depth_chunk=chunk), "depth_only": dict(depth_only=True)}
-  rows = [measure(shape, "cudnn", iters=iters)]
-  for name, options in variants.items():
-    for impl in ("pallas_triton", "xla"):
-      rows.append(dict(measure(shape, impl, iters=iters, variant=options), impl=f"{impl}_{name}"))
-      print(json.dumps(rows[-1]), flush=True)
-  return rows
+  for shape in selected([Shape("table2_T4K_G8_L64", 1, 4096, 8, 64)], names):
+    chunk = 64 // shape.group
+    variants = {"plain": {}, f"chunk{chunk}": dict(depth_chunk=chunk), "depth_only": dict(depth_only=True)}
+    rows.append(measure(shape, "cudnn", iters=iters))
+    for name, options in variants.items():
+      for impl in ("pallas_triton", "xla"):
+        rows.append(dict(measure(shape, impl, iters=iters, variant=options), impl=f"{impl}_{name}"))
+        print(json.dumps(rows[-1]), flush=True)
 
 
-def ablate(iters: int) -> list[dict]:
+def ablate(iters: int, rows: RowLog, names: list[str] | None = None) -> None:
   """Where the time goes: cuDNN, the kernels without depth, JAX's Mosaic GPU forward, the defaults, and
   each optional kernel feature flipped (`_TOGGLES`)."""
-  rows = []
   shapes = [Shape("table2_T4K_G8_L64", 1, 4096, 8, 64), Shape("table2_T64K_G8_L64", 1, 65536, 8, 64),
             Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72), Shape("train_B8_T4K_G2_L72_D128", 8, 4096, 2, 72, 128)]
-  for shape in shapes:
+  for shape in selected(shapes, names):
     for impl in ("cudnn", "pallas_triton_nodepth", "pallas_triton"):
       rows.append(measure(shape, impl, iters=iters))
       print(json.dumps(rows[-1]), flush=True)
@@ -165,4 +161,3 @@ def ablate(iters: int) -> list[dict]:
       toggled = f"{kernel}.{field}={getattr(flipped, field)}"
       rows.append(dict(row, tune=kernel, toggled=toggled, blocks=dataclasses.asdict(flipped)))
       print(f"ablate {toggled} {shape.name} {mode}: {row.get(f'{mode}_ms', row.get(f'{mode}_error'))}", flush=True)
-  return rows
