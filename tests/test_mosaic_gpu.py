@@ -2,7 +2,8 @@
 
 1. Cases of the shared operator table's reduced spread, mapped onto what the backend supports
    (float32 -> bfloat16, head dims -> 64 or 128), against the float64 oracle through the shared
-   suite's own check: out, lse and every gradient, default tiles.
+   suite's own check: out, lse and every gradient, default tiles; and the H200's D 64 default tiles on a
+   sequence several of their key blocks long.
 2. Small tiles, so that several key blocks, ring wrap-arounds, depth items per slot step and causal
    skips meet odd T, G = 3 (padded heads), segments, a traced depth_start / depth_len, depth_q, D 128
    with one compute warpgroup, and G = 16 (two head groups, Triton's backward): against `reference`,
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import segment_layouts as sl
 from operator_cases import CASES, Impl, assert_matches_oracle, make_inputs, run_case
 from pallas_kernels import api, mosaic_gpu, reference
 from pallas_kernels import mosaic_gpu_tiles as mt
@@ -46,6 +48,24 @@ _CASES = [supported(c) for c in CASES if c.name in _KEPT]
 def test_operator_case_matches_oracle(case):
   inputs = make_inputs(case)
   assert_matches_oracle(case, inputs, *run_case(IMPL, case, inputs))
+
+
+def test_h200_default_tiles_over_several_key_blocks_match_oracle():
+  # The cases above fit one key block of the D 64 defaults (256 keys forward, 128 in the dq kernel). T 300
+  # ends mid-block in both; documents [0, 130), [130, 270), [270, 300) make the last forward CTA's second
+  # warpgroup skip the block its sibling reads, and dq CTAs stream from block 1; L 4 with a traced
+  # depth_len 3 makes the forward's one 4-slot depth item and the dq kernel's second 2-slot one partial,
+  # with garbage in the unread slot.
+  tiles = mt.BlockSizes.get_default(64)
+  documents = {"three_documents": lambda t, unit=1: np.repeat([1, 2, 3], [130, 140, t - 270])}
+  case, inputs = sl.case_inputs("h200_defaults_t300", ("three_documents",), 300, True, 2, 4, table=documents,
+                                kv_heads=1, head_dim=64, dtype="bfloat16")
+  for blocks in (tiles.fwd, tiles.dq):
+    assert case.seq_len > blocks.block_kv and case.seq_len % blocks.block_kv, blocks
+  assert case.written < case.slots
+  out, lse, grads = sl.out_lse_grads(
+      case, inputs, lambda prepared, spec: mosaic_gpu.attention(prepared, spec, interpret=True, block_sizes=tiles))
+  assert_matches_oracle(case, inputs, out, lse, grads)
 
 
 _SLOTS = 5
