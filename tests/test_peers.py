@@ -228,13 +228,29 @@ def test_linear_memory_stack_gradients_equal_naive_autodiff(mixer, depth_kv):
   _close(grads, want_grads, _ATOL * _grad_scale(want_grads), _RTOL)
 
 
+def _decoding_atol(cfg, params, full) -> float:
+  """Decoding is the full pass in other float32 evaluation orders (one compiled step per token), so its
+  distance to the full pass is bounded by a multiple of what another order of the full pass itself
+  gives: each sequence alone (batch 1) instead of both. Hyper-connections' unconstrained stream mixing
+  amplifies rounding (the instability mHC's doubly-stochastic mixing removes): with these random
+  parameters that change moves HC's logits by 1e-5 to 4e-5 against DenseFormer's 5e-7, and decoding by
+  1.4x to 5.5x as much (up to 6e-5; an AVX2 CPU, at both XLA optimization levels, 2026-12-02). The
+  bound stays far below the size of a wiring error (1e-2 and more)."""
+  forward = cases.forward_fn(cfg)
+  order_noise = max(float(jnp.abs(forward(params, cases.TOKENS[b:b + 1]) - full[b:b + 1]).max())
+                    for b in range(cases.TOKENS.shape[0]))
+  atol = max(_LOGIT_ATOL, 10 * order_noise)
+  assert atol < 1e-3, f"the full pass alone moves by {order_noise:.2e} between batch sizes"
+  return atol
+
+
 @pytest.mark.parametrize("mixer,depth_kv", _HALF_B, ids=_ids(_HALF_B))
 def test_decoding_equals_full_forward(mixer, depth_kv):
   cfg = config(mixer, depth_kv)
   params = cases.random_params(cfg)
   full = cases.forward_fn(cfg)(params, cases.TOKENS)
   np.testing.assert_allclose(cases.decoded_logits(cfg, params, cases.TOKENS, prefill=5), full,
-                             atol=_LOGIT_ATOL, rtol=0)
+                             atol=_decoding_atol(cfg, params, full), rtol=0)
   assert float(jnp.abs(full).max()) > 1.0
 
 
