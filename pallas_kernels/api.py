@@ -28,9 +28,10 @@ passes none. A backend first calls its own `check_supported(inputs, spec, interp
 with `implementation=None` the dispatcher then falls back to the next backend of the platform
 (GPU: cudnn, pallas_triton, xla; TPU: pallas_tpu, xla; CPU: xla). `cudnn` (cuDNN flash attention)
 takes only calls without depth, so on GPU a plain-attention call runs on cuDNN and a MoDA call on
-pallas_triton. A backend whose lse carries no gradient sets `DIFFERENTIABLE_LSE = False` and is never
-given a `return_lse=True` call. `pallas_mosaic_gpu` (Hopper) is selected only by name until it is
-measured faster than pallas_triton. `resolve_implementation` names the backend a call would run on,
+pallas_mosaic_gpu on Hopper (compute capability 9.x), on pallas_triton elsewhere and for what Mosaic
+does not take (float32, head dims other than 64 and 128, depth-only, depth_chunk > 1). A backend whose
+lse carries no gradient sets `DIFFERENTIABLE_LSE = False` and is never given a `return_lse=True` call.
+`resolve_implementation` names the backend a call would run on,
 by the same order and the backends' `check_supported`, without computing anything (what the trainer
 logs). Tests and benchmarks that call one backend directly use `prepare` the same way:
 
@@ -65,8 +66,10 @@ IMPLEMENTATIONS = tuple(_BACKENDS)
 # implementation=None tries these in order; NotImplementedError moves on to the next one. `xla` is
 # last everywhere because it runs on every platform and every call: the CPU default, the fallback
 # on GPU and TPU. `cudnn` is first on GPU: the fastest kernel there for the calls it takes (no depth).
+# `pallas_mosaic_gpu` takes the MoDA calls on Hopper, where it measured faster than pallas_triton
+# (BENCHMARKS.md §0h); elsewhere, and for what it does not support, pallas_triton does.
 _DEFAULT_ORDER = {
-    "gpu": ("cudnn", "pallas_triton", "xla"),
+    "gpu": ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "xla"),
     "tpu": ("pallas_tpu", "xla"),
     "cpu": ("xla",),
 }
@@ -158,7 +161,8 @@ def moda_attention(
     segment_ids: [B, T] integers; attention (sequence and depth) only within a segment.
     return_lse: also return the float32 log-sum-exp [B, T, Hq] (natural log, differentiable).
     implementation: None for the best on this platform (GPU: `cudnn` for calls without depth, else
-      `pallas_triton`; `resolve_implementation` names it), or one of `IMPLEMENTATIONS`.
+      `pallas_mosaic_gpu` on Hopper, `pallas_triton` elsewhere; `resolve_implementation` names it), or
+      one of `IMPLEMENTATIONS`.
     interpret: run a Pallas backend in interpret mode (True, or a backend's interpret params).
     depth_q: [B, T, Hq, D] the queries scored against depth keys (default: q). A model whose depth
       keys are stored RMS-normalized without the reader's k-norm gain passes q * gain here, so the

@@ -33,6 +33,7 @@ from jax._src.cudnn import fused_attention_stablehlo as _fa
 from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels import cudnn_packed
+from pallas_kernels import gpu_capability
 from pallas_kernels import residuals
 from pallas_kernels import spec as spec_lib
 from pallas_kernels import triton
@@ -41,7 +42,7 @@ DIFFERENTIABLE_LSE = False
 
 _DTYPES = (jnp.bfloat16, jnp.float16)
 _MIN_COMPUTE_CAPABILITY = (8, 0)  # cuDNN flash attention: Ampere and later
-_HOPPER = (9, 0)  # head dims up to 256 from Hopper on, 128 before
+_HOPPER = gpu_capability.HOPPER  # head dims up to 256 from Hopper on, 128 before
 
 
 def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> None:
@@ -156,16 +157,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _compute_capability() -> tuple[int, int]:
   """(major, minor) of the local CUDA GPU; NotImplementedError where there is none (CPU, ROCm)."""
-  try:
-    device = jax.local_devices(backend="gpu")[0]
-  except RuntimeError as e:
-    raise NotImplementedError(f"cudnn: no local CUDA GPU ({e}).") from e
-  capability = str(getattr(device, "compute_capability", ""))
-  major, _, minor = capability.partition(".")
-  if not (major.isdigit() and minor.isdigit()):  # e.g. ROCm's "gfx90a"
-    raise NotImplementedError(f"cudnn: device {device.device_kind!r} reports no CUDA compute capability "
-                              f"({capability!r}).")
-  return int(major), int(minor)
+  capability = gpu_capability.local()
+  if capability is None:
+    raise NotImplementedError("cudnn: no local CUDA GPU (or one that reports no CUDA compute capability).")
+  return capability
 
 
 # jax drops the cotangent of cuDNN's softmax statistics. This identity makes a non-zero one an error

@@ -43,6 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import block_ranges
 from pallas_kernels import cotangents as cotangents_lib
+from pallas_kernels import gpu_capability
 from pallas_kernels import mosaic_gpu_bwd, mosaic_gpu_fwd, mosaic_gpu_stream
 from pallas_kernels import mosaic_gpu_tiles as mt
 from pallas_kernels import residuals
@@ -93,7 +94,12 @@ def operands_of(inputs: spec_lib.Inputs, spec: spec_lib.Spec) -> tt.Operands:
 
 def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> None:
   """Raises NotImplementedError for what this backend cannot do (the dispatcher then falls back)."""
-  del interpret  # Interpret mode runs the same kernels: it supports the same calls.
+  # Interpret mode runs the same kernels anywhere. Compiled, they need Hopper's wgmma (sm_90a); where no
+  # local GPU says otherwise (lowering for an abstract H200 on a CPU machine) the caller's platform stands.
+  capability = gpu_capability.local()
+  if not interpret and capability is not None and capability[0] != gpu_capability.HOPPER[0]:
+    raise NotImplementedError(f"pallas_mosaic_gpu: compiled kernels need a Hopper GPU (compute capability "
+                              f"9.x: wgmma), not {capability}; pallas_triton runs there.")
   seq_len, head_dim = inputs.q.shape[1], inputs.q.shape[3]
   if spec.seq_len != seq_len:
     raise NotImplementedError(f"pallas_mosaic_gpu: spec.seq_len={spec.seq_len} differs from the {seq_len} "

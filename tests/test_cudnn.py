@@ -14,7 +14,8 @@ import pytest
 from model_cases import config
 from moda_jax import Transformer
 from moda_jax.model import kernel_call
-from pallas_kernels import IMPLEMENTATIONS, api, cudnn, moda_attention, resolve_implementation, triton, xla
+from pallas_kernels import IMPLEMENTATIONS, api, cudnn, gpu_capability, moda_attention, mosaic_gpu, resolve_implementation
+from pallas_kernels import triton, xla
 
 
 def _structs(batch=2, seq_len=64, q_heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16, slots=0,
@@ -57,15 +58,16 @@ def _resolve(arrays, **options):
 
 @pytest.fixture
 def hopper(monkeypatch):
-  monkeypatch.setattr(cudnn, "_compute_capability", lambda: (9, 0))
+  monkeypatch.setattr(gpu_capability, "local", lambda: (9, 0))
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch, hopper):
-  """Platform "gpu" with spies for cudnn / pallas_triton / xla; yields the list of backends that ran."""
+  """Platform "gpu" with spies for cudnn / pallas_mosaic_gpu / pallas_triton / xla; yields the list of
+  backends that ran."""
   ran = []
   monkeypatch.setattr(api, "current_platform", lambda: "gpu")
-  for name, module in (("cudnn", cudnn), ("pallas_triton", triton), ("xla", xla)):
+  for name, module in (("cudnn", cudnn), ("pallas_mosaic_gpu", mosaic_gpu), ("pallas_triton", triton), ("xla", xla)):
     def spy(inputs, spec, *, interpret=False, name=name, check=module.check_supported):
       check(inputs, spec, interpret)
       ran.append(name)
@@ -80,7 +82,7 @@ def fake_gpu(monkeypatch, hopper):
 
 def test_registered_and_first_on_gpu_only():
   assert "cudnn" in IMPLEMENTATIONS
-  assert api._DEFAULT_ORDER["gpu"][:2] == ("cudnn", "pallas_triton")
+  assert api._DEFAULT_ORDER["gpu"][0] == "cudnn"
   assert all("cudnn" not in order for platform, order in api._DEFAULT_ORDER.items() if platform != "gpu")
 
 
@@ -121,28 +123,31 @@ def test_refuses_interpret_mode_old_gpus_and_no_gpu(monkeypatch):
     _check(_structs())
   with pytest.raises(NotImplementedError, match="interpret"):
     _check(_structs(), interpret=True)
-  monkeypatch.setattr(cudnn, "_compute_capability", lambda: (8, 0))
+  monkeypatch.setattr(gpu_capability, "local", lambda: (8, 0))
   _check(_structs(head_dim=128))
   with pytest.raises(NotImplementedError, match="Hopper"):
     _check(_structs(head_dim=192))
   with pytest.raises(NotImplementedError, match="segment_ids need cuDNN's packed layout, Hopper"):
     _check(_structs(segments=True))
-  monkeypatch.setattr(cudnn, "_compute_capability", lambda: (7, 5))
+  monkeypatch.setattr(gpu_capability, "local", lambda: (7, 5))
   with pytest.raises(NotImplementedError, match="compute capability"):
     _check(_structs())
 
 
-# (arrays, options, the backend that must run on a GPU)
+# (arrays, options, the backend that must run on a Hopper GPU)
 _GPU_CALLS = [
     (_structs(), {}, "cudnn"),
     (_structs(), dict(causal=False), "cudnn"),
     (_structs(segments=True), {}, "cudnn"),                # packed layout (pallas_triton inside for other ids)
-    (_structs(slots=4), {}, "pallas_triton"),
+    (_structs(slots=4), {}, "pallas_mosaic_gpu"),
+    (_structs(slots=4, segments=True, depth_q=True), {}, "pallas_mosaic_gpu"),
+    (_structs(slots=4, head_dim=32), {}, "pallas_triton"),  # Mosaic's head dims are 64 and 128
+    (_structs(slots=4), dict(depth_chunk=4), "pallas_triton"),
     (_structs(slots=4, depth_only=True), {}, "pallas_triton"),
     (_structs(dtype=jnp.float32), {}, "pallas_triton"),
-    (_structs(seq_len=63, segments=True), {}, "pallas_triton"),
-    (_structs(), dict(return_lse=True), "pallas_triton"),  # cuDNN's lse has no gradient
-    (_structs(), dict(interpret=True), "pallas_triton"),   # interpret mode never reaches cuDNN
+    (_structs(seq_len=63, segments=True), {}, "pallas_mosaic_gpu"),  # odd T: not cuDNN; Mosaic pads it
+    (_structs(), dict(return_lse=True), "pallas_mosaic_gpu"),  # cuDNN's lse has no gradient
+    (_structs(), dict(interpret=True), "pallas_mosaic_gpu"),   # interpret mode never reaches cuDNN
 ]
 
 
@@ -153,6 +158,18 @@ def test_gpu_dispatch_and_resolve_agree(fake_gpu, arrays, options, expected):
   _traced(run, arrays)
   assert fake_gpu == [expected]
   assert _resolve(arrays, **options) == expected
+
+
+@pytest.mark.parametrize("arrays, options", [(_structs(slots=4), {}), (_structs(seq_len=63, segments=True), {}),
+                                             (_structs(), dict(return_lse=True))])
+def test_before_hopper_moda_calls_run_on_pallas_triton(fake_gpu, monkeypatch, arrays, options):
+  monkeypatch.setattr(gpu_capability, "local", lambda: (8, 0))
+  _traced(lambda q, k, v, dk, dv, seg, dq: moda_attention(q, k, v, dk, dv, segment_ids=seg, depth_q=dq, **options),
+          arrays)
+  assert fake_gpu == ["pallas_triton"]
+  assert _resolve(arrays, **options) == "pallas_triton"
+  with pytest.raises(NotImplementedError, match="Hopper"):
+    _resolve(arrays, implementation="pallas_mosaic_gpu", **options)
 
 
 def test_named_cudnn_raises_instead_of_falling_back(fake_gpu):
@@ -192,11 +209,11 @@ def test_lse_gradient_raises_unless_unused():
     pytest.param("attn_ffn", False, True, {"sequence+depth": {"xla"}}, marks=_ON_CPU),
     ("none", True, False, {"sequence": {"cudnn"}}),
     ("none", True, True, {"sequence": {"cudnn"}}),          # packed documents: segment_ids
-    ("attn_ffn", True, True, {"sequence+depth": {"pallas_triton"}}),
+    ("attn_ffn", True, True, {"sequence+depth": {"pallas_mosaic_gpu"}}),  # Hopper
 ])
 def test_model_records_the_kernels_it_is_traced_on(request, depth_kv, gpu, packed, expected):
   ran = request.getfixturevalue("fake_gpu") if gpu else None
-  cfg = config(depth_kv=depth_kv, attention_impl=None, dtype="bfloat16", head_dim=16)
+  cfg = config(depth_kv=depth_kv, attention_impl=None, dtype="bfloat16", head_dim=64)
   tokens = jax.ShapeDtypeStruct((2, 12), jnp.int32)
   params = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"]
   segments = lambda t: jnp.ones_like(t) if packed else None

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as fa
 
-from pallas_kernels import api, cudnn, cudnn_packed, residuals
+from pallas_kernels import api, cudnn, cudnn_packed, gpu_capability, residuals
 
 
 def _runs(row):
@@ -93,7 +93,7 @@ def test_private_cudnn_rules_keep_the_signatures_cudnn_py_calls():
 
 @pytest.fixture
 def pretend_hopper(monkeypatch):
-  monkeypatch.setattr(cudnn, "_compute_capability", lambda: (9, 0))
+  monkeypatch.setattr(gpu_capability, "local", lambda: (9, 0))
   monkeypatch.setattr(cudnn, "_cudnn_version", lambda: 91000)
   monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
 

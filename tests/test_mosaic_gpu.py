@@ -168,9 +168,11 @@ def test_tiles_are_validated_before_launch(change, match):
                          block_sizes=dataclasses.replace(base, dq=dataclasses.replace(base.dq, depth_cols=32)))
 
 
-def test_dispatcher_knows_the_backend_but_does_not_default_to_it():
+def test_dispatcher_puts_the_backend_before_pallas_triton_on_gpu_only():
   assert "pallas_mosaic_gpu" in api.IMPLEMENTATIONS
-  assert "pallas_mosaic_gpu" not in api._DEFAULT_ORDER["gpu"]  # until it is measured faster than Triton
+  order = api._DEFAULT_ORDER["gpu"]
+  assert order.index("pallas_mosaic_gpu") == order.index("pallas_triton") - 1  # check_supported says Hopper
+  assert all("pallas_mosaic_gpu" not in order for platform, order in api._DEFAULT_ORDER.items() if platform != "gpu")
   inputs, _ = _inputs()
   with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu"):
     api.moda_attention(*inputs[:3], inputs.depth_k, inputs.depth_v, implementation="pallas_mosaic_gpu")

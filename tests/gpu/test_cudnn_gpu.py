@@ -5,7 +5,8 @@ Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_
    dtype tolerances: causal or not, G in {1, 2, 3, 4, 8}, even T, D 32 to 256, bf16 / f16.
 2. On this GPU `moda_attention(implementation=None)` runs cudnn for those calls (outputs and gradients
    within the same tolerances), `resolve_implementation` says so, and the calls cudnn cannot take
-   resolve to pallas_triton; the model's shard_map path runs it too.
+   resolve to pallas_mosaic_gpu on Hopper (pallas_triton before it, and for float32); the model's
+   shard_map path runs cudnn too.
 3. A cotangent on cudnn's lse raises NotImplementedError (cuDNN's backward takes no lse cotangent).
 4. Packed documents (`segment_ids`, cuDNN's packed layout): out, lse and gradients against the oracle
    for rows of single runs (documents then padding), and for rows the packed layout cannot mean (an id
@@ -21,7 +22,7 @@ import oracle
 from operator_cases import assert_close, assert_lse_close, rng_for
 from moda_jax.model import kernel_call
 from moda_jax.train import sharding
-from pallas_kernels import api, cudnn, cudnn_packed, moda_attention, resolve_implementation
+from pallas_kernels import api, cudnn, cudnn_packed, gpu_capability, moda_attention, resolve_implementation
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run scripts/gpu_check.sh)")
 
@@ -89,14 +90,17 @@ def test_default_dispatch_runs_cudnn(case):
   _assert_matches_oracle(case, q, k, v, d_out, out, grads)
 
 
-def test_calls_cudnn_cannot_take_resolve_to_pallas_triton():
+def test_calls_cudnn_cannot_take_resolve_to_the_pallas_backends():
+  """On Hopper pallas_mosaic_gpu takes what it supports, pallas_triton the rest (and everything before)."""
+  hopper = gpu_capability.local()[0] == gpu_capability.HOPPER[0]
+  moda_default = "pallas_mosaic_gpu" if hopper else "pallas_triton"
   q, k, v, _ = _inputs("fallbacks", 1, 64, 2, 2, 64, "bfloat16")
   # Odd T: with the lse used, T = 513 and T = 1 failed in cuDNN's backward on the H200 (2026-12-01).
-  assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63]) == "pallas_triton"
-  assert resolve_implementation(q, k, v, return_lse=True) == "pallas_triton"
+  assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63]) == moda_default
+  assert resolve_implementation(q, k, v, return_lse=True) == moda_default
   assert resolve_implementation(*(x.astype(jnp.float32) for x in (q, k, v))) == "pallas_triton"
   depth = jnp.zeros((1, 64, 3, 2, 64), jnp.bfloat16)
-  assert resolve_implementation(q, k, v, depth, depth) == "pallas_triton"
+  assert resolve_implementation(q, k, v, depth, depth) == moda_default
 
 
 def test_lse_cotangent_raises():
