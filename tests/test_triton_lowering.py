@@ -44,8 +44,9 @@ def _lowered_text(batch, seq_len, group, head_dim, slots, attend, *, sequence=Tr
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_tiles_lower_for_h200(head_dim, group, slots):
   # The seq_len is not a multiple of any tile, as in the odd-T contract cases.
-  # implementation=None picks pallas_triton on cuda.
-  attend = lambda q, k, v, dk=None, dv=None, dq=None: moda_attention(q, k, v, dk, dv, depth_q=dq, return_lse=True)
+  # Through the dispatcher, named: implementation=None picks pallas_mosaic_gpu for an H200.
+  attend = lambda q, k, v, dk=None, dv=None, dq=None: moda_attention(q, k, v, dk, dv, depth_q=dq, return_lse=True,
+                                                                     implementation="pallas_triton")
   text = _lowered_text(2, 1000, group, head_dim, slots, attend)
   # forward, dq, dk/dv, and with depth at D <= 64 the separate depth-backward kernel (the default there).
   separate = BlockSizes.get_default(head_dim, group, jnp.bfloat16).dq.separate_depth_kernel and slots > 0
