@@ -26,14 +26,14 @@ does). `backend_options` are test and benchmark knobs (`block_sizes=`, `max_bloc
 passes none. A backend first calls its own `check_supported(inputs, spec, interpret)`, which raises
 `NotImplementedError` saying why for a combination the backend does not handle, before any work;
 with `implementation=None` the dispatcher then falls back to the next backend of the platform
-(GPU: cudnn, pallas_triton, xla; TPU: pallas_tpu, xla; CPU: xla). `cudnn` (cuDNN flash attention)
-takes only calls without depth, so on GPU a plain-attention call runs on cuDNN and a MoDA call on
-pallas_mosaic_gpu on Hopper (compute capability 9.x), on pallas_triton elsewhere and for what Mosaic
-does not take (float32, head dims other than 64 and 128, depth-only, depth_chunk > 1). A backend whose
-lse carries no gradient sets `DIFFERENTIABLE_LSE = False` and is never given a `return_lse=True` call.
-`resolve_implementation` names the backend a call would run on,
-by the same order and the backends' `check_supported`, without computing anything (what the trainer
-logs). Tests and benchmarks that call one backend directly use `prepare` the same way:
+(GPU: cudnn, pallas_mosaic_gpu, pallas_triton, xla; TPU: pallas_tpu, xla; CPU: xla). `cudnn` (cuDNN
+flash attention) takes only calls without depth, so on GPU a plain-attention call runs on cuDNN and a
+MoDA call on pallas_mosaic_gpu on Hopper (compute capability 9.x), on pallas_triton elsewhere and for
+what Mosaic does not take (float32, head dims other than 64 and 128, depth-only, depth_chunk > 1). A
+backend whose lse carries no gradient sets `DIFFERENTIABLE_LSE = False` and is never given a
+`return_lse=True` call. `resolve_implementation` names the backend a call would run on, by the same
+order and the backends' `check_supported`, without computing anything (what the trainer logs). Tests
+and benchmarks that call one backend directly use `prepare` the same way:
 
     inputs, spec = api.prepare(q, k, v, depth_k, depth_v, depth_len=5)
     out, lse = triton.attention(inputs, spec, interpret=True, block_sizes=tiles)

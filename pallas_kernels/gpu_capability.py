@@ -8,6 +8,11 @@ import jax
 HOPPER = (9, 0)
 
 
+def is_hopper(capability: tuple[int, int]) -> bool:
+  """Hopper itself (9.x: sm_90's wgmma), not "Hopper or later": Blackwell (10.x) has no wgmma."""
+  return capability[0] == HOPPER[0]
+
+
 def local() -> tuple[int, int] | None:
   """(major, minor) of the first local CUDA GPU; None where there is none (a CPU machine, also while
   lowering there for an abstract GPU) or where the GPU reports no CUDA capability (ROCm's "gfx90a")."""

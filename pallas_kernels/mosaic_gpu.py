@@ -29,8 +29,8 @@ depth dk / dv would otherwise be summed across programs.
 Supported: float16 / bfloat16, head dims 64 and 128, any G, causal or not, segments, depth_q, L = 0 or
 more with traced depth_start / depth_len, compiled for Hopper (compute capability 9.x), where the
 dispatcher tries it before pallas_triton. NotImplementedError (the dispatcher falls back) for float32,
-other head dims, depth-only attention (k = v = None), depth_chunk > 1 and compiled kernels on another GPU. In interpret mode the kernels
-run in jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), whose wgmma reads both operands from
+other head dims, depth-only attention (k = v = None), depth_chunk > 1 and compiled kernels on another
+GPU. In interpret mode the kernels run in jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), whose wgmma reads both operands from
 SMEM: `mosaic_gpu_tiles.matmul` stages register operands there (the only difference from the GPU code).
 """
 
@@ -98,7 +98,7 @@ def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret) -> 
   # Interpret mode runs the same kernels anywhere. Compiled, they need Hopper's wgmma (sm_90a); where no
   # local GPU says otherwise (lowering for an abstract H200 on a CPU machine) the caller's platform stands.
   capability = gpu_capability.local()
-  if not interpret and capability is not None and capability[0] != gpu_capability.HOPPER[0]:
+  if not interpret and capability is not None and not gpu_capability.is_hopper(capability):
     raise NotImplementedError(f"pallas_mosaic_gpu: compiled kernels need a Hopper GPU (compute capability "
                               f"9.x: wgmma), not {capability}; pallas_triton runs there.")
   seq_len, head_dim = inputs.q.shape[1], inputs.q.shape[3]

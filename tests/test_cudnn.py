@@ -14,8 +14,8 @@ import pytest
 from model_cases import config
 from moda_jax import Transformer
 from moda_jax.model import kernel_call
-from pallas_kernels import IMPLEMENTATIONS, api, cudnn, gpu_capability, moda_attention, mosaic_gpu, resolve_implementation
-from pallas_kernels import triton, xla
+from pallas_kernels import IMPLEMENTATIONS, api, cudnn, gpu_capability, moda_attention, mosaic_gpu
+from pallas_kernels import resolve_implementation, triton, xla
 
 
 def _structs(batch=2, seq_len=64, q_heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16, slots=0,
@@ -67,7 +67,8 @@ def fake_gpu(monkeypatch, hopper):
   backends that ran."""
   ran = []
   monkeypatch.setattr(api, "current_platform", lambda: "gpu")
-  for name, module in (("cudnn", cudnn), ("pallas_mosaic_gpu", mosaic_gpu), ("pallas_triton", triton), ("xla", xla)):
+  backends = (("cudnn", cudnn), ("pallas_mosaic_gpu", mosaic_gpu), ("pallas_triton", triton), ("xla", xla))
+  for name, module in backends:
     def spy(inputs, spec, *, interpret=False, name=name, check=module.check_supported):
       check(inputs, spec, interpret)
       ran.append(name)

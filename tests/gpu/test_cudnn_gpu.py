@@ -92,8 +92,7 @@ def test_default_dispatch_runs_cudnn(case):
 
 def test_calls_cudnn_cannot_take_resolve_to_the_pallas_backends():
   """On Hopper pallas_mosaic_gpu takes what it supports, pallas_triton the rest (and everything before)."""
-  hopper = gpu_capability.local()[0] == gpu_capability.HOPPER[0]
-  moda_default = "pallas_mosaic_gpu" if hopper else "pallas_triton"
+  moda_default = "pallas_mosaic_gpu" if gpu_capability.is_hopper(gpu_capability.local()) else "pallas_triton"
   q, k, v, _ = _inputs("fallbacks", 1, 64, 2, 2, 64, "bfloat16")
   # Odd T: with the lse used, T = 513 and T = 1 failed in cuDNN's backward on the H200 (2026-12-01).
   assert resolve_implementation(q[:, :63], k[:, :63], v[:, :63]) == moda_default
