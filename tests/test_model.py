@@ -106,6 +106,27 @@ def test_param_layouts_match_init_and_round_trip():
     loop_to_scan(loop_params, 5)
 
 
+@pytest.mark.parametrize("kw", [dict(depth_kv="attn_ffn_extra", num_layers=4),
+                                dict(depth_kv="none", num_layers=3, tie_embeddings=False),
+                                dict(num_layers=3, depth_mixer="hyper_connections")],
+                         ids=["attn_ffn_extra", "no_depth", "hyper_connections"])
+def test_one_seed_gives_both_layouts_the_same_init(kw):
+  """scan_layers changes the layout, not the values: the looped init is the scanned one, sliced
+  (every parameter, the ones created after the blocks too, and the loop's logical axes)."""
+  scan_cfg = cases.config(**kw)
+  loop_cfg = dataclasses.replace(scan_cfg, scan_layers=False)
+  scan_boxed = jax.jit(Transformer(scan_cfg).init)(jax.random.key(7), cases.TOKENS)["params"]
+  loop_boxed = jax.jit(Transformer(loop_cfg).init)(jax.random.key(7), cases.TOKENS)["params"]
+  want = scan_to_loop(scan_boxed)
+  got = nn.meta.unbox(loop_boxed)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert not np.array_equal(got["block_0"]["mlp"]["up"]["kernel"], got["block_1"]["mlp"]["up"]["kernel"])
+  specs = nn.get_partition_spec(loop_boxed)
+  assert specs["block_1"]["attention"]["query"]["kernel"] == jax.sharding.PartitionSpec(
+      "embed", "q_heads", "head_dim")
+
+
 def test_init_annotates_logical_axes_for_sharding():
   cfg = cases.config(depth_kv="attn_ffn")
   boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), cases.TOKENS)["params"]

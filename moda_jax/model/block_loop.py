@@ -133,6 +133,30 @@ def init_stacked_params(config: ModelConfig, count: int) -> Callable:
   def init(rng):
     stacked = jax.vmap(one)(jax.random.split(rng, count))
     # vmap stacked the values; the logical axis names gain the new leading axis here.
-    return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: "layers"}), stacked,
-                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(lambda box: box.add_axis(0, _LAYERS_AXIS), stacked, is_leaf=_is_box)
   return init
+
+
+def init_looped_params(config: ModelConfig, count: int) -> Callable:
+  """An initializer rng -> a list of `count` writer blocks' parameters, the unscanned layout.
+
+  Block i gets slice i of `init_stacked_params`: from one key both layouts hold the same values, and
+  the initializer compiles once for all blocks (one per block took 113 s on the H200, BENCHMARKS.md §0i).
+  """
+  stacked_init = init_stacked_params(config, count)
+
+  def init(rng):
+    # The barrier keeps the random stack one buffer: without it XLA fuses the random number generation
+    # into every block's slice, and the init's compilation ran past 280 s on the H200 (§0i).
+    stacked = jax.lax.optimization_barrier(stacked_init(rng))
+    return [jax.tree.map(lambda box, i=i: box.replace_boxed(box.value[i]).remove_axis(0, _LAYERS_AXIS),
+                         stacked, is_leaf=_is_box)
+            for i in range(count)]
+  return init
+
+
+_LAYERS_AXIS = {nn.PARTITION_NAME: "layers"}
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.Partitioned)

@@ -133,10 +133,17 @@ class Transformer(nn.Module):
     """The N - 1 depth-writing blocks' parameters: stacked (scan_layers) or a list."""
     cfg = self.config
     count = cfg.num_layers - 1
+    if not count:
+      return []
     if cfg.scan_layers:
-      return self.param("blocks", block_loop.init_stacked_params(cfg, count)) if count else []
-    return [self.param(f"block_{i}", block_loop.init_block_params(cfg, writes_depth=True))
-            for i in range(count)]
+      return self.param("blocks", block_loop.init_stacked_params(cfg, count))
+    names = [f"block_{i}" for i in range(count)]
+    if self.is_initializing():
+      # One key for all blocks, drawn where the scanned layout draws "blocks"'s: a seed gives both
+      # layouts the same values (and the same keys to every parameter created after these).
+      for name, boxed in zip(names, block_loop.init_looped_params(cfg, count)(self.make_rng("params"))):
+        self.put_variable("params", name, boxed)
+    return [nn.meta.unbox(self.get_variable("params", name)) for name in names]
 
 
 def _validate_inputs(cfg: ModelConfig, tokens_BT, segment_ids, positions, cache) -> tuple[int, int]:
