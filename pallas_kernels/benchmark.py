@@ -64,11 +64,13 @@ class Shape:
 
 
 def paper_shapes() -> list[Shape]:
-  """Table 2 (the T sweep first), the training shapes, Table 7, then the G and L sweeps of Table 2."""
+  """Table 2 (the T sweep first), the training shapes, Table 7, the width-384 study's, then the G and L
+  sweeps of Table 2."""
   shapes = [Shape(f"table2_T{t // 1024}K_G8_L64", 1, t, 8, 64) for t in (4096, 65536, 8192, 16384, 32768)]
   shapes += [Shape("train_B8_T4K_G2_L72", 8, 4096, 2, 72),
              Shape("train_B8_T4K_G2_L72_D128", 8, 4096, 2, 72, head_dim=128),
-             Shape("table7_T1K_G8_L64", 1, 1024, 8, 64)]
+             Shape("table7_T1K_G8_L64", 1, 1024, 8, 64),
+             Shape("study_B32_T1K_G3_L46", 32, 1024, 3, 46, kv_heads=2)]  # the width-384 24-layer study's
   shapes += [Shape(f"table2_T16K_G{g}_L64", 1, 16384, g, 64) for g in (2, 4, 16, 32)]
   shapes += [Shape(f"table2_T16K_G8_L{l}", 1, 16384, 8, l) for l in (128, 256)]
   return shapes

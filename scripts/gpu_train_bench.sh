@@ -11,14 +11,15 @@
 #   "::" separates settings that run one after the other in the same call (each model once per setting).
 #   NAME=VALUE among FLAGS (an upper-case name) is an environment variable for that setting's runs, e.g.
 #     "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false" or XLA_PYTHON_CLIENT_MEM_FRACTION=0.95.
-#   Without FLAGS: both models at their best measured settings (BENCHMARKS.md §0d): remat
-#   save_dots_and_attention at both shapes (the fastest policy of each model in the sweeps there; the
-#   width-384 study configs themselves keep remat=none, which does not change their losses), each
-#   config's own loss_chunk_len.
+#   Without FLAGS: both models at their best measured settings: remat save_dots_and_attention at both
+#   shapes (the fastest policy of each model in the sweeps of BENCHMARKS.md §0d; the width-384 study
+#   configs themselves keep remat=none, which does not change their losses), each config's own
+#   loss_chunk_len; at 700M unscanned layers for both (7% faster than the scan, §0i; same losses); at
+#   width 384 the baseline's attention on pallas_triton (cuDNN's packed path is 21% slower per step
+#   there, §0i) and MoDA's on its default (pallas_mosaic_gpu on Hopper).
 #   BENCH_RUN_TIMEOUT (seconds, default 280) bounds each run, compilation included: SIGTERM, which the trainer
 #   answers after its current step (so a run still compiling would go on), then SIGKILL 20 s later.
-#   Unscanned layers (--config.model.scan_layers=False) at 700M take ~215 s to their first step (123 s of
-#   state init, 87 s of compilation, BENCHMARKS.md §0g): give them BENCH_RUN_TIMEOUT=400.
+#   Unscanned 700M runs take ~90 s to their first step (8-9 s of state init, 70-75 s of compilation).
 # Each run prints its peak memory and last metrics line; $OUT/summary.tsv has one row per run.
 # One-step profile (issue 18: top ops and categories by device time; scripts/profile_train_step.py), after the
 # .whl install below (same PYTHONPATH), one model per call; prints the tables, writes them to --out:
@@ -68,7 +69,7 @@ EOF
 common=(--config.batch_size=8 --config.grad_accum_steps=1 --config.total_steps="$steps"
         --config.warmup_steps=5 --config.log_every=10 --config.eval_every=0
         --config.checkpoint_every=100000 --config.checkpoint_async=False --config.progress_bar=False
-        --config.model.remat=save_dots_and_attention)
+        --config.model.remat=save_dots_and_attention --config.model.scan_layers=False)
 
 settings=()  # one string per setting, its flags separated by newlines
 current=""
@@ -98,7 +99,8 @@ for i in "${!settings[@]}"; do
   suffix=$([[ ${#settings[@]} -gt 1 ]] && echo "_$i" || echo "")
   if [[ $models == w384 ]]; then
     common=("${w384[@]}")
-    run "w384_none$suffix" configs/width384.py:layers=24,norm=post,depth_kv=none "${common[@]}" "${extra[@]}"
+    run "w384_none$suffix" configs/width384.py:layers=24,norm=post,depth_kv=none "${common[@]}" \
+      --config.model.attention_impl=pallas_triton "${extra[@]}"
     run "w384_attn_ffn$suffix" configs/width384.py:layers=24,norm=post,depth_kv=attn_ffn "${common[@]}" "${extra[@]}"
     continue
   fi
