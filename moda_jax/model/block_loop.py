@@ -133,7 +133,7 @@ def init_stacked_params(config: ModelConfig, count: int) -> Callable:
   def init(rng):
     stacked = jax.vmap(one)(jax.random.split(rng, count))
     # vmap stacked the values; the logical axis names gain the new leading axis here.
-    return jax.tree.map(lambda box: box.add_axis(0, _LAYERS_AXIS), stacked, is_leaf=_is_box)
+    return nn.meta.add_axis(stacked, 0, _LAYERS_AXIS)
   return init
 
 
@@ -149,14 +149,9 @@ def init_looped_params(config: ModelConfig, count: int) -> Callable:
     # The barrier keeps the random stack one buffer: without it XLA fuses the random number generation
     # into every block's slice, and the init's compilation ran past 280 s on the H200 (§0i).
     stacked = jax.lax.optimization_barrier(stacked_init(rng))
-    return [jax.tree.map(lambda box, i=i: box.replace_boxed(box.value[i]).remove_axis(0, _LAYERS_AXIS),
-                         stacked, is_leaf=_is_box)
+    return [nn.meta.remove_axis(jax.tree.map(lambda a, i=i: a[i], stacked), 0, _LAYERS_AXIS)
             for i in range(count)]
   return init
 
 
 _LAYERS_AXIS = {nn.PARTITION_NAME: "layers"}
-
-
-def _is_box(x) -> bool:
-  return isinstance(x, nn.Partitioned)

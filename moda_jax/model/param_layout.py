@@ -18,7 +18,8 @@ import jax.numpy as jnp
 _STACKED = "blocks"
 
 
-def _looped_name(i: int) -> str:
+def looped_name(i: int) -> str:
+  """The unscanned layout's name of writer block i."""
   return f"block_{i}"
 
 
@@ -32,7 +33,7 @@ def scan_to_loop(params: Mapping[str, Any]) -> dict[str, Any]:
   stacked = params.pop(_STACKED)
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
   for i in range(num_layers):
-    params[_looped_name(i)] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    params[looped_name(i)] = jax.tree.map(lambda a, i=i: a[i], stacked)
   return params
 
 
@@ -40,7 +41,7 @@ def loop_to_scan(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
   """{"block_i": layer i} -> {"blocks": stacked}; `num_layers` is the model's (N, incl. the last)."""
   params = dict(nn.meta.unbox(params))
   num_writers = num_layers - 1
-  names = [_looped_name(i) for i in range(num_writers)]
+  names = [looped_name(i) for i in range(num_writers)]
   missing = [n for n in names if n not in params]
   extra = sorted(k for k in params if k.startswith("block_") and k not in names)
   if missing or extra:

@@ -34,6 +34,7 @@ from moda_jax.model.config import ModelConfig
 from moda_jax.model.depth_stack import linear_memory_stack
 from moda_jax.model import kv_cache
 from moda_jax.model import mixers
+from moda_jax.model import param_layout
 from moda_jax.model.kv_cache import Cache
 from moda_jax.model.layers import Embedding, RMSNorm, Unembedding, dtype_of
 
@@ -137,7 +138,7 @@ class Transformer(nn.Module):
       return []
     if cfg.scan_layers:
       return self.param("blocks", block_loop.init_stacked_params(cfg, count))
-    names = [f"block_{i}" for i in range(count)]
+    names = [param_layout.looped_name(i) for i in range(count)]
     if self.is_initializing():
       # One key for all blocks, drawn where the scanned layout draws "blocks"'s: a seed gives both
       # layouts the same values (and the same keys to every parameter created after these).
