@@ -30,8 +30,9 @@ Supported: float16 / bfloat16, head dims 64 and 128, any G, causal or not, segme
 more with traced depth_start / depth_len, compiled for Hopper (compute capability 9.x), where the
 dispatcher tries it before pallas_triton. NotImplementedError (the dispatcher falls back) for float32,
 other head dims, depth-only attention (k = v = None), depth_chunk > 1 and compiled kernels on another
-GPU. In interpret mode the kernels run in jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), whose wgmma reads both operands from
-SMEM: `mosaic_gpu_tiles.matmul` stages register operands there (the only difference from the GPU code).
+GPU. In interpret mode the kernels run in jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`),
+whose wgmma reads both operands from SMEM: `mosaic_gpu_tiles.matmul` stages register operands there (the
+only difference from the GPU code).
 """
 
 from __future__ import annotations
