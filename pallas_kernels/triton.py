@@ -44,32 +44,67 @@ def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interp
   """
   block_sizes = _block_sizes(inputs, block_sizes)
   check_supported(inputs, spec, interpret, block_sizes=block_sizes)
-  batch, seq_len, num_q_heads, head_dim = inputs.q.shape
-  num_kv_heads = inputs.num_kv_heads
-  group = num_q_heads // num_kv_heads
-  padded_dim = _padded_dim(head_dim)
-
-  def pad(x):
-    if x is None or padded_dim == head_dim:
-      return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_dim - head_dim)])
-
-  per_kv_head = lambda x: None if x is None else pad(x).reshape(batch, seq_len, num_kv_heads, group, padded_dim)
-  q_BTKGD = per_kv_head(inputs.q)
+  layout = _Layout(inputs)
+  q_BTKGD = layout.per_kv_head(inputs.q)
   # The segments' spans, once per call (the backward reuses them): each kernel's tile skipping derives from them.
   span = block_ranges.segment_spans(inputs.segment_ids)
-  operands = tt.Operands(q=q_BTKGD if spec.has_sequence else None, k=pad(inputs.k), v=pad(inputs.v),
+  operands = tt.Operands(q=q_BTKGD if spec.has_sequence else None, k=layout.pad(inputs.k), v=layout.pad(inputs.v),
                          segment_ids=inputs.segment_ids, segment_span=span)
   if spec.has_depth:
     # q itself when not given: the same array twice, JAX sums its two cotangents.
     bounds = jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32)
-    operands = operands._replace(depth_q=q_BTKGD if inputs.depth_q is None else per_kv_head(inputs.depth_q),
-                                 depth_k=pad(inputs.depth_k), depth_v=pad(inputs.depth_v), depth_bounds=bounds)
+    operands = operands._replace(
+        depth_q=q_BTKGD if inputs.depth_q is None else layout.per_kv_head(inputs.depth_q),
+        depth_k=layout.pad(inputs.depth_k), depth_v=layout.pad(inputs.depth_v), depth_bounds=bounds)
   out_BTKGD, lse_BTKG, depth_k, depth_v = _moda(operands, spec, block_sizes, interpret)
-  out_BTHD = out_BTKGD.reshape(batch, seq_len, num_q_heads, padded_dim)[..., :head_dim]
-  if spec.has_depth and padded_dim != head_dim:  # the padded copies went through: back to the inputs' width
-    depth_k, depth_v = depth_k[..., :head_dim], depth_v[..., :head_dim]
-  return out_BTHD, lse_BTKG.reshape(batch, seq_len, num_q_heads), depth_k, depth_v
+  if spec.has_depth:  # the padded copies went through: back to the inputs' width
+    depth_k, depth_v = layout.unpad(depth_k), layout.unpad(depth_v)
+  return layout.per_q_head(out_BTKGD), lse_BTKG.reshape(inputs.q.shape[:3]), depth_k, depth_v
+
+
+def sequence_backward(inputs: spec_lib.Inputs, spec: spec_lib.Spec, out_BTHD, lse_BTH, d_out_BTHD, *,
+                      interpret=False, block_sizes: BlockSizes | None = None):
+  """(dq, dk, dv) of a call without depth, from the out and lse its `attention` returned: the backward
+  kernels alone, for a backend whose own custom_vjp runs this one's forward (cudnn, for the rows its
+  packed layout cannot express). No lse cotangent."""
+  if spec.has_depth or not spec.has_sequence:
+    raise NotImplementedError("pallas_triton.sequence_backward: calls without depth only.")
+  block_sizes = _block_sizes(inputs, block_sizes)
+  layout = _Layout(inputs)
+  operands = tt.Operands(q=layout.per_kv_head(inputs.q), k=layout.pad(inputs.k), v=layout.pad(inputs.v),
+                         segment_ids=inputs.segment_ids,
+                         segment_span=block_ranges.segment_spans(inputs.segment_ids))
+  lse_BTKG = lse_BTH.reshape(operands.q.shape[:4])
+  rows = _row_grads(layout.per_kv_head(out_BTHD), lse_BTKG, layout.per_kv_head(d_out_BTHD), 0.0)
+  grads = triton_bwd.backward(operands, rows, spec, block_sizes=block_sizes, interpret=interpret)
+  return layout.per_q_head(grads.q), layout.unpad(grads.k), layout.unpad(grads.v)
+
+
+class _Layout:
+  """The kernels' view of a call's [B, T, H, D] arrays: q-like ones as [B, T, Hk, G, D'], every one with
+  its head dim zero-padded to D' (`_padded_dim`), and back."""
+
+  def __init__(self, inputs: spec_lib.Inputs):
+    self.batch, self.seq_len, self.num_q_heads, self.head_dim = inputs.q.shape
+    self.num_kv_heads = inputs.num_kv_heads
+    self.padded_dim = _padded_dim(self.head_dim)
+
+  def pad(self, x):
+    if x is None or self.padded_dim == self.head_dim:
+      return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.padded_dim - self.head_dim)])
+
+  def unpad(self, x):
+    return x if x is None or self.padded_dim == self.head_dim else x[..., :self.head_dim]
+
+  def per_kv_head(self, x_BTHD):
+    if x_BTHD is None:
+      return None
+    group = self.num_q_heads // self.num_kv_heads
+    return self.pad(x_BTHD).reshape(self.batch, self.seq_len, self.num_kv_heads, group, self.padded_dim)
+
+  def per_q_head(self, x_BTKGD):
+    return self.unpad(x_BTKGD.reshape(self.batch, self.seq_len, self.num_q_heads, self.padded_dim))
 
 
 def check_supported(inputs: spec_lib.Inputs, spec: spec_lib.Spec, interpret, *,
@@ -133,10 +168,16 @@ def _moda_bwd(spec, block_sizes, interpret, saved, cotangents):
   operands, out, lse = saved
   depth_arrays = (operands.depth_k, operands.depth_v) if spec.has_depth else None
   d_out, d_lse, depth_acc = cotangents_lib.split(cotangents, out, depth_arrays)
-  rows = tt.RowGrads(do=d_out.astype(out.dtype), lse=lse, delta=cotangents_lib.delta(out, d_out, d_lse))
+  rows = _row_grads(out, lse, d_out, d_lse)
   grads = triton_bwd.backward(operands, rows, spec, block_sizes=block_sizes, interpret=interpret,
                               depth_acc=depth_acc)
   return (grads,)
+
+
+def _row_grads(out_BTKGD, lse_BTKG, d_out_BTKGD, d_lse_BTKG) -> tt.RowGrads:
+  """What the backward kernels read per query row: d_out in out's dtype, the lse, and delta."""
+  return tt.RowGrads(do=d_out_BTKGD.astype(out_BTKGD.dtype), lse=lse_BTKG,
+                     delta=cotangents_lib.delta(out_BTKGD, d_out_BTKGD, d_lse_BTKG))
 
 
 _moda.defvjp(_moda_fwd, _moda_bwd, symbolic_zeros=True)

@@ -192,3 +192,24 @@ def test_inside_shard_map_equals_unsharded():
   np.testing.assert_allclose(got, jax.jit(attend)(*arrays), atol=_ATOL, rtol=_ATOL)
   # Each device ran the kernel on its own batch row and kv heads: the result is sharded, not replicated.
   assert got.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, heads), got.ndim)
+
+
+@pytest.mark.parametrize("head_dim, segments", [(16, False), (12, True)], ids=["d16", "d12_padded_segments"])
+def test_sequence_backward_is_the_custom_vjps_backward(head_dim, segments):
+  """`triton.sequence_backward` (what cudnn's packed path runs for the rows it cannot express) from the
+  forward's own out and lse gives the gradients `jax.vjp` of `triton.attention` gives: the same kernels,
+  the same layout glue (G = 3 folded, D = 12 zero-padded to 16)."""
+  (q, k, v, *_), (d_out, _) = _arrays(19, head_dim=head_dim)
+  segment_ids = jnp.asarray(_SEGMENTS, jnp.int32) if segments else None
+  inputs, spec = api.prepare(q, k, v, segment_ids=segment_ids)
+  tiles = _tiles()
+
+  def attend(q, k, v):
+    return triton.attention(inputs._replace(q=q, k=k, v=v), spec, interpret=True, block_sizes=tiles)[0]
+
+  out, pullback = jax.vjp(attend, q, k, v)
+  _, lse = triton.attention(inputs, spec, interpret=True, block_sizes=tiles)
+  got = triton.sequence_backward(inputs, spec, out, lse, d_out, interpret=True, block_sizes=tiles)
+  for name, want, grad in zip("qkv", pullback(d_out), got):
+    assert grad.shape == want.shape and grad.dtype == want.dtype, name
+    np.testing.assert_allclose(grad, want, atol=_ATOL, rtol=0, err_msg=name)
