@@ -11,10 +11,11 @@ backend; a direct caller that differentiates it gets NotImplementedError, never 
 What a query sees is `spec.sequence_visible`: cuDNN's own causal mask (s <= t, top-left aligned: T query
 and T key tokens), or none; with `segment_ids`, cuDNN's packed (THD) layout, each row given as runs of
 one id (`cudnn_packed`). That is exact when every id of a row is one contiguous run and a row has at
-most `cudnn_packed.MAX_SEGMENTS` runs, as the training pipeline packs; a traced test picks, per call,
-cuDNN where it holds and pallas_triton's segment-aware kernel where not (`lax.cond`: both are compiled,
-one runs). Packed rows need Hopper. (A dense [B, 1, T, T] mask bias, this backend's first way to take
-segments, measured slower than pallas_triton, BENCHMARKS.md §0c.)
+most `cudnn_packed.MAX_SEGMENTS` runs, as the training pipeline packs. A traced switch picks, per call,
+cuDNN at the smallest of `cudnn_packed.CAPACITIES` that holds the batch's runs, or pallas_triton's
+segment-aware kernels where none does (`lax.switch` in the forward and in the backward of one
+custom_vjp: every branch is compiled, one runs). Packed rows need Hopper. (A dense [B, 1, T, T] mask
+bias, this backend's first way to take segments, measured slower than pallas_triton, BENCHMARKS.md §0c.)
 
 Why not `jax.nn.dot_product_attention`: jax keeps cuDNN's residuals (its output and softmax statistics)
 inside its own custom_vjp, where no remat policy can name them, so under `save_dots_and_attention` the
@@ -85,20 +86,10 @@ def attention(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interpret=False):
   The lse has no gradient (module docstring): differentiating it raises NotImplementedError.
   """
   check_supported(inputs, spec, interpret)
-  q, k, v = inputs.q, inputs.k, inputs.v
   if not spec.has_segments:
-    out_BTHD, stats_BHT = _flash(q, k, v, None, spec.scale, spec.causal)
+    out_BTHD, stats_BHT = _flash(inputs.q, inputs.k, inputs.v, None, spec.scale, spec.causal)
     return out_BTHD, _lse_without_gradient(jnp.swapaxes(stats_BHT, 1, 2))
-  packing = cudnn_packed.describe(inputs.segment_ids)
-
-  def on_cudnn():
-    out_BTHD, stats_SHT = _flash(q, k, v, packing, spec.scale, spec.causal)
-    return out_BTHD, cudnn_packed.lse_from_stats(stats_SHT, packing)
-
-  def on_triton():
-    return triton.attention(inputs, spec, interpret=False)
-
-  out_BTHD, lse_BTH = jax.lax.cond(packing.fits, on_cudnn, on_triton)
+  out_BTHD, lse_BTH = _packed(inputs, spec)
   return out_BTHD, _lse_without_gradient(lse_BTH)
 
 
@@ -134,25 +125,98 @@ def _flash(q_BTHD, k_BTKD, v_BTKD, packing, scale: float, causal: bool):
 
 
 def _flash_fwd(q_BTHD, k_BTKD, v_BTKD, packing, scale, causal):
-  outputs, _ = _fa._dot_product_attention_fwd_rule(
-      q_BTHD, k_BTKD, v_BTKD, *_rule_arrays(q_BTHD, packing), scale, _SEED, _DROPOUT, _NO_BIAS,
-      _mask_type(causal, packing is not None), _LAYOUT, None, _cudnn_version(), True)
-  out_BTHD, stats = residuals.named(*outputs)
+  out_BTHD, stats = residuals.named(*_rule_forward(q_BTHD, k_BTKD, v_BTKD, packing, scale, causal))
   return (out_BTHD, stats), (q_BTHD, k_BTKD, v_BTKD, packing, out_BTHD, stats)
 
 
 def _flash_bwd(scale, causal, saved, cotangents):
   q_BTHD, k_BTKD, v_BTKD, packing, out_BTHD, stats = saved
   d_out_BTHD, _ = cotangents  # the statistics' cotangent: none reaches here (`_lse_without_gradient`)
+  return (*_rule_backward(q_BTHD, k_BTKD, v_BTKD, packing, out_BTHD, stats, d_out_BTHD, scale, causal), None)
+
+
+def _rule_forward(q_BTHD, k_BTKD, v_BTKD, packing, scale, causal):
+  """jax's cuDNN forward rule: (out [B, T, Hq, D], softmax statistics [B * M, Hq, T] float32)."""
+  outputs, _ = _fa._dot_product_attention_fwd_rule(
+      q_BTHD, k_BTKD, v_BTKD, *_rule_arrays(q_BTHD, packing), scale, _SEED, _DROPOUT, _NO_BIAS,
+      _mask_type(causal, packing is not None), _LAYOUT, None, _cudnn_version(), True)
+  return tuple(outputs)
+
+
+def _rule_backward(q_BTHD, k_BTKD, v_BTKD, packing, out_BTHD, stats, d_out_BTHD, scale, causal):
+  """jax's cuDNN backward rule: (dq, dk, dv)."""
   res = (q_BTHD, k_BTKD, v_BTKD, *_rule_arrays(q_BTHD, packing), stats, out_BTHD)
   # The rule's 8th static is jax's cudnn_version slot, named is_training there and unused.
   dq, dk, dv, *_ = _fa._dot_product_attention_bwd_rule(
       scale, _SEED, _DROPOUT, _NO_BIAS, _mask_type(causal, packing is not None), _LAYOUT, None,
       _cudnn_version(), False, res, d_out_BTHD)
-  return dq, dk, dv, None
+  return dq, dk, dv
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# Packed documents: one custom_vjp whose forward and backward each switch between cuDNN at the batch's
+# capacity (`cudnn_packed.capacity_index`) and pallas_triton. Its residuals are exactly what the taken
+# branch needs (the inputs, out, cuDNN's statistics or Triton's lse); a `lax.cond` over two differentiable
+# branches would return both branches' residuals from the forward, copies of q, k, v and out among them,
+# and cost ~0.15-0.25 ms per call (BENCHMARKS.md §0j).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _packed(inputs: spec_lib.Inputs, spec: spec_lib.Spec):
+  """(out [B, T, Hq, D], lse [B, T, Hq]) of a call with segment_ids."""
+  return _packed_fwd(inputs, spec)[0]
+
+
+def _packed_fwd(inputs, spec):
+  capacities = cudnn_packed.CAPACITIES
+  segment_ids = inputs.segment_ids
+  batch = segment_ids.shape[0]
+
+  def on_cudnn(max_segments):
+    def run():
+      packing = cudnn_packed.describe(segment_ids, max_segments)
+      out_BTHD, stats_SHT = _rule_forward(inputs.q, inputs.k, inputs.v, packing, spec.scale, spec.causal)
+      # One statistics layout for every capacity: the runs sit at the front (`lse_from_stats`).
+      stats_SHT = jnp.pad(stats_SHT, ((0, batch * (capacities[-1] - max_segments)), (0, 0), (0, 0)))
+      return out_BTHD, stats_SHT, jnp.zeros(inputs.q.shape[:3], jnp.float32)
+    return run
+
+  def on_triton():
+    out_BTHD, lse_BTH = triton.attention(inputs, spec)
+    stats_SHT = jnp.zeros((batch * capacities[-1], inputs.q.shape[2], spec.seq_len), jnp.float32)
+    return out_BTHD, stats_SHT, lse_BTH
+
+  branch = cudnn_packed.capacity_index(segment_ids, capacities)
+  out_BTHD, stats_SHT, triton_lse_BTH = residuals.named(
+      *jax.lax.switch(branch, [on_cudnn(m) for m in capacities] + [on_triton]))
+  lse_BTH = jnp.where(branch < len(capacities),
+                      cudnn_packed.lse_from_stats(stats_SHT, cudnn_packed.describe(segment_ids, capacities[-1])),
+                      triton_lse_BTH)
+  return (out_BTHD, lse_BTH), (inputs, out_BTHD, stats_SHT, triton_lse_BTH)
+
+
+def _packed_bwd(spec, saved, cotangents):
+  inputs, out_BTHD, stats_SHT, triton_lse_BTH = saved
+  d_out_BTHD, _ = cotangents  # the lse's: zero (`_lse_without_gradient`)
+  capacities = cudnn_packed.CAPACITIES
+  batch = inputs.segment_ids.shape[0]
+
+  def on_cudnn(max_segments):
+    def run():
+      packing = cudnn_packed.describe(inputs.segment_ids, max_segments)
+      return _rule_backward(inputs.q, inputs.k, inputs.v, packing, out_BTHD, stats_SHT[:batch * max_segments],
+                            d_out_BTHD, spec.scale, spec.causal)
+    return run
+
+  def on_triton():
+    return triton.sequence_backward(inputs, spec, out_BTHD, triton_lse_BTH, d_out_BTHD)
+
+  branch = cudnn_packed.capacity_index(inputs.segment_ids, capacities)
+  dq, dk, dv = jax.lax.switch(branch, [on_cudnn(m) for m in capacities] + [on_triton])
+  return (inputs._replace(q=dq, k=dk, v=dv, segment_ids=None),)
+
+
+_packed.defvjp(_packed_fwd, _packed_bwd)
 
 
 def _compute_capability() -> tuple[int, int]:

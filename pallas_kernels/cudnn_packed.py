@@ -7,8 +7,13 @@ id, wherever they lie in the row. cuDNN's packed layout describes a row as at mo
 contiguous run and a row has at most M runs: then "same id" and "same run" are the same relation, and
 cuDNN's causal mask inside a run (offsets shared by queries and keys) is the causal mask of the row.
 The training pipeline packs that way (ids 1, 2, ... per document piece, then one padding run of 0), with
-at most 6 runs per row at B8 x T4096 over 160 rows of the 700M config's data; `fits` says whether a
-batch does, so a caller can take another kernel where it does not.
+at most 6 runs per row at B8 x T4096 over 320 rows of the 700M config's data, at most 4 at B32 x T1024 over
+1280 rows of the width-384 study's; `fits` says whether a batch does, so a caller can take another kernel
+where it does not.
+
+cuDNN's time grows with the room M a row is given, used or not (BENCHMARKS.md §0j: at B32 x T1024, one or two
+runs per row, fwd+bwd 0.55 ms with M = 1 and 1.08 ms with M = 16), so a batch takes the smallest of
+`CAPACITIES` that holds every row's runs (`capacity_index`).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Runs per row cuDNN is given room for. cuDNN's softmax statistics take (B * M, Hq, T) float32, M times
-# the unpacked ones, so M stays small; a batch with more runs in a row takes the fallback (`fits`).
-MAX_SEGMENTS = 16
+# The rooms M (runs per row) a batch may be given, smallest first: each is a cuDNN graph of its own in the
+# compiled program. cuDNN's softmax statistics take (B * M, Hq, T) float32, M times the unpacked ones, so
+# the largest stays small; a batch with more runs in a row than it takes the fallback (`fits`).
+CAPACITIES = (4, 8, 16)
+MAX_SEGMENTS = CAPACITIES[-1]
 
 
 class Packing(NamedTuple):
@@ -34,13 +41,9 @@ class Packing(NamedTuple):
 def describe(segment_ids_BT: jax.Array, max_segments: int = MAX_SEGMENTS) -> Packing:
   """The runs of every row of `segment_ids_BT` [B, T] (any integer ids), at most `max_segments` each."""
   batch, seq_len = segment_ids_BT.shape
-  ids_BT = segment_ids_BT.astype(jnp.int32)
-  starts_BT = jnp.concatenate([jnp.ones((batch, 1), bool), ids_BT[:, 1:] != ids_BT[:, :-1]], axis=1)
-  run_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32) - 1
+  run_BT, single_runs = _runs(segment_ids_BT)
   runs_B = run_BT[:, -1] + 1
-  sorted_BT = jnp.sort(ids_BT, axis=1)
-  distinct_B = 1 + jnp.sum(sorted_BT[:, 1:] != sorted_BT[:, :-1], axis=1, dtype=jnp.int32)
-  fits = jnp.all((runs_B == distinct_B) & (runs_B <= max_segments))
+  fits = single_runs & jnp.all(runs_B <= max_segments)
 
   # Start of run r = the first token whose run is r (T where there is none); runs past M are dropped.
   tokens_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
@@ -52,6 +55,27 @@ def describe(segment_ids_BT: jax.Array, max_segments: int = MAX_SEGMENTS) -> Pac
   offsets_BM1 = jnp.concatenate([jnp.where(present_BM, starts_BM[:, :-1], -1),
                                  jnp.full((batch, 1), -1, jnp.int32)], axis=1)
   return Packing(seqlen_BM, offsets_BM1, run_BT, fits)
+
+
+def capacity_index(segment_ids_BT: jax.Array, capacities: tuple[int, ...] = CAPACITIES) -> jax.Array:
+  """int32 []: the index of the smallest of `capacities` (ascending) that holds every row's runs of
+  `segment_ids_BT` [B, T], or len(capacities) where none does or an id is split into several runs."""
+  run_BT, single_runs = _runs(segment_ids_BT)
+  most_runs = jnp.max(run_BT[:, -1]) + 1
+  fitting = jnp.sum(jnp.asarray(capacities, jnp.int32) < most_runs, dtype=jnp.int32)
+  return jnp.where(single_runs, fitting, len(capacities))
+
+
+def _runs(segment_ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(run_BT: each token's run, its index among its row's runs of equal ids; single_runs: bool [], every
+  id of every row is one run)."""
+  batch = segment_ids_BT.shape[0]
+  ids_BT = segment_ids_BT.astype(jnp.int32)
+  starts_BT = jnp.concatenate([jnp.ones((batch, 1), bool), ids_BT[:, 1:] != ids_BT[:, :-1]], axis=1)
+  run_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32) - 1
+  sorted_BT = jnp.sort(ids_BT, axis=1)
+  distinct_B = 1 + jnp.sum(sorted_BT[:, 1:] != sorted_BT[:, :-1], axis=1, dtype=jnp.int32)
+  return run_BT, jnp.all(run_BT[:, -1] + 1 == distinct_B)
 
 
 def lse_from_stats(stats_SNT: jax.Array, packing: Packing) -> jax.Array:

@@ -4,9 +4,11 @@
    packed layout means the same as `segment_ids` (every id one run, at most M runs per row).
 2. `cudnn_packed.lse_from_stats` reads each token's statistic where the packed layout keeps it.
 3. jax's private cuDNN rules that `cudnn.py` binds still have the signatures it calls them with.
-4. Under a remat policy that keeps the attention residuals, the gradient runs cuDNN's forward once (jax's
-   own cuDNN attention ran it twice: its residuals carry no name); with segments, behind a `lax.cond`
-   whose other branch is pallas_triton. Traced with a pretended Hopper GPU: nothing is compiled.
+4. `cudnn_packed.capacity_index` picks the smallest capacity that holds every row's runs, or none.
+5. Under a remat policy that keeps the attention residuals, the gradient runs cuDNN's forward once (jax's
+   own cuDNN attention ran it twice: its residuals carry no name); with segments, one of a `lax.switch`'s
+   branches, one per capacity and pallas_triton, whose forward returns only what the backward reads (no
+   copies of q, k, v). Traced with a pretended Hopper GPU: nothing is compiled.
 """
 
 import inspect
@@ -76,6 +78,23 @@ def test_lse_from_stats_reads_each_tokens_run_and_position():
   np.testing.assert_array_equal(cudnn_packed.lse_from_stats(jnp.asarray(stats), packing), expected)
 
 
+@pytest.mark.parametrize("name", list(_ROWS))
+def test_capacity_index_is_the_smallest_room_for_every_row(name):
+  rows = np.array(_ROWS[name], np.int32)
+  capacities = (2, 4, 8)
+  runs = [_runs(row.tolist()) for row in rows]
+  single_runs = all(len(r) == len(set(row.tolist())) for r, row in zip(runs, rows))
+  most = max(len(r) for r in runs)
+  expected = next((i for i, c in enumerate(capacities) if most <= c), 3) if single_runs else 3
+  index = jax.jit(cudnn_packed.capacity_index, static_argnums=1)(jnp.asarray(rows), capacities)
+  assert int(index) == expected
+  # The capacity it names is one `describe` fits, and the one below it is not.
+  if expected < 3:
+    assert bool(cudnn_packed.describe(jnp.asarray(rows), capacities[expected]).fits)
+  if 0 < expected < 3 or not single_runs:
+    assert not bool(cudnn_packed.describe(jnp.asarray(rows), capacities[max(expected - 1, 0)]).fits)
+
+
 def test_private_cudnn_rules_keep_the_signatures_cudnn_py_calls():
   """A jax upgrade that changes them fails here, not on the GPU."""
   params = lambda fn: list(inspect.signature(fn).parameters)
@@ -125,10 +144,35 @@ def test_gradient_under_remat_runs_the_cudnn_forward_once(pretend_hopper, packed
 
   grad = jax.grad(jax.checkpoint(loss, policy=policy), argnums=(0, 1, 2))
   jaxpr = jax.make_jaxpr(grad)(q, kv, kv, segment_ids).jaxpr
-  assert _count(jaxpr, "dot_product_attention_fwd_wrapper") == 1
-  assert _count(jaxpr, "dot_product_attention_bwd_wrapper") == 1
-  # With segments, pallas_triton's kernels are the cond's other branch (rows that are not single runs).
+  # With segments, one forward (and one backward) per capacity: the switch's branches, one of which runs.
+  branches = len(cudnn_packed.CAPACITIES) if packed else 1
+  assert _count(jaxpr, "dot_product_attention_fwd_wrapper") == branches
+  assert _count(jaxpr, "dot_product_attention_bwd_wrapper") == branches
+  # With segments, pallas_triton's kernels are the switch's last branch (rows that are not single runs).
   assert (_count(jaxpr, "pallas_call") > 0) == packed
   # Without the policy the same forward is rerun for the backward: the count above is the policy's doing.
   rerun = jax.make_jaxpr(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, kv, kv, segment_ids).jaxpr
-  assert _count(rerun, "dot_product_attention_fwd_wrapper") == 2
+  assert _count(rerun, "dot_product_attention_fwd_wrapper") == 2 * branches
+
+
+def test_packed_forward_switch_returns_only_the_residuals_its_backward_reads(pretend_hopper):
+  """out, cuDNN's statistics and Triton's lse: a cond over two differentiable branches returned every
+  branch's residuals, q, k, v and out copied among them (~0.2 ms per call on the H200, BENCHMARKS §0j)."""
+  batch, seq_len, kv_heads, group, head_dim = 2, 64, 2, 2, 64
+  q = jax.ShapeDtypeStruct((batch, seq_len, kv_heads * group, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, seq_len, kv_heads, head_dim), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+
+  def loss(q, k, v, segment_ids):
+    inputs, spec = api.prepare(q, k, v, segment_ids=segment_ids)
+    return jnp.sum(cudnn.attention(inputs, spec)[0].astype(jnp.float32))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv, segment_ids).jaxpr
+  switches = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(switches) == 2  # the forward's and the backward's
+  forward_outputs = [(tuple(v.aval.shape), v.aval.dtype) for v in switches[0].outvars]
+  max_runs = batch * cudnn_packed.MAX_SEGMENTS
+  assert forward_outputs == [(q.shape, jnp.bfloat16), ((max_runs, kv_heads * group, seq_len), jnp.float32),
+                             (q.shape[:3], jnp.float32)]
+  assert len(switches[0].params["branches"]) == len(cudnn_packed.CAPACITIES) + 1
+  assert [tuple(v.aval.shape) for v in switches[1].outvars] == [q.shape, kv.shape, kv.shape]

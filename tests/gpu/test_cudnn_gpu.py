@@ -9,8 +9,9 @@ Run on the GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/gpu/test_
    shard_map path runs cudnn too.
 3. A cotangent on cudnn's lse raises NotImplementedError (cuDNN's backward takes no lse cotangent).
 4. Packed documents (`segment_ids`, cuDNN's packed layout): out, lse and gradients against the oracle
-   for rows of single runs (documents then padding), and for rows the packed layout cannot mean (an id
-   in two runs, more runs than `cudnn_packed.MAX_SEGMENTS`), which take pallas_triton inside the call.
+   for rows of single runs at each of `cudnn_packed.CAPACITIES` (documents then padding: 4 runs; 6 and 12
+   equal documents), and for rows the packed layout cannot mean (an id in two runs, more runs than
+   `cudnn_packed.MAX_SEGMENTS`), which take pallas_triton inside the call.
 """
 
 import jax
@@ -122,10 +123,18 @@ def test_model_kernel_call_runs_cudnn_under_shard_map():
   _assert_matches_oracle(case, q, k, v, d_out, out, grads)
 
 
+# kind -> the branch `cudnn_packed.capacity_index` takes (len(CAPACITIES): pallas_triton).
+_KINDS = {"documents": 0, "6_documents": 1, "12_documents": 2, "id_in_two_runs": 3, "too_many_runs": 3}
+
+
 def _rows(kind, batch, seq_len):
-  """Segment ids [B, T]: documents then padding (single runs), an id in two runs, or too many runs."""
+  """Segment ids [B, T]: documents then padding (single runs), N equal documents in the first row (single
+  runs), an id in two runs, or too many runs."""
   t = np.arange(seq_len)
-  if kind == "documents":
+  if kind.endswith("_documents"):
+    equal = t * int(kind.split("_")[0]) // seq_len + 1
+    rows = np.stack([equal] + [np.where(t < seq_len // 3, 4, 7)] * (batch - 1))
+  elif kind == "documents":
     ends = [seq_len // 3, seq_len // 2 + 5, seq_len - 17]  # three documents, then a padding run of 0
     row = np.searchsorted(ends, t, side="right") + 1
     row[t >= ends[-1]] = 0
@@ -138,14 +147,16 @@ def _rows(kind, batch, seq_len):
   return jnp.asarray(rows, jnp.int32)
 
 
-@pytest.mark.parametrize("kind", ["documents", "id_in_two_runs", "too_many_runs"])
+@pytest.mark.parametrize("kind", list(_KINDS))
 @pytest.mark.parametrize("case", [_CASES[0], _CASES[2], _CASES[-1]], ids=[_CASES[i][0] for i in (0, 2, -1)])
 def test_packed_documents_match_oracle(case, kind):
   name, batch, seq_len, kv_heads, group, head_dim, causal, dtype = case
   batch = max(batch, 2)
   q, k, v, d_out = _inputs(name + kind, batch, seq_len, kv_heads, group, head_dim, dtype)
   segment_ids = _rows(kind, batch, seq_len)
-  assert bool(cudnn_packed.describe(segment_ids).fits) == (kind == "documents")
+  assert cudnn_packed.CAPACITIES == (4, 8, 16)  # what _KINDS' branches assume
+  assert int(cudnn_packed.capacity_index(segment_ids)) == _KINDS[kind]
+  assert bool(cudnn_packed.describe(segment_ids).fits) == (_KINDS[kind] < 3)
   assert resolve_implementation(q, k, v, causal=causal, segment_ids=segment_ids) == "cudnn"
 
   def attend(q, k, v):
