@@ -10,6 +10,7 @@ import pytest
 
 import model_cases as cases
 from moda_jax import ModelConfig, Transformer
+from moda_jax.model import block_loop
 from moda_jax.model.config import REMAT_OPTIONS
 from moda_jax.model.param_layout import loop_to_scan, scan_to_loop
 from moda_jax.model.presets import olmo2_700m, table6_small
@@ -125,6 +126,17 @@ def test_one_seed_gives_both_layouts_the_same_init(kw):
   specs = nn.get_partition_spec(loop_boxed)
   assert specs["block_1"]["attention"]["query"]["kernel"] == jax.sharding.PartitionSpec(
       "embed", "q_heads", "head_dim")
+
+
+@pytest.mark.parametrize("depth_kv", ["none", "attn_ffn"])
+def test_block_init_runs_whatever_attention_impl_the_config_names(depth_kv):
+  """The block initializer's one-token dummy call only creates parameters: with a backend that cannot
+  take it (cudnn refuses T = 1, and this CPU has no cuDNN at all) it still runs, to the same values."""
+  cfg = cases.config(depth_kv=depth_kv)
+  want = block_loop.init_block_params(cfg, writes_depth=True)(jax.random.key(3))
+  cudnn_cfg = dataclasses.replace(cfg, attention_impl="cudnn")
+  got = block_loop.init_block_params(cudnn_cfg, writes_depth=True)(jax.random.key(3))
+  jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(got), nn.meta.unbox(want))
 
 
 def test_init_annotates_logical_axes_for_sharding():

@@ -113,7 +113,7 @@ def over_layers(step: Callable, carry, layer_params: LayerParams, per_layer=None
 def init_block_params(config: ModelConfig, writes_depth: bool) -> Callable:
   """An initializer rng -> the (boxed) parameters of one block, from a one-token dummy call."""
 
-  @kernel_call.not_recorded()
+  @kernel_call.parameters_only()
   def init(rng):
     x_BTM = jnp.zeros((1, 1, config.d_model), jnp.dtype(config.dtype))
     positions_BT = jnp.zeros((1, 1), jnp.int32)

@@ -22,6 +22,8 @@ from pallas_kernels import moda_attention, resolve_implementation
 
 # The open `recording_implementations` collections: {call kind: {implementation names}}.
 _RECORDINGS: list[dict[str, set[str]]] = []
+# Inside `parameters_only`: attention calls only create parameters.
+_PARAMETERS_ONLY = False
 
 
 @contextlib.contextmanager
@@ -38,15 +40,20 @@ def recording_implementations():
 
 
 @contextlib.contextmanager
-def not_recorded():
-  """Attention calls traced inside are left out of `recording_implementations` (a one-token dummy call
-  that only creates parameters would otherwise show up as a kernel the run trains on)."""
-  saved = _RECORDINGS[:]
+def parameters_only():
+  """Attention calls traced inside only create parameters (a one-token dummy call): they run on the
+  `xla` backend, which takes any shape on any platform (a user's `implementation="cudnn"` refuses the
+  odd T = 1; the values are discarded), and are left out of `recording_implementations` (the dummy
+  call would otherwise show up as a kernel the run trains on)."""
+  global _PARAMETERS_ONLY
+  saved, saved_flag = _RECORDINGS[:], _PARAMETERS_ONLY
   _RECORDINGS.clear()
+  _PARAMETERS_ONLY = True
   try:
     yield
   finally:
     _RECORDINGS[:] = saved
+    _PARAMETERS_ONLY = saved_flag
 
 
 def describe_implementations(used: dict[str, set[str]]) -> str:
@@ -84,7 +91,7 @@ def sharded_moda_attention(q_BTHD, k_BTKD, v_BTKD, depth_k_BTLKD, depth_v_BTLKD,
                 depth_start=_scalar(depth_start) if has_depth and depth_start is not None else None,
                 segment_ids=segment_ids_BT)
   arrays = {name: a for name, a in arrays.items() if a is not None}  # None cannot pass shard_map
-  options = dict(implementation=implementation, return_depth=return_depth,
+  options = dict(implementation="xla" if _PARAMETERS_ONLY else implementation, return_depth=return_depth,
                  depth_chunk=None if depth_chunk == 1 or not has_depth else depth_chunk)
 
   def call(arrays):
