@@ -15,8 +15,8 @@
 #   shapes (the fastest policy of each model in the sweeps of BENCHMARKS.md §0d; the width-384 study
 #   configs themselves keep remat=none, which does not change their losses), each config's own
 #   loss_chunk_len; at 700M unscanned layers for both (7% faster than the scan, §0i; same losses); at
-#   width 384 the baseline's attention on pallas_triton (cuDNN's packed path is 21% slower per step
-#   there, §0i) and MoDA's on its default (pallas_mosaic_gpu on Hopper).
+#   width 384 the baseline's attention on pallas_triton (cuDNN's packed path is 7% slower per step
+#   there, §0j) and MoDA's on its default (pallas_mosaic_gpu on Hopper).
 #   BENCH_RUN_TIMEOUT (seconds, default 280) bounds each run, compilation included: SIGTERM, which the trainer
 #   answers after its current step (so a run still compiling would go on), then SIGKILL 20 s later.
 #   Unscanned 700M runs take ~90 s to their first step (8-9 s of state init, 70-75 s of compilation).
