@@ -158,9 +158,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # Packed documents: one custom_vjp whose forward and backward each switch between cuDNN at the batch's
 # capacity (`cudnn_packed.capacity_index`) and pallas_triton. Its residuals are exactly what the taken
-# branch needs (the inputs, out, cuDNN's statistics or Triton's lse); a `lax.cond` over two differentiable
-# branches would return both branches' residuals from the forward, copies of q, k, v and out among them,
-# and cost ~0.15-0.25 ms per call (BENCHMARKS.md §0j).
+# branch needs (the inputs, out, cuDNN's statistics or Triton's lse, the packing, described once per call);
+# a `lax.cond` over two differentiable branches would return both branches' residuals from the forward,
+# copies of q, k, v and out among them, and cost ~0.15-0.25 ms per call (BENCHMARKS.md §0j).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _packed(inputs: spec_lib.Inputs, spec: spec_lib.Spec):
   """(out [B, T, Hq, D], lse [B, T, Hq]) of a call with segment_ids."""
@@ -169,49 +169,48 @@ def _packed(inputs: spec_lib.Inputs, spec: spec_lib.Spec):
 
 def _packed_fwd(inputs, spec):
   capacities = cudnn_packed.CAPACITIES
-  segment_ids = inputs.segment_ids
-  batch = segment_ids.shape[0]
+  packing = cudnn_packed.describe(inputs.segment_ids, capacities[-1])
+  stats_shape = (inputs.q.shape[0] * capacities[-1], inputs.q.shape[2], spec.seq_len)
 
   def on_cudnn(max_segments):
     def run():
-      packing = cudnn_packed.describe(segment_ids, max_segments)
-      out_BTHD, stats_SHT = _rule_forward(inputs.q, inputs.k, inputs.v, packing, spec.scale, spec.causal)
+      out_BTHD, stats_SHT = _rule_forward(inputs.q, inputs.k, inputs.v, packing.at_capacity(max_segments),
+                                          spec.scale, spec.causal)
       # One statistics layout for every capacity: the runs sit at the front (`lse_from_stats`).
-      stats_SHT = jnp.pad(stats_SHT, ((0, batch * (capacities[-1] - max_segments)), (0, 0), (0, 0)))
+      stats_SHT = jnp.pad(stats_SHT, ((0, stats_shape[0] - stats_SHT.shape[0]), (0, 0), (0, 0)))
       return out_BTHD, stats_SHT, jnp.zeros(inputs.q.shape[:3], jnp.float32)
     return run
 
   def on_triton():
     out_BTHD, lse_BTH = triton.attention(inputs, spec)
-    stats_SHT = jnp.zeros((batch * capacities[-1], inputs.q.shape[2], spec.seq_len), jnp.float32)
-    return out_BTHD, stats_SHT, lse_BTH
+    return out_BTHD, jnp.zeros(stats_shape, jnp.float32), lse_BTH
 
-  branch = cudnn_packed.capacity_index(segment_ids, capacities)
+  branch = cudnn_packed.capacity_index(packing, capacities)
   out_BTHD, stats_SHT, triton_lse_BTH = residuals.named(
       *jax.lax.switch(branch, [on_cudnn(m) for m in capacities] + [on_triton]))
-  lse_BTH = jnp.where(branch < len(capacities),
-                      cudnn_packed.lse_from_stats(stats_SHT, cudnn_packed.describe(segment_ids, capacities[-1])),
-                      triton_lse_BTH)
-  return (out_BTHD, lse_BTH), (inputs, out_BTHD, stats_SHT, triton_lse_BTH)
+  lse_BTH = jnp.where(branch < len(capacities), cudnn_packed.lse_from_stats(stats_SHT, packing), triton_lse_BTH)
+  # The packing and branch too (B x T int32 and less): a policy that saved only the kernel's outputs
+  # would describe the batch again in the backward pass.
+  *saved_packing, branch = residuals.named(*packing, branch)
+  return (out_BTHD, lse_BTH), (inputs, out_BTHD, stats_SHT, triton_lse_BTH, cudnn_packed.Packing(*saved_packing),
+                               branch)
 
 
 def _packed_bwd(spec, saved, cotangents):
-  inputs, out_BTHD, stats_SHT, triton_lse_BTH = saved
+  inputs, out_BTHD, stats_SHT, triton_lse_BTH, packing, branch = saved
   d_out_BTHD, _ = cotangents  # the lse's: zero (`_lse_without_gradient`)
   capacities = cudnn_packed.CAPACITIES
-  batch = inputs.segment_ids.shape[0]
+  batch = inputs.q.shape[0]
 
   def on_cudnn(max_segments):
     def run():
-      packing = cudnn_packed.describe(inputs.segment_ids, max_segments)
-      return _rule_backward(inputs.q, inputs.k, inputs.v, packing, out_BTHD, stats_SHT[:batch * max_segments],
-                            d_out_BTHD, spec.scale, spec.causal)
+      return _rule_backward(inputs.q, inputs.k, inputs.v, packing.at_capacity(max_segments), out_BTHD,
+                            stats_SHT[:batch * max_segments], d_out_BTHD, spec.scale, spec.causal)
     return run
 
   def on_triton():
     return triton.sequence_backward(inputs, spec, out_BTHD, triton_lse_BTH, d_out_BTHD)
 
-  branch = cudnn_packed.capacity_index(inputs.segment_ids, capacities)
   dq, dk, dv = jax.lax.switch(branch, [on_cudnn(m) for m in capacities] + [on_triton])
   return (inputs._replace(q=dq, k=dk, v=dv, segment_ids=None),)
 

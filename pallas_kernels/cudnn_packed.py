@@ -11,8 +11,8 @@ at most 6 runs per row at B8 x T4096 over 320 rows of the 700M config's data, at
 1280 rows of the width-384 study's; `fits` says whether a batch does, so a caller can take another kernel
 where it does not.
 
-cuDNN's time grows with the room M a row is given, used or not (BENCHMARKS.md §0j: at B32 x T1024, one or two
-runs per row, fwd+bwd 0.55 ms with M = 1 and 1.08 ms with M = 16), so a batch takes the smallest of
+cuDNN's time grows with the room M a row is given, used or not (BENCHMARKS.md §0j: at B32 x T1024, one run
+per row, fwd+bwd 0.55 ms with M = 1 and 1.08 ms with M = 16), so a batch takes the smallest of
 `CAPACITIES` that holds every row's runs (`capacity_index`).
 """
 
@@ -37,13 +37,30 @@ class Packing(NamedTuple):
   run_BT: jax.Array         # int32: the run of each token (its index among its row's runs)
   fits: jax.Array           # bool []: every id is one run and no row has more than M runs
 
+  def at_capacity(self, max_segments: int) -> Packing:
+    """The same runs with room for `max_segments` (<= M) per row: what `describe` gives at that room
+    for a batch whose rows have at most that many runs (`capacity_index` picks one that holds them)."""
+    batch = self.seqlen_BM.shape[0]
+    offsets_BM1 = jnp.concatenate([self.offsets_BM1[:, :max_segments], jnp.full((batch, 1), -1, jnp.int32)],
+                                  axis=1)
+    return Packing(self.seqlen_BM[:, :max_segments], offsets_BM1, self.run_BT,
+                   self.fits & (self.most_runs() <= max_segments))
+
+  def most_runs(self) -> jax.Array:
+    """int32 []: the most runs any row has (those past M included)."""
+    return jnp.max(self.run_BT[:, -1]) + 1
+
 
 def describe(segment_ids_BT: jax.Array, max_segments: int = MAX_SEGMENTS) -> Packing:
   """The runs of every row of `segment_ids_BT` [B, T] (any integer ids), at most `max_segments` each."""
   batch, seq_len = segment_ids_BT.shape
-  run_BT, single_runs = _runs(segment_ids_BT)
+  ids_BT = segment_ids_BT.astype(jnp.int32)
+  starts_BT = jnp.concatenate([jnp.ones((batch, 1), bool), ids_BT[:, 1:] != ids_BT[:, :-1]], axis=1)
+  run_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32) - 1
   runs_B = run_BT[:, -1] + 1
-  fits = single_runs & jnp.all(runs_B <= max_segments)
+  sorted_BT = jnp.sort(ids_BT, axis=1)
+  distinct_B = 1 + jnp.sum(sorted_BT[:, 1:] != sorted_BT[:, :-1], axis=1, dtype=jnp.int32)
+  fits = jnp.all((runs_B == distinct_B) & (runs_B <= max_segments))
 
   # Start of run r = the first token whose run is r (T where there is none); runs past M are dropped.
   tokens_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
@@ -57,25 +74,14 @@ def describe(segment_ids_BT: jax.Array, max_segments: int = MAX_SEGMENTS) -> Pac
   return Packing(seqlen_BM, offsets_BM1, run_BT, fits)
 
 
-def capacity_index(segment_ids_BT: jax.Array, capacities: tuple[int, ...] = CAPACITIES) -> jax.Array:
-  """int32 []: the index of the smallest of `capacities` (ascending) that holds every row's runs of
-  `segment_ids_BT` [B, T], or len(capacities) where none does or an id is split into several runs."""
-  run_BT, single_runs = _runs(segment_ids_BT)
-  most_runs = jnp.max(run_BT[:, -1]) + 1
-  fitting = jnp.sum(jnp.asarray(capacities, jnp.int32) < most_runs, dtype=jnp.int32)
-  return jnp.where(single_runs, fitting, len(capacities))
-
-
-def _runs(segment_ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(run_BT: each token's run, its index among its row's runs of equal ids; single_runs: bool [], every
-  id of every row is one run)."""
-  batch = segment_ids_BT.shape[0]
-  ids_BT = segment_ids_BT.astype(jnp.int32)
-  starts_BT = jnp.concatenate([jnp.ones((batch, 1), bool), ids_BT[:, 1:] != ids_BT[:, :-1]], axis=1)
-  run_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32) - 1
-  sorted_BT = jnp.sort(ids_BT, axis=1)
-  distinct_B = 1 + jnp.sum(sorted_BT[:, 1:] != sorted_BT[:, :-1], axis=1, dtype=jnp.int32)
-  return run_BT, jnp.all(run_BT[:, -1] + 1 == distinct_B)
+def capacity_index(packing: Packing, capacities: tuple[int, ...] = CAPACITIES) -> jax.Array:
+  """int32 []: the index of the smallest of `capacities` (ascending, the last one `packing`'s room M)
+  that holds every row's runs, or len(capacities) where none does or an id is split into several runs."""
+  if packing.seqlen_BM.shape[1] != capacities[-1]:
+    raise ValueError(f"capacity_index: the packing has room for {packing.seqlen_BM.shape[1]} runs per row; "
+                     f"expected the largest capacity, {capacities[-1]} (describe(segment_ids, {capacities[-1]})).")
+  fitting = jnp.sum(jnp.asarray(capacities, jnp.int32) < packing.most_runs(), dtype=jnp.int32)
+  return jnp.where(packing.fits, fitting, len(capacities))
 
 
 def lse_from_stats(stats_SNT: jax.Array, packing: Packing) -> jax.Array:

@@ -4,11 +4,12 @@
    packed layout means the same as `segment_ids` (every id one run, at most M runs per row).
 2. `cudnn_packed.lse_from_stats` reads each token's statistic where the packed layout keeps it.
 3. jax's private cuDNN rules that `cudnn.py` binds still have the signatures it calls them with.
-4. `cudnn_packed.capacity_index` picks the smallest capacity that holds every row's runs, or none.
+4. `cudnn_packed.capacity_index` picks the smallest capacity that holds every row's runs, or none, and
+   `Packing.at_capacity` is `describe` at that room.
 5. Under a remat policy that keeps the attention residuals, the gradient runs cuDNN's forward once (jax's
    own cuDNN attention ran it twice: its residuals carry no name); with segments, one of a `lax.switch`'s
    branches, one per capacity and pallas_triton, whose forward returns only what the backward reads (no
-   copies of q, k, v). Traced with a pretended Hopper GPU: nothing is compiled.
+   copies of q, k, v), the batch described once. Traced with a pretended Hopper GPU: nothing is compiled.
 """
 
 import inspect
@@ -86,13 +87,24 @@ def test_capacity_index_is_the_smallest_room_for_every_row(name):
   single_runs = all(len(r) == len(set(row.tolist())) for r, row in zip(runs, rows))
   most = max(len(r) for r in runs)
   expected = next((i for i, c in enumerate(capacities) if most <= c), 3) if single_runs else 3
-  index = jax.jit(cudnn_packed.capacity_index, static_argnums=1)(jnp.asarray(rows), capacities)
+  packing = cudnn_packed.describe(jnp.asarray(rows), capacities[-1])
+  index = jax.jit(cudnn_packed.capacity_index, static_argnums=1)(packing, capacities)
   assert int(index) == expected
   # The capacity it names is one `describe` fits, and the one below it is not.
   if expected < 3:
     assert bool(cudnn_packed.describe(jnp.asarray(rows), capacities[expected]).fits)
   if 0 < expected < 3 or not single_runs:
     assert not bool(cudnn_packed.describe(jnp.asarray(rows), capacities[max(expected - 1, 0)]).fits)
+  # And the packing at that room is what `describe` gives there (every room that holds the rows' runs).
+  for room in capacities[expected:] if single_runs else ():
+    want = cudnn_packed.describe(jnp.asarray(rows), room)
+    jax.tree.map(np.testing.assert_array_equal, packing.at_capacity(room), want)
+
+
+def test_capacity_index_wants_the_packing_at_the_largest_capacity():
+  packing = cudnn_packed.describe(jnp.ones((1, 8), jnp.int32), 8)
+  with pytest.raises(ValueError, match="room for 8 runs per row; expected the largest capacity, 16"):
+    cudnn_packed.capacity_index(packing, (4, 16))
 
 
 def test_private_cudnn_rules_keep_the_signatures_cudnn_py_calls():
@@ -117,15 +129,18 @@ def pretend_hopper(monkeypatch):
   monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
 
 
-def _count(jaxpr, name):
+def _count(jaxpr, name, skip_branches_with=None):
+  """Equations named `name` in `jaxpr` and every jaxpr inside it, but for switch branches that hold a
+  `skip_branches_with` equation."""
   total = 0
   for eqn in jaxpr.eqns:
     total += eqn.primitive.name == name
     for param in eqn.params.values():
       for sub in param if isinstance(param, (list, tuple)) else (param,):
         sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          total += _count(sub, name)
+        skipped = eqn.primitive.name == "cond" and skip_branches_with and _count(sub, skip_branches_with)
+        if hasattr(sub, "eqns") and not skipped:
+          total += _count(sub, name, skip_branches_with)
   return total
 
 
@@ -150,6 +165,10 @@ def test_gradient_under_remat_runs_the_cudnn_forward_once(pretend_hopper, packed
   assert _count(jaxpr, "dot_product_attention_bwd_wrapper") == branches
   # With segments, pallas_triton's kernels are the switch's last branch (rows that are not single runs).
   assert (_count(jaxpr, "pallas_call") > 0) == packed
+  # The batch is described once per call (`describe` sorts each row's ids): not again in every cuDNN
+  # branch, nor in the backward pass, the policy keeping the packing. (pallas_triton's branches take
+  # their own segment spans, by a sort of their own.)
+  assert _count(jaxpr, "sort", skip_branches_with="pallas_call") == packed
   # Without the policy the same forward is rerun for the backward: the count above is the policy's doing.
   rerun = jax.make_jaxpr(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, kv, kv, segment_ids).jaxpr
   assert _count(rerun, "dot_product_attention_fwd_wrapper") == 2 * branches

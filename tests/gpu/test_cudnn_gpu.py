@@ -155,7 +155,7 @@ def test_packed_documents_match_oracle(case, kind):
   q, k, v, d_out = _inputs(name + kind, batch, seq_len, kv_heads, group, head_dim, dtype)
   segment_ids = _rows(kind, batch, seq_len)
   assert cudnn_packed.CAPACITIES == (4, 8, 16)  # what _KINDS' branches assume
-  assert int(cudnn_packed.capacity_index(segment_ids)) == _KINDS[kind]
+  assert int(cudnn_packed.capacity_index(cudnn_packed.describe(segment_ids))) == _KINDS[kind]
   assert bool(cudnn_packed.describe(segment_ids).fits) == (_KINDS[kind] < 3)
   assert resolve_implementation(q, k, v, causal=causal, segment_ids=segment_ids) == "cudnn"
 
