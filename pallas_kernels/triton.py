@@ -46,10 +46,7 @@ def attention_with_depth(inputs: spec_lib.Inputs, spec: spec_lib.Spec, *, interp
   check_supported(inputs, spec, interpret, block_sizes=block_sizes)
   layout = _Layout(inputs)
   q_BTKGD = layout.per_kv_head(inputs.q)
-  # The segments' spans, once per call (the backward reuses them): each kernel's tile skipping derives from them.
-  span = block_ranges.segment_spans(inputs.segment_ids)
-  operands = tt.Operands(q=q_BTKGD if spec.has_sequence else None, k=layout.pad(inputs.k), v=layout.pad(inputs.v),
-                         segment_ids=inputs.segment_ids, segment_span=span)
+  operands = _sequence_operands(inputs, layout, q_BTKGD if spec.has_sequence else None)
   if spec.has_depth:
     # q itself when not given: the same array twice, JAX sums its two cotangents.
     bounds = jnp.stack([inputs.depth_start, inputs.depth_len]).astype(jnp.int32)
@@ -71,13 +68,18 @@ def sequence_backward(inputs: spec_lib.Inputs, spec: spec_lib.Spec, out_BTHD, ls
     raise NotImplementedError("pallas_triton.sequence_backward: calls without depth only.")
   block_sizes = _block_sizes(inputs, block_sizes)
   layout = _Layout(inputs)
-  operands = tt.Operands(q=layout.per_kv_head(inputs.q), k=layout.pad(inputs.k), v=layout.pad(inputs.v),
-                         segment_ids=inputs.segment_ids,
-                         segment_span=block_ranges.segment_spans(inputs.segment_ids))
+  operands = _sequence_operands(inputs, layout, layout.per_kv_head(inputs.q))
   lse_BTKG = lse_BTH.reshape(operands.q.shape[:4])
   rows = _row_grads(layout.per_kv_head(out_BTHD), lse_BTKG, layout.per_kv_head(d_out_BTHD), 0.0)
   grads = triton_bwd.backward(operands, rows, spec, block_sizes=block_sizes, interpret=interpret)
   return layout.per_q_head(grads.q), layout.unpad(grads.k), layout.unpad(grads.v)
+
+
+def _sequence_operands(inputs: spec_lib.Inputs, layout: _Layout, q_BTKGD) -> tt.Operands:
+  """The kernels' sequence operands: q (None for a depth-only call), k and v padded, the segment ids and
+  their spans, once per call (the backward reuses them): each kernel's tile skipping derives from them."""
+  return tt.Operands(q=q_BTKGD, k=layout.pad(inputs.k), v=layout.pad(inputs.v), segment_ids=inputs.segment_ids,
+                     segment_span=block_ranges.segment_spans(inputs.segment_ids))
 
 
 class _Layout:
