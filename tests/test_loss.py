@@ -1,6 +1,6 @@
 """The chunked loss (train/loss.py): the dense loss's sums and gradients, without its [B, T, V] logits.
 
-Checked three ways: `chunked_loss_sums` against a float64 numpy oracle of the loss and its analytic
+Checked three ways: `chunked_objective` against a float64 numpy oracle of the loss and its analytic
 gradient (written from the formula, independent of JAX); `loss_sums` of a real Transformer, chunked
 against dense (tied and untied embeddings, z-loss on, padding masked); and the compiled gradient's
 memory, which must drop by more than one float32 copy of the logits where they dominate.
@@ -66,8 +66,9 @@ def test_chunked_sums_and_gradients_equal_float64_oracle(chunk_len, vocab_first)
   z_weight = 0.3  # large enough that a wrong z-loss gradient shows
 
   def objective(hidden, table):
-    ce, z = loss.chunked_loss_sums(hidden, Unembedding(table, vocab_first), targets, mask, chunk_len)
-    return ce + z_weight * z, (ce, z)
+    total, ce, z = loss.chunked_objective(hidden, Unembedding(table, vocab_first), targets, mask, chunk_len,
+                                          z_weight)
+    return total, (ce, z)
 
   (_, (ce, z)), (d_hidden, d_table) = jax.jit(jax.value_and_grad(objective, (0, 1), has_aux=True))(
       hidden, table)
@@ -82,8 +83,8 @@ def test_masked_positions_give_nothing_and_get_no_gradient():
   hidden, targets, mask = _random_case(0)
   mask[1] = 0.0
   unembedding = Unembedding(np.random.default_rng(1).standard_normal((_M, _V)).astype(np.float32), False)
-  sums = lambda h, t: loss.chunked_loss_sums(h, unembedding, t, mask, 4)
-  d_hidden = np.asarray(jax.grad(lambda h: sum(sums(h, targets)))(hidden))
+  sums = lambda h, t: loss.chunked_objective(h, unembedding, t, mask, 4, 1.0)
+  d_hidden = np.asarray(jax.grad(lambda h: sums(h, targets)[0])(hidden))
   np.testing.assert_array_equal(np.any(d_hidden != 0.0, axis=-1), mask > 0)  # row 1 all masked
   other = targets.copy()
   other[1] = (other[1] + 1) % _V
@@ -94,8 +95,46 @@ def test_masked_positions_give_nothing_and_get_no_gradient():
 def test_bad_chunk_len_is_a_value_error(chunk_len):
   hidden, targets, mask = _random_case(0)
   with pytest.raises(ValueError, match=f"chunk_len={chunk_len!r}"):
-    loss.chunked_loss_sums(hidden, Unembedding(np.zeros((_M, _V), np.float32), False), targets, mask,
-                           chunk_len)
+    loss.chunked_objective(hidden, Unembedding(np.zeros((_M, _V), np.float32), False), targets, mask,
+                           chunk_len, 0.0)
+
+
+def _logits_sized_dots(fn, *args):
+  """How many dot_generals in fn's jaxpr (nested jaxprs included) have a [..., V] operand or output."""
+  count = 0
+
+  def visit(jaxpr):
+    nonlocal count
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general" and any(
+          _V in v.aval.shape for v in (*eqn.invars, *eqn.outvars)):
+        count += 1
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return count
+
+
+def test_gradient_forms_each_chunks_logits_once_and_scales_with_the_cotangent():
+  # Three matmuls touch the vocabulary (logits, d hidden, d table), once per chunk of the scan body:
+  # no recomputed logits in the backward pass. The gradient is linear in the objective's cotangent.
+  hidden, targets, mask = _random_case(5)
+  unembedding = Unembedding(np.random.default_rng(6).standard_normal((_M, _V)).astype(np.float32), False)
+  total = lambda h, u, scale: scale * loss.chunked_objective(h, u, targets, mask, 4, 0.2)[0]
+  grad = jax.grad(total, argnums=(0, 1))
+  assert _logits_sized_dots(grad, hidden, unembedding, 1.0) == 3
+  (d_h1, d_u1), (d_h3, d_u3) = grad(hidden, unembedding, 1.0), grad(hidden, unembedding, -3.0)
+  np.testing.assert_allclose(d_h3, -3.0 * d_h1, rtol=_F32_RTOL, atol=_F32_ATOL)
+  np.testing.assert_allclose(d_u3.table, -3.0 * d_u1.table, rtol=_F32_RTOL, atol=_F32_ATOL)
+
+
+def test_chunked_metrics_carry_no_gradient():
+  hidden, targets, mask = _random_case(8)
+  unembedding = Unembedding(np.random.default_rng(9).standard_normal((_M, _V)).astype(np.float32), False)
+  for index in (1, 2):  # ce_sum, z_sum
+    d_hidden = jax.grad(lambda h: loss.chunked_objective(h, unembedding, targets, mask, 4, 0.5)[index])(hidden)
+    assert not np.any(np.asarray(d_hidden))
 
 
 def _model_batch(seed=0):

@@ -62,17 +62,18 @@ def loss_sums(model, params, batch, z_loss_weight: float,
               loss_chunk_len: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(objective sum, {ce_sum, z_sum, tokens}) over the valid targets of `batch`.
 
-  `loss_chunk_len` > 0 computes the same sums without the dense logits (`loss.chunked_loss_sums`);
+  `loss_chunk_len` > 0 computes the same sums without the dense logits (`loss.chunked_objective`);
   the model must then accept `return_hidden=True` (the `Transformer` does)."""
   inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
   mask_BT = (batch["segment_ids"] > 0).astype(jnp.float32)  # segment 0 is packing padding
   if loss_chunk_len:
     hidden_BTM, unembedding = model.apply({"params": params}, batch["inputs"], **inputs, return_hidden=True)
-    ce_sum, z_sum = loss.chunked_loss_sums(hidden_BTM, unembedding, batch["targets"], mask_BT, loss_chunk_len)
+    objective, ce_sum, z_sum = loss.chunked_objective(hidden_BTM, unembedding, batch["targets"], mask_BT,
+                                                      loss_chunk_len, z_loss_weight)
   else:
     logits_BTV = model.apply({"params": params}, batch["inputs"], **inputs)
     ce_sum, z_sum = loss.logit_sums(logits_BTV, batch["targets"], mask_BT)
-  objective = ce_sum + z_loss_weight * z_sum
+    objective = loss.objective(ce_sum, z_sum, z_loss_weight)
   return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BT)}
 
 
