@@ -90,35 +90,36 @@ def _chunk_objective(z_weight, unembedding, hidden_BCM, targets_BC, mask_BC):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked(chunk_len, z_weight, hidden_BTM, unembedding, targets_BT, mask_BT):
   """(objective, ce_sum, z_sum); differentiated, `_chunked_fwd` computes the gradient as it goes."""
-  to_chunks, _ = _chunks(chunk_len, targets_BT.shape[1])
-
-  def body(sums, chunk):
-    total, (ce_sum, z_sum) = _chunk_objective(z_weight, unembedding, *chunk)
-    return jax.tree.map(jnp.add, sums, (total, ce_sum, z_sum)), None
-
-  zero = jnp.zeros((), jnp.float32)
-  sums, _ = jax.lax.scan(body, (zero, zero, zero), tuple(map(to_chunks, (hidden_BTM, targets_BT, mask_BT))))
+  sums, _ = _over_chunks(chunk_len, z_weight, hidden_BTM, unembedding, targets_BT, mask_BT, with_gradient=False)
   return sums
 
 
 def _chunked_fwd(chunk_len, z_weight, hidden_BTM, unembedding, targets_BT, mask_BT):
+  return _over_chunks(chunk_len, z_weight, hidden_BTM, unembedding, targets_BT, mask_BT, with_gradient=True)
+
+
+def _over_chunks(chunk_len, z_weight, hidden_BTM, unembedding, targets_BT, mask_BT, *, with_gradient: bool):
+  """The scan over chunks: ((objective, ce_sum, z_sum), and `with_gradient` (d hidden [B, T, M], d
+  unembedding) at cotangent 1, else None)."""
   to_chunks, from_chunks = _chunks(chunk_len, targets_BT.shape[1])
 
   def body(carry, chunk):
     sums, d_unembedding = carry
     hidden_BCM, targets_BC, mask_BC = chunk
-    total, pullback, (ce_sum, z_sum) = jax.vjp(
-        lambda u, h: _chunk_objective(z_weight, u, h, targets_BC, mask_BC), unembedding, hidden_BCM,
-        has_aux=True)
-    d_chunk_unembedding, d_hidden_BCM = pullback(jnp.ones_like(total))  # the gradient at g = 1
-    sums = jax.tree.map(jnp.add, sums, (total, ce_sum, z_sum))
-    return (sums, jax.tree.map(jnp.add, d_unembedding, d_chunk_unembedding)), d_hidden_BCM
+    chunk_objective = lambda u, h: _chunk_objective(z_weight, u, h, targets_BC, mask_BC)
+    if with_gradient:
+      total, pullback, (ce_sum, z_sum) = jax.vjp(chunk_objective, unembedding, hidden_BCM, has_aux=True)
+      d_chunk_unembedding, d_hidden_BCM = pullback(jnp.ones_like(total))  # the gradient at g = 1
+      d_unembedding = jax.tree.map(jnp.add, d_unembedding, d_chunk_unembedding)
+    else:
+      (total, (ce_sum, z_sum)), d_hidden_BCM = chunk_objective(unembedding, hidden_BCM), None
+    return (jax.tree.map(jnp.add, sums, (total, ce_sum, z_sum)), d_unembedding), d_hidden_BCM
 
   zero = jnp.zeros((), jnp.float32)
+  d_unembedding = jax.tree.map(jnp.zeros_like, unembedding) if with_gradient else None
   chunks = tuple(map(to_chunks, (hidden_BTM, targets_BT, mask_BT)))
-  (sums, d_unembedding), d_hidden_chunks = jax.lax.scan(
-      body, ((zero, zero, zero), jax.tree.map(jnp.zeros_like, unembedding)), chunks)
-  return sums, (from_chunks(d_hidden_chunks), d_unembedding)
+  (sums, d_unembedding), d_hidden_chunks = jax.lax.scan(body, ((zero, zero, zero), d_unembedding), chunks)
+  return sums, ((from_chunks(d_hidden_chunks), d_unembedding) if with_gradient else None)
 
 
 def _chunked_bwd(chunk_len, z_weight, residuals, cotangents):
