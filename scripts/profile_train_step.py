@@ -1,7 +1,8 @@
 """Where a training step's time goes: a `jax.profiler` trace of the trainer's own step, as a table.
 
   python scripts/profile_train_step.py --config=configs/moda_700m.py --workdir=/dev/shm/prof_moda \
-      [--steps=3] [--warmup=2] [--top=25] [--out=DIR] [--exact_names] [--config.<field>=... as train.py]
+      [--steps=3] [--warmup=2] [--top=25] [--out=DIR] [--exact_names] [--calls=NAME,...]
+      [--config.<field>=... as train.py]
 
 The state, the jitted step and the data pipeline are the trainer's (`trainer.prepare_run`: the same
 checks, the same shardings, the same `step_fn`); nothing is saved. After `--warmup` steps (the first
@@ -19,7 +20,8 @@ over devices and divided by --steps; "% step" is of the traced wall time per ste
 concurrent streams (or CPU threads) can add up to more than 100%; "busy" (the union of the ops'
 intervals per device) cannot. Names lose numeric suffixes
 ("fusion.12" -> "fusion", "loop_add_fusion_3" -> "loop_add_fusion"; `--exact_names` keeps them), so one
-row is one kernel over all layers. On GPU with XLA command buffers the kernels still appear on the
+row is one kernel over all layers; `--calls` lists each call of the named kernels (one per layer) in stream
+order. On GPU with XLA command buffers the kernels still appear on the
 stream; `XLA_FLAGS=--xla_gpu_enable_command_buffer=` only restores their `hlo_op` attribution.
 """
 
@@ -159,6 +161,32 @@ def summarize(events: list[dict], *, steps: int, step_time_ms: float, exact_name
           "categories": sorted(cats.values(), key=lambda c: -c["ms_per_step"])}
 
 
+def call_durations(events: list[dict], names: list[str], *, steps: int) -> dict:
+  """Per name in `names`: the kernels of the first device whose name contains it, their durations in us in
+  stream order, one list per traced step (`calls_us`) and their mean per call index (`mean_us`): the
+  calls of one kernel across a step's layers, e.g. a layer's attention time against its depth."""
+  _, ops = op_events(events)
+  first = min((device for device, _, _ in ops), default=None)
+  out = {}
+  for name in names:
+    calls = [e["dur"] for _, e, _ in sorted((op for op in ops if op[0] == first and name in op[1]["name"]),
+                                            key=lambda op: op[1]["ts"])]
+    if len(calls) % steps:
+      raise ValueError(f"--calls={name}: {len(calls)} calls over {steps} steps; expected the same number in each")
+    per_step = len(calls) // steps
+    rows = [calls[i * per_step:(i + 1) * per_step] for i in range(steps)]
+    out[name] = {"calls_us": rows, "mean_us": [sum(col) / steps for col in zip(*rows)]}
+  return out
+
+
+def calls_markdown(calls: dict) -> str:
+  lines = []
+  for name, c in calls.items():
+    lines += ["", f"Calls of `{name}` per step, in stream order (us, mean over {len(c['calls_us'])} steps): "
+              + ", ".join(f"{us:.0f}" for us in c["mean_us"])]
+  return "\n".join(lines) + "\n" if lines else ""
+
+
 def markdown(summary: dict, top: int, title: str = "") -> str:
   s = summary
   lines = [f"### {title}" if title else "", "",
@@ -194,7 +222,7 @@ def _timed(run, state, batches):
 
 
 def profile(config, workdir: str, *, steps: int, warmup: int = 2, out: str | None = None, top: int = 25,
-            exact_names: bool = False) -> dict:
+            exact_names: bool = False, calls: tuple[str, ...] = ()) -> dict:
   """Profiles `steps` training steps of `config`; returns the summary (also written to `out`)."""
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -222,12 +250,12 @@ def profile(config, workdir: str, *, steps: int, warmup: int = 2, out: str | Non
     run.ckpt.close()
   path = max(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")),
              key=os.path.getmtime)
-  summary = summarize(load_trace(path), steps=steps, step_time_ms=1000.0 * traced_s / steps,
-                      exact_names=exact_names)
+  events = load_trace(path)
+  summary = summarize(events, steps=steps, step_time_ms=1000.0 * traced_s / steps, exact_names=exact_names)
   summary.update(untraced_step_time_ms=1000.0 * untraced_s / steps, trace=path,
                  attention=kernel_call.describe_implementations(impls) if impls else "",
-                 device=jax.devices()[0].device_kind)
-  table = markdown(summary, top, title=f"{jax.devices()[0].device_kind}: {workdir}")
+                 device=jax.devices()[0].device_kind, calls=call_durations(events, list(calls), steps=steps))
+  table = markdown(summary, top, title=f"{jax.devices()[0].device_kind}: {workdir}") + calls_markdown(summary["calls"])
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "profile_summary.md"), "w") as f:
     f.write(table)
@@ -244,6 +272,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing (the first 
 _TOP = flags.DEFINE_integer("top", 25, "Rows of the op table printed.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Directory for profile_summary.{md,json} (default: --workdir).")
 _EXACT = flags.DEFINE_bool("exact_names", False, "Keep numeric suffixes of op names (one row per name).")
+_CALLS = flags.DEFINE_list("calls", [], "Kernel name substrings whose calls' durations are listed in stream order.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -252,7 +281,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # as train.py: library INFO logs would bury the table
   profile(_CONFIG.value, _WORKDIR.value, steps=_STEPS.value, warmup=_WARMUP.value, out=_OUT.value,
-          top=_TOP.value, exact_names=_EXACT.value)
+          top=_TOP.value, exact_names=_EXACT.value, calls=tuple(_CALLS.value))
 
 
 if __name__ == "__main__":

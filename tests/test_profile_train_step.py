@@ -65,6 +65,16 @@ def test_device_streams_are_counted_and_host_and_derived_lines_are_not():
   assert exact["loop_add_fusion_7"]["ms_per_step"] == pytest.approx(0.025)
 
 
+def test_calls_are_listed_per_step_in_stream_order():
+  events = _gpu_trace() + [_op(1, 10, "moda_forward", t0, dur) for t0, dur in ((700, 40), (1700, 60))]
+  calls = prof.call_durations(events, ["moda_forward", "gemm"], steps=2)
+  assert calls["moda_forward"] == {"calls_us": [[300, 40], [300, 60]], "mean_us": [300, 50]}
+  assert calls["gemm"]["calls_us"] == [[200], [200]]
+  assert "in stream order" in prof.calls_markdown(calls) and prof.calls_markdown({}) == ""
+  with pytest.raises(ValueError, match="--calls=moda_forward: 5 calls over 2 steps"):
+    prof.call_durations(events + [_op(1, 10, "moda_forward", 900, 5)], ["moda_forward"], steps=2)
+
+
 def test_overlapping_kernels_on_one_stream_each_count_their_full_duration():
   # As in the H200's traces: a kernel starting before the previous one on its line ends is not nested
   # in it (self time would give the first 100 - 80 = 20 us, or less than zero).
