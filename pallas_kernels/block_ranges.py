@@ -7,7 +7,9 @@ only decide what is visited; what is visible inside a visited block is `spec`'s 
   * `segment_spans` (in XLA, once per call): `spec.segment_span` stacked as the [B, T, 2] array the
     kernels' launchers share;
   * `segment_blocks` (in XLA, per call): per tile, the units (blocks of the inner loop) between the first
-    and the last token of the tile's segments, from `spec.segment_span`: exact for any ids.
+    and the last token of the tile's segments, from `spec.segment_span`: exact for any ids;
+  * `run_blocks` (in XLA, per call): per tile inside one run of consecutive tokens of one segment, the
+    units wholly inside that run, where the segment comparison can be dropped;
   * `key_block_range` / `query_tile_range` (inside kernels, on int32 scalars): the causal range of one
     tile, split into the blocks that need the causal mask and those that do not, intersected with its
     segment bounds. Operands are non-negative, so `lax.div` is floor division (and one instruction in
@@ -49,6 +51,32 @@ def segment_blocks(span_BT2, tile_tokens: int, unit_tokens: int, num_tiles: int 
   first_BNt = jnp.pad(span_BT2[..., 0], pad, constant_values=seq_len).reshape(batch, num_tiles, tile_tokens)
   last_BNt = jnp.pad(span_BT2[..., 1], pad, constant_values=-1).reshape(batch, num_tiles, tile_tokens)
   return jnp.stack([jnp.min(first_BNt, axis=2) // unit_tokens, jnp.max(last_BNt, axis=2) // unit_tokens + 1],
+                   axis=-1).astype(jnp.int32)
+
+
+def run_blocks(segment_ids_BT, tile_tokens: int, unit_tokens: int, num_tiles: int):
+  """[B, tiles, 2] int32 (None without segments): for each tile of `tile_tokens` tokens whose real tokens all
+  lie in one run (a stretch of consecutive tokens of one segment, `spec.same_segment`), [first, end) of the
+  units of `unit_tokens` tokens wholly inside that run: every key there shares the segment of every one of
+  the tile's tokens, so a block of them that is visible by position needs no mask at all. Other tiles
+  (several runs, or wholly past T) get [0, 0). Exact for any ids (a run, not `spec.segment_span`'s span).
+
+  Per tile, the last run start at or before its last token and the first one after it: one masked max and
+  one masked min over [tiles, T], which XLA fuses into a reduction (no scan over T).
+  """
+  if segment_ids_BT is None:
+    return None
+  batch, seq_len = segment_ids_BT.shape
+  same_BT1 = spec_lib.same_segment(segment_ids_BT[:, 1:], segment_ids_BT[:, :-1])
+  starts_B1T = jnp.concatenate([jnp.ones((batch, 1), bool), ~same_BT1], axis=1)[:, None, :]  # a run starts at t
+  token_11T = jnp.arange(seq_len, dtype=jnp.int32)[None, None, :]
+  first_token_1N = jnp.arange(num_tiles, dtype=jnp.int32)[None, :] * tile_tokens
+  last_token_1N1 = (jnp.minimum(first_token_1N + tile_tokens, seq_len) - 1)[:, :, None]
+  run_first_BN = jnp.max(jnp.where(starts_B1T & (token_11T <= last_token_1N1), token_11T, 0), axis=2)
+  run_end_BN = jnp.min(jnp.where(starts_B1T & (token_11T > last_token_1N1), token_11T, seq_len), axis=2)
+  one_run_BN = (run_first_BN <= first_token_1N) & (first_token_1N < seq_len)
+  first_BN = (run_first_BN + unit_tokens - 1) // unit_tokens
+  return jnp.stack([jnp.where(one_run_BN, first_BN, 0), jnp.where(one_run_BN, run_end_BN // unit_tokens, 0)],
                    axis=-1).astype(jnp.int32)
 
 

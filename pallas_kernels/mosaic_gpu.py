@@ -164,7 +164,7 @@ def forward(operands: tt.Operands, spec: spec_lib.Spec, block_sizes: mt.BlockSiz
   geom = _geometry(operands, block_sizes.fwd, interpret)
   ops = mosaic_gpu_fwd.Operands(**_padded(operands))
   ops = ops._replace(row_segments=_row_segments(operands.segment_ids, geom.row_tiles, geom),
-                     segment_blocks=mosaic_gpu_stream.key_bounds(operands.segment_span, geom))
+                     segment_blocks=mosaic_gpu_stream.key_bounds(operands.segment_span, operands.segment_ids, geom))
   out, lse_rows = mosaic_gpu_fwd.forward(ops, spec, geom, interpret)
   return out[:, :seq_len], mt.from_row_tiles(lse_rows, seq_len, geom), lse_rows
 

@@ -121,19 +121,19 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
       p = jnp.where(keep, p, 0.0)
     return p, p * (dp - mt.rows_bcast(delta, s.shape))
 
-  def seq_step(i, dq, *, masked: bool):
+  def seq_step(i, dq, *, mask: str):
     slot = stream.slot_of(i - kv[0], geom)
     k_ref, v_ref = stream.seq_refs(ring, slot, geom)
     plgpu.barrier_wait(ring["k_bar"].at[slot])
     s = mt.matmul(q_smem, k_ref.T, interpret=geom.interpret)
     k_seg = None
-    if q_seg is not None:
+    if q_seg is not None and mask != mt.NO_MASK:
       k_seg = mt.cols_bcast(plgpu.load(ring["seg"].at[slot], layout=plgpu.Layout.WGMMA.reduce(0)), s.shape)
     plgpu.barrier_wait(ring["v_bar"].at[slot])
     dp = mt.matmul(do_smem, v_ref.T, interpret=geom.interpret)
     plgpu.barrier_arrive(ring["v_consumed"].at[slot])
     keep = mt.sequence_mask(spec, mt.row_tokens(first_token, s.shape, geom), i * geom.block_kv + mt.iota(s.shape, 1),
-                            None if q_seg is None else mt.rows_bcast(q_seg, s.shape), k_seg, masked=masked)
+                            None if q_seg is None else mt.rows_bcast(q_seg, s.shape), k_seg, mask=mask)
     _, ds = grads_of(s, dp, keep)
     dq = mt.matmul(ds.astype(k_ref.dtype), k_ref, acc=dq, staging=smem["ds_seq"], interpret=geom.interpret)
     plgpu.barrier_arrive(ring["k_consumed"].at[slot])
@@ -142,7 +142,7 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
   # This warpgroup's blocks inside the CTA's stream (the forward's rule, with this kernel's blocks).
   loop = stream.confine(stream.key_blocks(first_token, ops.segment_blocks, batch, spec, geom), kv)
   skip = functools.partial(stream.skip_item, ring=ring, kv_first=kv[0], geom=geom)
-  dq = stream.consume(loop, kv, seq_step, skip, zeros)
+  dq = stream.consume(loop, kv, seq_step, skip, zeros, masks=stream.KEY_LOOP_MASKS)
   if not spec.has_depth or smem["depth_q"] is not None:
     # q is dead: its SMEM stages dq (the depth part of the query gradient goes to d depth_q).
     q_smem[...] = (dq * spec.scale).astype(q_smem.dtype)
@@ -270,7 +270,7 @@ def dq_and_depth(ops: Operands, spec: spec_lib.Spec, geom: mt.Geometry, interpre
   """
   batch = ops.q.shape[0]
   threaded = depth_acc is not None and ops.depth_k is not None
-  ops = ops._replace(segment_span=None, segment_blocks=stream.key_bounds(ops.segment_span, geom))
+  ops = ops._replace(segment_span=None, segment_blocks=stream.key_bounds(ops.segment_span, ops.segment_ids, geom))
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   out_type = [like(ops.q)]
   if ops.depth_q is not None:

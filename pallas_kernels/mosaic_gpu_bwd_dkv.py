@@ -110,7 +110,7 @@ def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, tiles, loop, ge
   staging = None if scratch["p"] is None else scratch["p"].at[wg]
   per_group = tiles[1] - tiles[0]
 
-  def step(i, carry, *, masked: bool, group: int):
+  def step(i, carry, *, mask: str, group: int):
     dk, dv = carry
     slot = stream.slot_of(group * per_group + i - tiles[0], geom)
     q_rows, do_rows = ring["q"].at[slot], ring["do"].at[slot]
@@ -123,7 +123,7 @@ def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, tiles, loop, ge
     col = mt.iota(shape, 1)
     q_token = i * geom.tokens + lax.rem(col, jnp.int32(geom.tokens))
     keep = mt.sequence_mask(spec, q_token, first_key + mt.iota(shape, 0), q_seg,
-                            None if k_seg is None else mt.rows_bcast(k_seg, shape), masked=masked)
+                            None if k_seg is None else mt.rows_bcast(k_seg, shape), mask=mask)
     if geom.padded_heads:  # padded heads hold a real head's rows: they must add nothing
       real = group * geom.heads_per_tile + lax.div(col, jnp.int32(geom.tokens)) < geom.group
       keep = real if keep is None else keep & real
@@ -149,7 +149,7 @@ def _compute_wg(wg, first_key, refs, scratch, *, batch, kv_head, tiles, loop, ge
   carry = (zeros, zeros)
   for group in range(geom.head_groups):  # the tiles of each head group in turn, as streamed
     carry = stream.consume(loop, tiles, functools.partial(step, group=group), functools.partial(skip, group=group),
-                           carry, masked=(True, False))
+                           carry, masks=(mt.FULL, mt.SEGMENTS))
   dk, dv = carry
   # Keys and values are dead: their SMEM stages dk, dv (keys >= T are clipped by the TMA store).
   k_smem[...] = (dk * spec.scale).astype(k_smem.dtype)

@@ -39,8 +39,8 @@ class Operands(NamedTuple):
   """The forward's inputs (absent: None). q, depth_q [B, T, Hq, D]; k, v [B, T, Hk, D]; depth_k,
   depth_v [B, T, L, Hk, D]; depth_bounds [2] int32 (start, len); segment_ids [B, T] int32 (the keys')
   and row_segments [B, row_tiles, ROWS] int32 (the same in row tiles: the rows'), with segment_blocks
-  [B, row_tiles, 2] int32 (`mosaic_gpu_stream.key_bounds`: per row tile, the key blocks of its segments),
-  all or none. T is a multiple of 8 (tiled TMA boxes); spec.seq_len may be smaller (the padding is
+  [B, row_tiles, 4] int32 (`mosaic_gpu_stream.key_bounds`: per row tile, the key blocks of its segments
+  and those inside its run), all or none. T is a multiple of 8 (tiled TMA boxes); spec.seq_len may be smaller (the padding is
   masked)."""
   q: Any
   k: Any
@@ -135,18 +135,18 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
   after_issue = None if schedule is None else handover
   update = functools.partial(online_update, schedule=schedule, geom=geom)
 
-  def seq_step(i, carry, *, masked: bool):
+  def seq_step(i, carry, *, mask: str):
     slot = stream.slot_of(i - kv[0], geom)
     k_ref, v_ref = stream.seq_refs(ring, slot, geom)
     plgpu.barrier_wait(ring["k_bar"].at[slot])
     s = mt.matmul(q_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
     k_seg = None
-    if q_seg is not None:  # read before the release: the slot's segments arrive with its keys
+    if q_seg is not None and mask != mt.NO_MASK:  # read before the release: they arrive with the keys
       k_seg = mt.cols_bcast(plgpu.load(ring["seg"].at[slot], layout=plgpu.Layout.WGMMA.reduce(0)), s.shape)
     plgpu.barrier_arrive(ring["k_consumed"].at[slot])
     logits = s * qk_scale
     keep = mt.sequence_mask(spec, mt.row_tokens(first_token, s.shape, geom), i * geom.block_kv + mt.iota(s.shape, 1),
-                            None if q_seg is None else mt.rows_bcast(q_seg, s.shape), k_seg, masked=masked)
+                            None if q_seg is None else mt.rows_bcast(q_seg, s.shape), k_seg, mask=mask)
     if keep is not None:
       logits = jnp.where(keep, logits, mt.MASK_VALUE)
     return update(carry, logits, v_ref, v_bar=ring["v_bar"].at[slot], release=ring["v_consumed"].at[slot],
@@ -157,7 +157,7 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
   if schedule is not None:  # warpgroup 0 takes the tensor cores first
     pl.when(wg == 1)(handover)
   skip = functools.partial(stream.skip_item, ring=ring, kv_first=kv[0], geom=geom, schedule=schedule)
-  carry = stream.consume(loop, kv, seq_step, skip, carry)
+  carry = stream.consume(loop, kv, seq_step, skip, carry, masks=stream.KEY_LOOP_MASKS)
 
   if spec.has_depth:
     def depth_step(j, carry):

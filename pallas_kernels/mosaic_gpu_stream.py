@@ -17,6 +17,9 @@ Which key blocks (forward, dq) or query row tiles (dk/dv) a CTA streams: the sma
 each compute warpgroup's own (`cta_stream`), which is the causal range of its rows (keys) intersected
 with the blocks of their segments (`block_ranges`, from `spec.segment_span` per call: exact for any
 ids); a warpgroup releases the items of its CTA's range outside its own unread (`confine`, `consume`).
+How each block it reads is masked follows from where it lies (`KEY_LOOP_MASKS`): the blocks inside the
+run of ids around all of a warpgroup's rows (`block_ranges.run_blocks`), visible by position, run with no
+mask at all, which a long document's rows meet almost everywhere.
 """
 
 from __future__ import annotations
@@ -33,10 +36,16 @@ from pallas_kernels import mosaic_gpu_tiles as mt
 from pallas_kernels import spec as spec_lib
 
 
-def key_bounds(span_BT2, geom: mt.Geometry):
-  """[B, row_tiles, 2] int32 (None without segments): per row tile (a compute warpgroup's rows of the
-  forward or dq kernel), [first, end) of the key blocks of its segments (`block_ranges.segment_blocks`)."""
-  return block_ranges.segment_blocks(span_BT2, geom.tokens, geom.block_kv, num_tiles=geom.row_tiles)
+def key_bounds(span_BT2, segment_ids_BT, geom: mt.Geometry):
+  """[B, row_tiles, 4] int32 (None without segments): per row tile (a compute warpgroup's rows of the
+  forward or dq kernel), [first, end) of the key blocks of its segments (`block_ranges.segment_blocks`),
+  then [first, end) of those wholly inside the tile's one run (`block_ranges.run_blocks`; empty if none)."""
+  if span_BT2 is None:
+    return None
+  segment_ids_BT = segment_ids_BT[:, :span_BT2.shape[1]]  # the launchers' ids may be padded past T
+  return jnp.concatenate(
+      [block_ranges.segment_blocks(span_BT2, geom.tokens, geom.block_kv, num_tiles=geom.row_tiles),
+       block_ranges.run_blocks(segment_ids_BT, geom.tokens, geom.block_kv, num_tiles=geom.row_tiles)], axis=-1)
 
 
 def query_bounds(span_BT2, num_key_tiles: int, geom: mt.Geometry):
@@ -45,18 +54,31 @@ def query_bounds(span_BT2, num_key_tiles: int, geom: mt.Geometry):
   return block_ranges.segment_blocks(span_BT2, mt.ROWS, geom.tokens, num_tiles=num_key_tiles)
 
 
-def segment_range(bounds, batch, tile):
+def segment_range(bounds, batch, tile, column: int = 0):
   """(first, end) of row `tile` of `bounds` (`key_bounds` / `query_bounds`: a GMEM ref in a kernel, an
-  array outside); None without segments."""
-  return None if bounds is None else (bounds[batch, tile, 0], bounds[batch, tile, 1])
+  array outside) from `column` (2: `key_bounds`' run blocks); None without segments."""
+  return None if bounds is None else (bounds[batch, tile, column], bounds[batch, tile, column + 1])
+
+
+# How a block of a loop is masked (`mt.sequence_mask`), per part of `key_blocks`' loop: visible by position
+# (segments compared), wholly inside the rows' run (no mask), by position again, then the causal edge.
+KEY_LOOP_MASKS = (mt.SEGMENTS, mt.NO_MASK, mt.SEGMENTS, mt.FULL)
 
 
 def key_blocks(first_token, bounds, batch, spec: spec_lib.Spec, geom: mt.Geometry):
-  """(first, num_free, end) of the key blocks of the compute warpgroup whose rows start at `first_token`
-  (`block_ranges.key_block_range`), before `confine`."""
-  seg = segment_range(bounds, batch, lax.div(first_token, jnp.int32(geom.tokens)))
-  return block_ranges.key_block_range(first_token, tile_tokens=geom.tokens, block_keys=geom.block_kv,
-                                      seq_len=geom.seq_len, causal=spec.causal, segment_range=seg)
+  """(first, run_first, run_end, num_free, end) of the key blocks of the compute warpgroup whose rows start
+  at `first_token`, before `confine`: `block_ranges.key_block_range`'s (first, num_free, end) with the
+  blocks [run_first, run_end) of [first, num_free) that lie inside the rows' run (`key_bounds`; none
+  without segments) split out. The parts are masked as `KEY_LOOP_MASKS` says."""
+  tile = lax.div(first_token, jnp.int32(geom.tokens))
+  first, num_free, end = block_ranges.key_block_range(
+      first_token, tile_tokens=geom.tokens, block_keys=geom.block_kv, seq_len=geom.seq_len, causal=spec.causal,
+      segment_range=segment_range(bounds, batch, tile))
+  if bounds is None:
+    return first, first, first, num_free, end
+  run = segment_range(bounds, batch, tile, column=2)
+  run_first = jnp.clip(run[0], first, num_free)
+  return first, run_first, jnp.clip(run[1], run_first, num_free), num_free, end
 
 
 def query_tiles(first_key, bounds, batch, spec: spec_lib.Spec, geom: mt.Geometry):
@@ -74,19 +96,23 @@ def cta_stream(loop, cta_first, step: int, geom: mt.Geometry):
   than the real warpgroup's before it (with segments it is empty). Every CTA holds a real row or key, so
   the stream is never empty."""
   loops = [loop(cta_first + w * step) for w in range(geom.compute_wgs)]
-  first = functools.reduce(jnp.minimum, [first for first, _, _ in loops])
-  end = functools.reduce(jnp.maximum, [end for _, _, end in loops])
+  first = functools.reduce(jnp.minimum, [bounds[0] for bounds in loops])
+  end = functools.reduce(jnp.maximum, [bounds[-1] for bounds in loops])
   return first, jnp.maximum(first, end)
 
 
 def confine(loop, stream):
-  """A compute warpgroup's (first, split, end) clamped into its CTA's stream [lo, hi), so that
-  [lo, first) + [first, split) + [split, end) + [end, hi) counts exactly the hi - lo items streamed
-  (`consume`; another count deadlocks the GPU). An empty loop becomes first = end."""
+  """A compute warpgroup's loop (first, split..., end: nondecreasing boundaries of its parts) clamped into
+  its CTA's stream [lo, hi), so that [lo, first) + its parts + [end, hi) counts exactly the hi - lo items
+  streamed (`consume`; another count deadlocks the GPU). An empty loop becomes first = end."""
   lo, hi = stream
   first = jnp.clip(loop[0], lo, hi)
-  end = jnp.clip(loop[2], first, hi)
-  return first, jnp.clip(loop[1], first, end), end
+  end = jnp.clip(loop[-1], first, hi)
+  splits, prev = [], first
+  for split in loop[1:-1]:
+    prev = jnp.clip(split, prev, end)
+    splits.append(prev)
+  return (first, *splits, end)
 
 
 def cta_bounds(cta_token, ops, spec, geom: mt.Geometry, batch):
@@ -153,17 +179,16 @@ def skip_item(i, _, *, ring, kv_first, geom: mt.Geometry, schedule=None):
   return _
 
 
-def consume(loop, stream, step, skip, carry, *, masked=(False, True)):
+def consume(loop, stream, step, skip, carry, *, masks):
   """A compute warpgroup's pass over its CTA's stream [lo, hi) of blocks, given its `confine`d loop
-  (first, split, end): releases [lo, first) unread (`skip(i, None)`), runs `step(i, carry, masked=...)`
-  over [first, split) with masked[0] and [split, end) with masked[1], releases [end, hi) unread. That
-  is hi - lo items, each once, in the stream's order: what the memory warpgroup streams."""
+  (first, split..., end): releases [lo, first) unread (`skip(i, None)`), runs `step(i, carry, mask=...)`
+  over each part with its entry of `masks` (`mt.sequence_mask`), releases [end, hi) unread. That is
+  hi - lo items, each once, in the stream's order: what the memory warpgroup streams."""
   lo, hi = stream
-  first, split, end = loop
-  lax.fori_loop(lo, first, skip, None)
-  carry = lax.fori_loop(first, split, functools.partial(step, masked=masked[0]), carry)
-  carry = lax.fori_loop(split, end, functools.partial(step, masked=masked[1]), carry)
-  lax.fori_loop(end, hi, skip, None)
+  lax.fori_loop(lo, loop[0], skip, None)
+  for start, stop, mask in zip(loop[:-1], loop[1:], masks, strict=True):
+    carry = lax.fori_loop(start, stop, functools.partial(step, mask=mask), carry)
+  lax.fori_loop(loop[-1], hi, skip, None)
   return carry
 
 

@@ -295,15 +295,18 @@ def row_tokens(first_token, shape, geom: Geometry):
   return first_token + lax.rem(iota(shape, 0), jnp.int32(geom.tokens))
 
 
-def sequence_mask(spec: spec_lib.Spec, q_token, k_token, q_segment, k_segment, *, masked: bool):
-  """The visibility of a block of sequence logits (None: all visible), from `spec`.
+# What a block of sequence logits is known to be, which decides the mask it needs (`sequence_mask`).
+FULL = "full"          # anything: the whole `spec.sequence_visible` mask
+SEGMENTS = "segments"  # visible by position (wholly before the rows' tokens, inside T): segments compared
+NO_MASK = "no_mask"    # visible by position, its keys inside the run of all its rows (`block_ranges.run_blocks`)
 
-  `masked=False` is a block known visible by position (wholly before the rows' tokens, inside T): only
-  the segments are compared there.
-  """
-  if masked:
+
+def sequence_mask(spec: spec_lib.Spec, q_token, k_token, q_segment, k_segment, *, mask: str):
+  """The visibility of a block of sequence logits (None: all visible), from `spec`, for a block known to be
+  `mask` (FULL, SEGMENTS or NO_MASK)."""
+  if mask == FULL:
     return spec_lib.sequence_visible(spec, q_token, k_token, q_segment, k_segment)
-  if q_segment is not None:
+  if mask == SEGMENTS and q_segment is not None:
     return spec_lib.same_segment(q_segment, k_segment)
   return None
 

@@ -86,13 +86,13 @@ def test_forward_and_backward_lower_for_h200(batch, seq_len, group, head_dim, sl
 @pytest.mark.parametrize("slots", [0, 72])
 def test_packed_documents_lower_for_h200(slots):
   # The benchmark's packed rows (--segments 8 at B8 T4096 G2): each kernel takes the segment bounds of its
-  # own tiles, per warpgroup of 32 tokens (forward, dq: [8, 128, 2]) or of 64 keys (dk/dv: [8, 64, 2]),
-  # and its loop bounds read from them lower for the H200.
+  # own tiles, per warpgroup of 32 tokens (forward, dq: [8, 128, 4], with the run blocks) or of 64 keys
+  # (dk/dv: [8, 64, 2]), and its loop bounds read from them lower for the H200.
   text = _lowered_text(8, 4096, 2, 64, slots, depth_q=False, documents=8)
   calls = [line for line in text.splitlines() if _MOSAIC_CALL in line]
   assert len(calls) == 3 and _TRITON_CALL not in text
-  bounds = sorted(tuple(re.findall(r"tensor<8x(?:128|64)x2xi32>", call)) for call in calls)
-  assert bounds == [("tensor<8x128x2xi32>",)] * 2 + [("tensor<8x64x2xi32>",)]
+  bounds = sorted(tuple(re.findall(r"tensor<8x(?:128x4|64x2)xi32>", call)) for call in calls)
+  assert bounds == [("tensor<8x128x4xi32>",)] * 2 + [("tensor<8x64x2xi32>",)]
 
 
 def _smem_view(ref):

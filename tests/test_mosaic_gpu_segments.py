@@ -15,6 +15,8 @@ and not, D 128 (one dq warpgroup), traced depth_len with garbage in the unread s
 between the kernels (each must use its own).
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
@@ -30,6 +32,26 @@ _UNIT = 3  # the shared layouts' documents, scaled to 16-token warpgroups and 32
 _LAYOUTS = {**sl.LAYOUTS, "padding_id_first": lambda t, unit=1: (np.arange(t) >= 32).astype(int)}
 _CONTIGUOUS = (*sl.CONTIGUOUS, "padding_id_first")
 _SEQ_LEN = 150  # ends mid-tile for every tile here; G 1 and 2 leave the last CTA a warpgroup past T
+
+
+@pytest.mark.parametrize("seq_len, tile_tokens, unit_tokens", [(53, 4, 16), (53, 16, 4), (64, 8, 8), (47, 64, 16)])
+def test_run_blocks_are_the_units_joined_to_a_tile_by_its_own_id(seq_len, tile_tokens, unit_tokens):
+  # A unit is run without a mask iff the tile's real tokens and the unit, with everything between them,
+  # hold one id and the unit lies inside T; a tile of several ids, or wholly past T, has none.
+  ids = sl.ids(list(sl.LAYOUTS), seq_len)
+  num_tiles = pl.cdiv(seq_len, tile_tokens) + 1
+  got = np.asarray(block_ranges.run_blocks(jnp.asarray(ids), tile_tokens, unit_tokens, num_tiles))
+  assert got.shape == (len(ids), num_tiles, 2) and got.dtype == np.int32
+  for row, ids_T in enumerate(ids):
+    for tile in range(num_tiles):
+      t0, t1 = tile * tile_tokens, min((tile + 1) * tile_tokens, seq_len) - 1
+      want = set()
+      if t0 < seq_len:
+        for u in range(seq_len // unit_tokens):
+          stretch = ids_T[min(u * unit_tokens, t0):max((u + 1) * unit_tokens - 1, t1) + 1]
+          if (stretch == ids_T[t0]).all():
+            want.add(u)
+      assert set(range(*got[row, tile])) == want, (row, tile, got[row, tile], sorted(want))
 
 
 def _streams(kind, bounds, row, spec, geom):
@@ -55,11 +77,12 @@ def test_loops_cover_every_visible_pair_inside_the_stream_and_are_tight_for_docu
   spec = spec_lib.Spec(seq_len=_SEQ_LEN, num_slots=0, causal=causal, scale=1.0, has_segments=True)
   ids = sl.ids(list(_LAYOUTS), _SEQ_LEN, _UNIT, _LAYOUTS)
   if kind == "keys":
-    bounds, own, unit = stream.key_bounds(sl.span(ids), geom), geom.tokens, block_kv
+    bounds, own, unit = stream.key_bounds(sl.span(ids), np.asarray(ids), geom), geom.tokens, block_kv
   else:
     key_tiles = pl.cdiv(_SEQ_LEN, compute_wgs * mt.ROWS) * compute_wgs
     bounds, own, unit = stream.query_bounds(sl.span(ids), key_tiles, geom), mt.ROWS, geom.tokens
   bounds, index = np.asarray(bounds), np.arange(_SEQ_LEN)
+  no_mask_blocks = dict.fromkeys(_LAYOUTS, 0)
   for row, (name, ids_T) in enumerate(zip(_LAYOUTS, ids)):
     # [own, other]: queries x keys for the key loops, keys x queries for the query loops.
     seen_by, by_position = sl.visible(ids_T, causal), sl.visible(np.zeros_like(ids_T), causal)
@@ -67,9 +90,11 @@ def test_loops_cover_every_visible_pair_inside_the_stream_and_are_tight_for_docu
       seen_by, by_position = seen_by.T, by_position.T
     for (lo, hi), loops in _streams(kind, bounds, row, spec, geom):
       cta_seen = []
-      for first_own, (first, split, end) in loops:
+      for first_own, loop in loops:
+        # Keys: (first, run_first, run_end, split, end), [run_first, run_end) run without any mask.
+        first, split, end = loop[0], loop[-2], loop[-1]
         where = f"{name} {kind} from {first_own}"
-        assert lo <= first <= split <= end <= hi, where
+        assert lo <= first and all(a <= b for a, b in zip(loop, loop[1:])) and end <= hi, where
         mine = (index >= first_own) & (index < first_own + own)
         seen = index[seen_by[mine].any(0)] // unit
         assert ((first <= seen) & (seen < end)).all(), where
@@ -79,11 +104,17 @@ def test_loops_cover_every_visible_pair_inside_the_stream_and_are_tight_for_docu
         for u in range(first, split) if kind == "keys" else range(split, end):
           assert by_position[np.ix_(mine, index // unit == u)].all(), (where, u)
           assert kind == "queries" or (u + 1) * unit <= _SEQ_LEN, (where, u)
+        if kind == "keys":  # the blocks run without any mask: every key seen by every one of mine
+          for u in range(loop[1], loop[2]):
+            assert seen_by[np.ix_(mine, index // unit == u)].all(), (where, u)
+          no_mask_blocks[name] += loop[2] - loop[1]
         if name in _CONTIGUOUS and mine.any():
           assert first == seen.min() and end - 1 == seen.max(), where
         cta_seen.append(seen)
       if name in _CONTIGUOUS:
         assert (lo, hi - 1) == (np.concatenate(cta_seen).min(), np.concatenate(cta_seen).max()), (name, lo, hi)
+  if kind == "keys" and causal:  # the long documents' tiles do run blocks without a mask
+    assert no_mask_blocks["single_document"] > 0, no_mask_blocks
 
 
 def _tiles(head_dim):
@@ -140,3 +171,21 @@ def test_oracle_cases_skip_and_defeat_run_bounds(name, layouts, seq_len, causal,
     by_runs = [sl.run_bounds(ids_T, tile_tokens, unit_tokens) for ids_T in ids]
     assert any((runs[:, 0] > ours[:, 0]).any() and (runs[:, 1] < ours[:, 1]).any()
                for runs, ours in zip(by_runs, got)), kernel
+
+
+def test_oracle_cases_run_blocks_without_a_mask_in_both_key_loop_kernels():
+  # The no-mask part of the forward's and the dq kernel's loops (`mosaic_gpu_stream.key_blocks`) is tested
+  # against the oracle only if some case's warpgroups run it.
+  runs_without_mask = {"fwd": 0, "dq": 0}
+  for _, layouts, seq_len, causal, group, _, head_dim in _CASES:
+    ids = np.asarray(sl.ids(layouts, seq_len, _UNIT, _LAYOUTS))
+    tiles = _tiles(head_dim)
+    for kernel in runs_without_mask:
+      geom = mt.make_geometry(seq_len, 0, group, head_dim, getattr(tiles, kernel), True)
+      spec = spec_lib.Spec(seq_len=seq_len, num_slots=0, causal=causal, scale=1.0, has_segments=True)
+      bounds = np.asarray(stream.key_bounds(sl.span(ids), ids, geom))
+      for row in range(len(ids)):
+        for tile in range(geom.row_tiles):
+          loop = stream.key_blocks(tile * geom.tokens, bounds, row, spec, geom)
+          runs_without_mask[kernel] += int(loop[2]) - int(loop[1])
+  assert all(runs_without_mask.values()), runs_without_mask
