@@ -62,7 +62,8 @@ def run_blocks(segment_ids_BT, tile_tokens: int, unit_tokens: int, num_tiles: in
   (several runs, or wholly past T) get [0, 0). Exact for any ids (a run, not `spec.segment_span`'s span).
 
   Per tile, the last run start at or before its last token and the first one after it: one masked max and
-  one masked min over [tiles, T], which XLA fuses into a reduction (no scan over T).
+  one masked min over [tiles, T] (two reductions of elementwise work, where a scan over T would be a
+  chain of log T steps per call).
   """
   if segment_ids_BT is None:
     return None
