@@ -127,7 +127,7 @@ def _dq_compute_wg(wg, first_token, outs, *, ops: Operands, scratch, batch, kv_h
     plgpu.barrier_wait(ring["k_bar"].at[slot])
     s = mt.matmul(q_smem, k_ref.T, interpret=geom.interpret)
     k_seg = None
-    if q_seg is not None and mask != mt.NO_MASK:
+    if q_seg is not None and mt.compares_segments(mask):
       k_seg = mt.cols_bcast(plgpu.load(ring["seg"].at[slot], layout=plgpu.Layout.WGMMA.reduce(0)), s.shape)
     plgpu.barrier_wait(ring["v_bar"].at[slot])
     dp = mt.matmul(do_smem, v_ref.T, interpret=geom.interpret)

@@ -40,8 +40,8 @@ class Operands(NamedTuple):
   depth_v [B, T, L, Hk, D]; depth_bounds [2] int32 (start, len); segment_ids [B, T] int32 (the keys')
   and row_segments [B, row_tiles, ROWS] int32 (the same in row tiles: the rows'), with segment_blocks
   [B, row_tiles, 4] int32 (`mosaic_gpu_stream.key_bounds`: per row tile, the key blocks of its segments
-  and those inside its run), all or none. T is a multiple of 8 (tiled TMA boxes); spec.seq_len may be smaller (the padding is
-  masked)."""
+  and those inside its run), all or none. T is a multiple of 8 (tiled TMA boxes); spec.seq_len may be
+  smaller (the padding is masked)."""
   q: Any
   k: Any
   v: Any
@@ -141,7 +141,7 @@ def _compute_wg(wg, first_token, out_ref, lse_ref, *, ops: Operands, scratch, ba
     plgpu.barrier_wait(ring["k_bar"].at[slot])
     s = mt.matmul(q_smem, k_ref.T, after_issue=after_issue, interpret=geom.interpret)
     k_seg = None
-    if q_seg is not None and mask != mt.NO_MASK:  # read before the release: they arrive with the keys
+    if q_seg is not None and mt.compares_segments(mask):  # read before the release: they come with the keys
       k_seg = mt.cols_bcast(plgpu.load(ring["seg"].at[slot], layout=plgpu.Layout.WGMMA.reduce(0)), s.shape)
     plgpu.barrier_arrive(ring["k_consumed"].at[slot])
     logits = s * qk_scale

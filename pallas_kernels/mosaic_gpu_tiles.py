@@ -301,12 +301,17 @@ SEGMENTS = "segments"  # visible by position (wholly before the rows' tokens, in
 NO_MASK = "no_mask"    # visible by position, its keys inside the run of all its rows (`block_ranges.run_blocks`)
 
 
+def compares_segments(mask: str) -> bool:
+  """Whether a block known to be `mask` compares segment ids (so its keys' ids must be read)."""
+  return mask != NO_MASK
+
+
 def sequence_mask(spec: spec_lib.Spec, q_token, k_token, q_segment, k_segment, *, mask: str):
   """The visibility of a block of sequence logits (None: all visible), from `spec`, for a block known to be
   `mask` (FULL, SEGMENTS or NO_MASK)."""
   if mask == FULL:
     return spec_lib.sequence_visible(spec, q_token, k_token, q_segment, k_segment)
-  if mask == SEGMENTS and q_segment is not None:
+  if compares_segments(mask) and q_segment is not None:
     return spec_lib.same_segment(q_segment, k_segment)
   return None
 

@@ -165,6 +165,8 @@ def call_durations(events: list[dict], names: list[str], *, steps: int) -> dict:
   """Per name in `names`: the kernels of the first device whose name contains it, their durations in us in
   stream order, one list per traced step (`calls_us`) and their mean per call index (`mean_us`): the
   calls of one kernel across a step's layers, e.g. a layer's attention time against its depth."""
+  if not names:
+    return {}
   _, ops = op_events(events)
   first = min((device for device, _, _ in ops), default=None)
   out = {}
